@@ -1,0 +1,117 @@
+"""Shared plumbing for the benchmark scripts: timing, device facts, and recorded results.
+
+Every script measures ours and the peers side by side in one process on one device, and writes
+``benchmarks/results/<date>-<device>-<name>.{md,json}`` with the device name, library versions,
+the exact command and the median and spread of each measurement.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device | str | None = None) -> str:
+    """Human-readable name of the device the benchmark runs on."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries a kernel figure depends on."""
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("triton", "deepspeed", "flash_attn", "liger_kernel", "apex"):
+        try:
+            out[mod] = getattr(__import__(mod), "__version__", "present")
+        except Exception:  # noqa: BLE001 - optional peers may fail to import in many ways
+            continue
+    if torch.cuda.is_available():
+        out["cuda"] = str(torch.version.cuda)
+    return out
+
+
+def measure(fn: Callable[[], object], *, warmup: int = 3, reps: int = 10) -> dict[str, float]:
+    """Median, min and max wall time of ``fn`` in milliseconds (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    cuda = torch.cuda.is_available()
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps}
+
+
+def peak_memory_mb(fn: Callable[[], object]) -> float | None:
+    """Peak CUDA memory allocated while ``fn`` runs, above what was allocated before (MiB)."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def write_results(name: str, rows: list[dict], *, notes: str = "", out_dir: Path | None = None) -> Path:
+    """Write rows as a Markdown table and JSON; return the Markdown path."""
+    out_dir = out_dir or RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = device_name()
+    stem = f"{_dt.date.today().isoformat()}-{re.sub(r'[^A-Za-z0-9]+', '-', dev).strip('-')}-{name}"
+    meta = {
+        "benchmark": name,
+        "device": dev,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "notes": notes,
+    }
+    (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    lines = [
+        f"# {name}",
+        "",
+        f"- device: {dev}",
+        f"- date: {meta['date']}",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
+        f"- command: `{meta['command']}`",
+    ]
+    if notes:
+        lines.append(f"- notes: {notes}")
+    lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
+    md = out_dir / f"{stem}.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
