@@ -1,0 +1,417 @@
+"""Run configuration: nested dataclasses, YAML files and dotted command-line overrides.
+
+``load_config(path, overrides)`` reads a YAML file (``yaml.safe_load``), applies overrides such as
+``optim.lr=3e-3``, checks every key and type, and returns a :class:`Config`. Every problem is a
+:class:`ConfigError` naming the key, which the CLI prints as one ``error: …`` line.
+
+The μP keys of the model section keep the Cerebras Model Zoo names so their configs port.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the offending key."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and parametrization of the decoder-only transformer."""
+
+    vocab_size: int = 256
+    """Size of the token vocabulary (256 for the byte-level tokenizer)."""
+    hidden_size: int = 256
+    """Model width d."""
+    num_layers: int = 4
+    """Number of transformer blocks L."""
+    num_heads: int = 4
+    """Query heads; hidden_size must be divisible by it."""
+    num_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; None means num_heads (plain multi-head)."""
+    filter_size: int = 1024
+    """Inner width of the MLP."""
+    max_seq_len: int = 256
+    """Longest sequence the model accepts (sizes the learned position table; bounds RoPE)."""
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    """Normalisation layer."""
+    norm_eps: float = 1e-5
+    """Epsilon of the normalisation layers."""
+    position: Literal["rope", "learned"] = "rope"
+    """Rotary embeddings on q/k, or a learned absolute position table added to the embedding."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    """SwiGLU (gate, up, down) or GELU (up, down) MLP."""
+    tie_embeddings: bool = False
+    """Share the token embedding with the unembedding (readout)."""
+    bias: bool = False
+    """Biases on the linear layers."""
+
+    parametrization: Literal["sp", "mup", "completep"] = "mup"
+    """sp: standard (no width scaling); mup: μP; completep: μP plus depth transfer (CompleteP)."""
+    mup_base_hidden_size: int | None = None
+    """Proxy width the μP multipliers are relative to (m = hidden_size / this). None: hidden_size."""
+    mup_base_filter_size: int | None = None
+    """Proxy MLP width (m_f = filter_size / this). None: filter_size."""
+    mup_base_num_layers: int | None = None
+    """Proxy depth for completep (m_L = num_layers / this). None: num_layers."""
+    depth_alpha: float = 1.0
+    """CompleteP exponent α ∈ {0.5, 1}: residual branches × m_L^-α, hidden lr × m_L^(α-1)."""
+    init_std: float = 0.02
+    """σ: base init std of the hidden matrices (scaled by 1/√m under μP)."""
+    embedding_init_std: float | None = None
+    """σ_emb: init std of the token (and position) embedding; None means init_std."""
+    output_init_std: float | None = None
+    """σ_out: init std of an untied readout; None means init_std."""
+    readout_zero_init: bool = False
+    """Initialise an untied readout to zero (μP option; removes the logit noise at step 0)."""
+    embeddings_scale: float = 1.0
+    """Forward multiplier on the embedding output (Cerebras key)."""
+    output_logits_alpha: float = 1.0
+    """α_out: logits × α_out / m under μP (Cerebras key)."""
+    attention_logits_alpha: float = 1.0
+    """α_attn: attention logits × α_attn / d_head under μP (Cerebras key)."""
+    scale_qk_dot_by_d: bool = True
+    """μP 1/d_head attention scaling; false gives α_attn/√d_head (Cerebras key)."""
+    scale_output_logits_by_d: bool = True
+    """Logits × α_out/m; false gives α_out/√m (Cerebras key)."""
+    weight_decay_scaling: Literal["independent", "coupled", "none"] = "independent"
+    """independent: hidden wd × m so lr·wd is width-invariant; coupled: wd as given; none: no wd."""
+
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    """auto: Triton on CUDA, torch SDPA elsewhere."""
+    readout_backend: Literal["auto", "torch", "triton"] = "auto"
+    """Fused logit multiplier + cross-entropy: auto means Triton on CUDA, chunked torch elsewhere."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class OptimConfig:
+    """AdamW hyperparameters; per-group multipliers come from the rules table."""
+
+    lr: float = 3e-3
+    """Base learning rate η (each group uses η · schedule(t) · lr_mult)."""
+    beta1: float = 0.9
+    """Adam β1."""
+    beta2: float = 0.95
+    """Adam β2."""
+    eps: float = 1e-8
+    """Adam ε."""
+    weight_decay: float = 0.0
+    """Base weight decay (each group uses it × wd_mult; norms and biases get 0)."""
+    backend: Literal["auto", "torch", "triton"] = "auto"
+    """Clip+AdamW implementation: auto means the fused Triton kernel on CUDA, torch elsewhere."""
+
+
+@dataclass
+class ClipConfig:
+    """Per-component gradient-norm clipping (Yang & Ma, 2022); done by us, not DeepSpeed."""
+
+    granularity: Literal["component", "layer_component"] = "component"
+    """One parameter group (and clip norm) per component, or per layer × component."""
+    max_norm: float = 1.0
+    """Default threshold on each group's gradient norm; 0 disables per-group clipping."""
+    component_max_norm: dict[str, float] = field(default_factory=dict)
+    """Per-component overrides, e.g. {embedding: 0.5, readout: 2.0}."""
+    global_max_norm: float = 0.0
+    """Optional clip of the total (already per-group clipped) norm; 0 disables it."""
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule: a pure function of the step that multiplies every group's lr."""
+
+    kind: Literal["constant", "cosine", "wsd", "cyclic_cosine", "cyclic_wsd"] = "cosine"
+    """Shape of the schedule."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 over this many steps."""
+    min_lr_ratio: float = 0.1
+    """Floor of the decay, as a fraction of the peak."""
+    decay_fraction: float = 0.2
+    """WSD: share of the (cycle's) steps spent decaying at the end."""
+    decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"
+    """WSD: shape of the final decay."""
+    cycle_steps: int = 0
+    """Cyclic schedules: steps per cycle (0 means train.steps)."""
+    cycle_peak_decay: float = 1.0
+    """Cyclic schedules: each cycle's peak is this fraction of the previous one."""
+
+
+@dataclass
+class DataConfig:
+    """Corpus, tokenizer and token shards."""
+
+    corpus: str = "stdlib"
+    """'stdlib' (the running Python's standard-library sources, embedded and deterministic) or a path to a text file or directory of .txt/.py/.md files."""
+    tokenizer: Literal["byte", "bpe"] = "byte"
+    """Byte-level (vocab 256) or a BPE trained locally with HF tokenizers."""
+    bpe_vocab_size: int = 4096
+    """Vocabulary size of the trained BPE."""
+    dir: str = "data"
+    """Directory where prepared shards live (one subdirectory per corpus/tokenizer fingerprint)."""
+    val_fraction: float = 0.02
+    """Share of the tokens held out for validation."""
+    max_corpus_bytes: int = 16_000_000
+    """Cap on the corpus text read (keeps preparation quick); 0 means no cap."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 200
+    """Optimizer steps."""
+    seq_len: int = 128
+    """Tokens per sequence (≤ model.max_seq_len)."""
+    micro_batch_size: int = 8
+    """Sequences per rank per micro-step."""
+    grad_accum_steps: int = 1
+    """Micro-steps per optimizer step."""
+    seed: int = 1234
+    """Seed of the init and of the data sampler (keyed by seed, step, rank)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU."""
+    eval_every: int = 50
+    """Evaluate on the val split every N steps (and at the end); 0 only at the end."""
+    eval_batches: int = 8
+    """Micro-batches per evaluation."""
+    log_every: int = 10
+    """Write metrics every N steps."""
+    save_every: int = 0
+    """Checkpoint every N steps (and at the end); 0 only at the end."""
+    run_dir: str = "runs/latest"
+    """Run directory: resolved config, metrics.jsonl, TensorBoard events, checkpoints."""
+    resume: bool = True
+    """Resume from the run directory's latest checkpoint when there is one."""
+    max_nonfinite_in_row: int = 5
+    """Stop after this many consecutive non-finite losses (each such step is skipped)."""
+    dist_timeout_s: int = 600
+    """Collective timeout: ranks exit instead of hanging when a peer dies."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclass
+class ZeroConfig:
+    """DeepSpeed ZeRO settings."""
+
+    stage: int = 0
+    """ZeRO stage 0–3."""
+    overlap_comm: bool = False
+    """Overlap gradient reduction with the backward."""
+    reduce_bucket_size: int = 500_000_000
+    """Elements per reduction bucket."""
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building and checking
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML config (or the defaults when path is None) and apply dotted overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = config_from_dict(raw)
+    validate(cfg)
+    return cfg
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``section.key=value`` override to a raw config dict (value parsed as YAML)."""
+    key, sep, value = item.partition("=")
+    key = key.strip().lstrip("-")
+    if not sep or not key or "." not in key:
+        raise ConfigError(f"override {item!r}: expected section.key=value, e.g. optim.lr=3e-3")
+    *parents, leaf = key.split(".")
+    node = raw
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {p} is not a section")
+    node[leaf] = yaml.safe_load(value) if value.strip() else None
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    return _build(Config, raw, prefix="")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (valid: {', '.join(names)})"
+            raise ConfigError(f"{prefix}{key}: unknown key{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert where it is unambiguous (YAML reads 3e-3 as a string)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))} (got {value!r})")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping (got {value!r})")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false (got {value!r})")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer (got {value!r})")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number (got {value!r})")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string (got {value!r})")
+    return value
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; each failure names the key and the problem."""
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    for key, value in [
+        ("model.vocab_size", m.vocab_size),
+        ("model.hidden_size", m.hidden_size),
+        ("model.num_layers", m.num_layers),
+        ("model.num_heads", m.num_heads),
+        ("model.filter_size", m.filter_size),
+        ("model.max_seq_len", m.max_seq_len),
+        ("train.steps", t.steps),
+        ("train.seq_len", t.seq_len),
+        ("train.micro_batch_size", t.micro_batch_size),
+        ("train.grad_accum_steps", t.grad_accum_steps),
+        ("train.dist_timeout_s", t.dist_timeout_s),
+    ]:
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive (got {value})")
+    for key, value in [
+        ("model.num_kv_heads", m.num_kv_heads),
+        ("model.mup_base_hidden_size", m.mup_base_hidden_size),
+        ("model.mup_base_filter_size", m.mup_base_filter_size),
+        ("model.mup_base_num_layers", m.mup_base_num_layers),
+    ]:
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}: must be positive (got {value})")
+    for key, value in [
+        ("model.init_std", m.init_std),
+        ("model.norm_eps", m.norm_eps),
+        ("optim.lr", o.lr),
+        ("optim.eps", o.eps),
+        ("model.attention_logits_alpha", m.attention_logits_alpha),
+    ]:
+        if not value > 0:
+            raise ConfigError(f"{key}: must be positive (got {value})")
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(
+            f"model.hidden_size: {m.hidden_size} is not divisible by model.num_heads ({m.num_heads})"
+        )
+    if m.num_heads % m.kv_heads:
+        raise ConfigError(
+            f"model.num_heads: {m.num_heads} is not a multiple of model.num_kv_heads ({m.kv_heads})"
+        )
+    if m.position == "rope" and m.head_dim % 2:
+        raise ConfigError(f"model.position: rope needs an even head dim (got {m.head_dim})")
+    if m.depth_alpha not in (0.5, 1.0):
+        raise ConfigError(f"model.depth_alpha: must be 0.5 or 1 (got {m.depth_alpha})")
+    for key, value in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)]:
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key}: must be in [0, 1) (got {value})")
+    if o.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay: must be non-negative (got {o.weight_decay})")
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len ({m.max_seq_len})")
+    if not 0 < cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction: must be between 0 and 1 (got {cfg.data.val_fraction})")
+    if cfg.data.corpus != "stdlib" and not Path(cfg.data.corpus).exists():
+        raise ConfigError(f"data.corpus: path does not exist: {cfg.data.corpus}")
+    if cfg.data.tokenizer == "byte" and m.vocab_size < 256:
+        raise ConfigError(f"model.vocab_size: the byte tokenizer needs at least 256 (got {m.vocab_size})")
+    if cfg.data.tokenizer == "bpe" and m.vocab_size < cfg.data.bpe_vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {m.vocab_size} is smaller than data.bpe_vocab_size ({cfg.data.bpe_vocab_size})"
+        )
+    if cfg.zero.stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero.stage: must be 0, 1, 2 or 3 (got {cfg.zero.stage})")
+    c, s = cfg.clip, cfg.schedule
+    if c.max_norm < 0 or c.global_max_norm < 0:
+        raise ConfigError("clip.max_norm: thresholds must be non-negative (0 disables)")
+    if not 0 <= s.min_lr_ratio <= 1:
+        raise ConfigError(f"schedule.min_lr_ratio: must be in [0, 1] (got {s.min_lr_ratio})")
+    if not 0 <= s.decay_fraction <= 1:
+        raise ConfigError(f"schedule.decay_fraction: must be in [0, 1] (got {s.decay_fraction})")
+    if s.warmup_steps < 0 or s.cycle_steps < 0:
+        raise ConfigError("schedule.warmup_steps: warmup_steps and cycle_steps must be non-negative")
