@@ -1,0 +1,241 @@
+"""THE table of parametrization rules (SP, μP, CompleteP): per parameter, its component, init,
+learning-rate and weight-decay multipliers and forward multiplier. Everything else reads from here.
+
+Notation: m = hidden_size / mup_base_hidden_size, m_f = filter_size / mup_base_filter_size,
+L = num_layers, m_L = L / mup_base_num_layers. Under AdamW (the project's convention, DESIGN.md):
+
+    parameter              init std               Adam lr mult       forward
+    token/pos embedding    σ_emb                  1                  × embeddings_scale
+    q, k, v, ffn_in        σ/√m                   1/m
+    o                      σ/√m · 1/√(2L)         1/m                (completep: branch × m_L^-α)
+    ffn_out                σ/√m_f · 1/√(2L)       1/m_f              (completep: branch × m_L^-α)
+    norms / biases         1 / 0                  1 (no wd)
+    readout (untied)       σ_out (or 0)           1                  logits × α_out/m (or /√m)
+    attention logits                                                 × α_attn/d_head (or /√d_head)
+
+SP uses m = m_f = 1, every forward multiplier 1 and 1/√d_head attention. CompleteP drops the
+1/√(2L) init factor and multiplies the lr of everything inside the blocks by m_L^(α−1).
+
+Rules are matched against the model's real parameter names: a parameter claimed by no rule, or by
+more than one, is an error that names it — μP that silently does not apply is the failure to avoid.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from mupfast.config import ModelConfig
+
+#: Every component a rule can assign, in display order.
+COMPONENTS = (
+    "embedding",
+    "pos_embedding",
+    "q",
+    "k",
+    "v",
+    "o",
+    "ffn_in",
+    "ffn_out",
+    "norm",
+    "bias",
+    "final_norm",
+    "readout",
+)
+
+#: Components whose parameters live inside a transformer block (CompleteP scales their lr by depth).
+BLOCK_COMPONENTS = frozenset({"q", "k", "v", "o", "ffn_in", "ffn_out", "norm", "bias"})
+
+
+class ParametrizationError(ValueError):
+    """A parameter not claimed by exactly one rule."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one parameter is initialised, optimised and used in the forward pass."""
+
+    name: str
+    shape: tuple[int, ...]
+    component: str
+    layer: int | None
+    init: str  # "normal" | "ones" | "zeros"
+    init_std: float
+    lr_mult: float
+    wd_mult: float
+    forward_mult: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Multipliers:
+    """Width-dependent quantities that are not tied to a single parameter."""
+
+    m: float
+    m_f: float
+    m_depth: float
+    attention_scale: float
+    logit_scale: float
+    embedding_scale: float
+    residual_scale: float
+
+
+def multipliers(cfg: ModelConfig) -> Multipliers:
+    """Width, depth and forward multipliers of a model config."""
+    d_head = cfg.head_dim
+    if cfg.parametrization == "sp":
+        return Multipliers(1.0, 1.0, 1.0, 1.0 / math.sqrt(d_head), 1.0, 1.0, 1.0)
+    m = cfg.hidden_size / (cfg.mup_base_hidden_size or cfg.hidden_size)
+    m_f = cfg.filter_size / (cfg.mup_base_filter_size or cfg.filter_size)
+    m_depth = cfg.num_layers / (cfg.mup_base_num_layers or cfg.num_layers)
+    attn = cfg.attention_logits_alpha / (d_head if cfg.scale_qk_dot_by_d else math.sqrt(d_head))
+    logit = cfg.output_logits_alpha / (m if cfg.scale_output_logits_by_d else math.sqrt(m))
+    residual = m_depth**-cfg.depth_alpha if cfg.parametrization == "completep" else 1.0
+    return Multipliers(m, m_f, m_depth, attn, logit, cfg.embeddings_scale, residual)
+
+
+# (regex on the parameter name, component). The first group of a block pattern is the layer index.
+_PATTERNS: tuple[tuple[str, str], ...] = (
+    (r"tok_emb\.weight", "embedding"),
+    (r"pos_emb\.weight", "pos_embedding"),
+    (r"blocks\.(\d+)\.attn\.q\.weight", "q"),
+    (r"blocks\.(\d+)\.attn\.k\.weight", "k"),
+    (r"blocks\.(\d+)\.attn\.v\.weight", "v"),
+    (r"blocks\.(\d+)\.attn\.o\.weight", "o"),
+    (r"blocks\.(\d+)\.mlp\.(gate|up)\.weight", "ffn_in"),
+    (r"blocks\.(\d+)\.mlp\.down\.weight", "ffn_out"),
+    (r"blocks\.(\d+)\.(attn_norm|mlp_norm)\.(weight|bias)", "norm"),
+    (r"blocks\.(\d+)\.(attn|mlp)\.\w+\.bias", "bias"),
+    (r"final_norm\.(weight|bias)", "final_norm"),
+    (r"readout\.weight", "readout"),
+)
+
+
+def _rule(
+    cfg: ModelConfig, mult: Multipliers, name: str, shape: tuple[int, ...], component: str, layer: int | None
+) -> Rule:
+    sigma = cfg.init_std
+    sigma_emb = cfg.embedding_init_std if cfg.embedding_init_std is not None else sigma
+    sigma_out = cfg.output_init_std if cfg.output_init_std is not None else sigma
+    completep = cfg.parametrization == "completep"
+    out_factor = 1.0 if completep else 1.0 / math.sqrt(2 * cfg.num_layers)
+    depth_lr = mult.m_depth ** (cfg.depth_alpha - 1) if completep and component in BLOCK_COMPONENTS else 1.0
+    # torch AdamW decays by lr·wd: "independent" keeps lr·wd width-invariant by wd × (1/lr_mult).
+    wd_scaling = {"independent": None, "coupled": 1.0, "none": 0.0}[cfg.weight_decay_scaling]
+
+    def hidden(width_mult: float, std: float) -> Rule:
+        wd = width_mult if wd_scaling is None else wd_scaling
+        return Rule(name, shape, component, layer, "normal", std, depth_lr / width_mult, wd, 1.0)
+
+    if component in ("embedding", "pos_embedding"):
+        # Tied: the logit multiplier is applied on the readout path, not to the shared weight.
+        wd = 1.0 if wd_scaling is None else wd_scaling
+        return Rule(name, shape, component, layer, "normal", sigma_emb, 1.0, wd, mult.embedding_scale)
+    if component in ("q", "k", "v", "ffn_in"):
+        return hidden(mult.m, sigma / math.sqrt(mult.m))
+    if component == "o":
+        rule = hidden(mult.m, sigma / math.sqrt(mult.m) * out_factor)
+        return Rule(**{**rule.to_dict(), "forward_mult": mult.residual_scale})
+    if component == "ffn_out":
+        rule = hidden(mult.m_f, sigma / math.sqrt(mult.m_f) * out_factor)
+        return Rule(**{**rule.to_dict(), "forward_mult": mult.residual_scale})
+    if component in ("norm", "bias", "final_norm"):
+        init = "ones" if component != "bias" and name.endswith("weight") else "zeros"
+        return Rule(name, shape, component, layer, init, 0.0, depth_lr, 0.0, 1.0)
+    if component == "readout":
+        wd = 1.0 if wd_scaling is None else wd_scaling
+        std = 0.0 if cfg.readout_zero_init else sigma_out
+        return Rule(
+            name, shape, component, layer, "zeros" if std == 0 else "normal", std, 1.0, wd, mult.logit_scale
+        )
+    raise AssertionError(component)
+
+
+def rules_for(model: nn.Module, cfg: ModelConfig) -> list[Rule]:
+    """Match every parameter of ``model`` to exactly one rule; raise naming any that isn't."""
+    mult = multipliers(cfg)
+    rules = []
+    for name, p in model.named_parameters():
+        hits = [(m, comp) for pat, comp in _PATTERNS if (m := re.fullmatch(pat, name))]
+        if not hits:
+            raise ParametrizationError(
+                f"parameter {name} {tuple(p.shape)} is claimed by no parametrization rule"
+            )
+        if len(hits) > 1:
+            comps = ", ".join(c for _, c in hits)
+            raise ParametrizationError(f"parameter {name} is claimed by several rules ({comps})")
+        match, comp = hits[0]
+        layer = int(match.group(1)) if name.startswith("blocks.") else None
+        shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the real shape in ds_shape
+        rules.append(_rule(cfg, mult, name, shape, comp, layer))
+    return rules
+
+
+def rules_table(cfg: ModelConfig) -> list[Rule]:
+    """The rules of every parameter of the model ``cfg`` describes (built on the meta device)."""
+    from mupfast.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return rules_for(model, cfg)
+
+
+@torch.no_grad()
+def init_parameters(model: nn.Module, rules: list[Rule], generator: torch.Generator | None = None) -> None:
+    """Initialise every parameter exactly as its rule says."""
+    params = dict(model.named_parameters())
+    for r in rules:
+        p = params[r.name]
+        if r.init == "ones":
+            p.fill_(1.0)
+        elif r.init == "zeros" or r.init_std == 0:
+            p.zero_()
+        else:
+            p.normal_(0.0, r.init_std, generator=generator)
+
+
+def format_table(cfg: ModelConfig, rules: list[Rule]) -> str:
+    """The rules as a human-readable table, followed by the global multipliers."""
+    mult = multipliers(cfg)
+    header = f"{'parameter':<34} {'component':<13} {'shape':<14} {'init std':>10} {'lr mult':>9} {'wd mult':>8} {'fwd mult':>9}"
+    lines = [
+        f"parametrization: {cfg.parametrization}   m = {mult.m:g}   m_f = {mult.m_f:g}   m_L = {mult.m_depth:g}"
+        f"   weight_decay_scaling: {cfg.weight_decay_scaling}",
+        header,
+        "-" * len(header),
+    ]
+    for r in rules:
+        std = {"ones": "1", "zeros": "0"}.get(r.init, f"{r.init_std:.4g}")
+        shape = "×".join(map(str, r.shape))
+        lines.append(
+            f"{r.name:<34} {r.component:<13} {shape:<14} {std:>10} {r.lr_mult:>9.4g} {r.wd_mult:>8.4g} {r.forward_mult:>9.4g}"
+        )
+    lines += [
+        "",
+        f"attention logits × {mult.attention_scale:.6g}"
+        + (
+            ""
+            if cfg.parametrization == "sp"
+            else f"   (α_attn={cfg.attention_logits_alpha:g} / "
+            + (f"d_head={cfg.head_dim})" if cfg.scale_qk_dot_by_d else f"√d_head, d_head={cfg.head_dim})")
+        ),
+        f"output logits × {mult.logit_scale:.6g}   embeddings × {mult.embedding_scale:.6g}"
+        f"   residual branches × {mult.residual_scale:.6g}",
+    ]
+    return "\n".join(lines)
+
+
+def table_json(cfg: ModelConfig, rules: list[Rule]) -> dict:
+    """The rules and global multipliers as a JSON-serialisable dict."""
+    return {
+        "parametrization": cfg.parametrization,
+        "weight_decay_scaling": cfg.weight_decay_scaling,
+        "multipliers": asdict(multipliers(cfg)),
+        "rules": [r.to_dict() for r in rules],
+    }

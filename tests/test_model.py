@@ -1,0 +1,105 @@
+"""The transformer: options, the μP forward multipliers, and μP ≡ SP at the base width."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mupfast.model import build_model
+from mupfast.optim import build_optimizer
+from mupfast.parametrization import multipliers
+from tests.helpers import tiny_config
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        [],
+        ["model.tie_embeddings=true", "model.position=learned"],
+        ["model.norm=layernorm", "model.mlp=gelu", "model.bias=true"],
+        ["model.num_heads=4", "model.num_kv_heads=1"],
+        ["model.parametrization=completep", "model.mup_base_num_layers=1"],
+    ],
+)
+def test_forward_options_give_float32_logits_and_matching_loss(opts):
+    cfg = tiny_config(*opts, "model.mup_base_hidden_size=16", "model.mup_base_filter_size=32").model
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (3, 17))
+    targets = torch.randint(0, cfg.vocab_size, (3, 17))
+    targets[0, :5] = -100
+    logits = model(tokens)
+    assert logits.shape == (3, 17, cfg.vocab_size) and logits.dtype == torch.float32
+    loss = model(tokens, targets)
+    expected = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), targets.reshape(-1), ignore_index=-100)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_logits_carry_the_output_multiplier():
+    cfg = tiny_config(
+        "model.hidden_size=64", "model.mup_base_hidden_size=16", "model.output_logits_alpha=3.0"
+    ).model
+    model = build_model(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 9))
+    h = model.hidden(tokens)
+    raw = h @ model.readout.weight.t()
+    assert multipliers(cfg).logit_scale == pytest.approx(3.0 / 4)
+    torch.testing.assert_close(model(tokens), raw * 0.75)
+
+
+def test_attention_uses_alpha_over_d_head():
+    cfg = tiny_config("model.attention_logits_alpha=2.0").model
+    model = build_model(cfg)
+    assert model.blocks[0].attn.scale == pytest.approx(2.0 / cfg.head_dim)
+
+
+def test_causality():
+    cfg = tiny_config().model
+    model = build_model(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 12))
+    changed = tokens.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % cfg.vocab_size
+    torch.testing.assert_close(model(tokens)[:, :8], model(changed)[:, :8])
+
+
+def _train_losses(*overrides: str, steps: int = 6) -> list[float]:
+    """Losses of a few clip+AdamW steps on one fixed batch (so the loss must fall)."""
+    cfg = tiny_config(
+        "model.mup_base_hidden_size=32",
+        "model.mup_base_filter_size=64",
+        "optim.lr=1e-2",
+        "optim.weight_decay=0.1",
+        *overrides,
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    opt = build_optimizer(model, cfg)
+    tokens = torch.randint(0, cfg.model.vocab_size, (4, 17), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(steps):
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_mup_equals_sp_at_base_width():
+    # m = 1, α_attn = √d_head (so α/d = 1/√d), embedding and logit multipliers 1
+    base = [
+        "model.hidden_size=32",
+        f"model.attention_logits_alpha={math.sqrt(16)}",
+        "model.embeddings_scale=1.0",
+        "model.output_logits_alpha=1.0",
+    ]
+    sp = _train_losses("model.parametrization=sp", *base)
+    mup = _train_losses("model.parametrization=mup", *base)
+    assert sp[-1] < sp[0] - 0.5  # it trains
+    assert mup == pytest.approx(sp, rel=1e-6, abs=1e-7)
+    # and the comparison can fail: another logit multiplier changes the losses
+    other = _train_losses("model.parametrization=mup", *base[:-1], "model.output_logits_alpha=2.0")
+    assert other[1:] != pytest.approx(sp[1:], rel=1e-3)

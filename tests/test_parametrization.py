@@ -1,0 +1,145 @@
+"""The rules table: width scaling of every multiplier, and every parameter claimed exactly once."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mupfast.parametrization import ParametrizationError, multipliers, rules_for, rules_table
+from tests.helpers import tiny_config
+
+
+def _by_component(rules):
+    out = {}
+    for r in rules:
+        out.setdefault(r.component, r)
+    return out
+
+
+def _widths(param="mup", **kw):
+    overrides = [
+        f"model.parametrization={param}",
+        "model.mup_base_hidden_size=32",
+        "model.mup_base_filter_size=64",
+    ]
+    overrides += [f"model.{k}={v}" for k, v in kw.items()]
+    small = tiny_config(*overrides, "model.hidden_size=32", "model.filter_size=64").model
+    big = tiny_config(*overrides, "model.hidden_size=64", "model.filter_size=128").model
+    return small, big
+
+
+def test_doubling_width_halves_hidden_lr_and_shrinks_init_by_sqrt2():
+    small, big = _widths()
+    rs, rb = _by_component(rules_table(small)), _by_component(rules_table(big))
+    for comp in ("q", "k", "v", "o", "ffn_in", "ffn_out"):
+        assert rb[comp].lr_mult == pytest.approx(rs[comp].lr_mult / 2), comp
+        assert rb[comp].init_std == pytest.approx(rs[comp].init_std / math.sqrt(2)), comp
+        # independent weight decay: lr·wd stays width-invariant
+        assert rb[comp].lr_mult * rb[comp].wd_mult == pytest.approx(rs[comp].lr_mult * rs[comp].wd_mult)
+    for comp in ("embedding", "readout", "norm", "final_norm"):
+        assert rb[comp].lr_mult == rs[comp].lr_mult == 1.0, comp
+        assert rb[comp].init_std == rs[comp].init_std, comp
+    assert multipliers(big).logit_scale == pytest.approx(multipliers(small).logit_scale / 2)
+    assert rb["readout"].forward_mult == pytest.approx(rs["readout"].forward_mult / 2)
+    assert multipliers(big).attention_scale == pytest.approx(1 / big.head_dim)
+
+
+def test_sp_has_no_width_scaling():
+    small, big = _widths("sp", embeddings_scale=10.0, output_logits_alpha=3.0)
+    rs, rb = _by_component(rules_table(small)), _by_component(rules_table(big))
+    for comp in rs:
+        assert rb[comp].lr_mult == rs[comp].lr_mult == 1.0
+    assert rb["q"].init_std == rs["q"].init_std == small.init_std
+    assert rb["o"].init_std == pytest.approx(small.init_std / math.sqrt(2 * small.num_layers))
+    mult = multipliers(big)
+    assert (mult.logit_scale, mult.embedding_scale) == (1.0, 1.0)
+    assert mult.attention_scale == pytest.approx(1 / math.sqrt(big.head_dim))
+
+
+def test_cerebras_sqrt_variants():
+    _, big = _widths(scale_output_logits_by_d="false", scale_qk_dot_by_d="false", output_logits_alpha=2.0)
+    mult = multipliers(big)
+    assert mult.logit_scale == pytest.approx(2.0 / math.sqrt(2))
+    assert mult.attention_scale == pytest.approx(1 / math.sqrt(big.head_dim))
+
+
+def test_weight_decay_scaling_choices():
+    for choice, expected in [("independent", 2.0), ("coupled", 1.0), ("none", 0.0)]:
+        _, big = _widths(weight_decay_scaling=choice)
+        r = _by_component(rules_table(big))
+        assert r["q"].wd_mult == expected
+        assert r["norm"].wd_mult == 0.0
+
+
+def test_completep_depth_rules():
+    cfg = tiny_config(
+        "model.parametrization=completep",
+        "model.num_layers=4",
+        "model.mup_base_num_layers=2",
+        "model.depth_alpha=0.5",
+    ).model
+    r = _by_component(rules_table(cfg))
+    mult = multipliers(cfg)
+    assert mult.residual_scale == pytest.approx(2**-0.5)
+    assert r["q"].lr_mult == pytest.approx(2 ** (0.5 - 1))
+    assert r["norm"].lr_mult == pytest.approx(2 ** (0.5 - 1))
+    assert r["final_norm"].lr_mult == 1.0 and r["embedding"].lr_mult == 1.0
+    assert r["o"].init_std == pytest.approx(cfg.init_std)  # no 1/√(2L) factor
+    assert r["o"].forward_mult == pytest.approx(2**-0.5)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        [],
+        ["model.tie_embeddings=true"],
+        ["model.position=learned", "model.norm=layernorm", "model.mlp=gelu", "model.bias=true"],
+        ["model.num_heads=4", "model.num_kv_heads=2"],
+    ],
+)
+def test_every_parameter_claimed_once_and_initialised_from_its_rule(opts):
+    from mupfast.model import build_model
+
+    cfg = tiny_config(
+        *opts,
+        "model.hidden_size=128",
+        "model.filter_size=256",
+        "model.mup_base_hidden_size=32",
+        "model.mup_base_filter_size=64",
+        "model.vocab_size=512",
+    ).model
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    rules = rules_for(model, cfg)
+    assert sorted(r.name for r in rules) == sorted(n for n, _ in model.named_parameters())
+    params = dict(model.named_parameters())
+    for r in rules:
+        p = params[r.name].detach()
+        if r.init == "ones":
+            assert torch.all(p == 1)
+        elif r.init == "zeros":
+            assert torch.all(p == 0)
+        else:
+            assert p.std().item() == pytest.approx(r.init_std, rel=0.1), r.name
+
+
+def test_unclaimed_and_doubly_claimed_parameters_are_named():
+    cfg = tiny_config().model
+    from mupfast.model import build_model
+
+    model = build_model(cfg)
+    model.extra = nn.Linear(2, 2, bias=False)
+    with pytest.raises(ParametrizationError, match=r"extra\.weight.*claimed by no"):
+        rules_for(model, cfg)
+
+    import mupfast.parametrization as P
+
+    model = build_model(cfg)
+    patterns = P._PATTERNS
+    try:
+        P._PATTERNS = (*patterns, (r"blocks\.(\d+)\.attn\.q\.weight", "k"))
+        with pytest.raises(ParametrizationError, match=r"blocks\.0\.attn\.q\.weight is claimed by several"):
+            rules_for(model, cfg)
+    finally:
+        P._PATTERNS = patterns
