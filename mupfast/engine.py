@@ -1,0 +1,115 @@
+"""DeepSpeed plumbing: process-group setup, the ds_config we build, and checkpoints.
+
+Clipping and lr schedules are ours (``gradient_clipping: 0``, a client optimizer and scheduler), so
+the ds_config holds only batch sizes, precision and ZeRO settings. Checkpoints are DeepSpeed's
+engine checkpoint on every rank plus each rank's RNG state; the data sampler is keyed by step, so
+the step in the client state is all it needs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from mupfast.config import Config
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or written."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: int) -> tuple[int, int, int]:
+    """Join (or create, outside the launcher) the process group; return (rank, local_rank, world)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python -m mupfast.train`: a world of one
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size()
+
+
+def use_bf16(cfg: Config) -> bool:
+    if cfg.train.precision == "auto":
+        return torch.cuda.is_available()
+    return cfg.train.precision == "bf16"
+
+
+def ds_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed config of a run (no optimizer or scheduler sections: those are ours)."""
+    t, z = cfg.train, cfg.zero
+    zero: dict = {
+        "stage": z.stage,
+        "overlap_comm": z.overlap_comm,
+        "reduce_bucket_size": z.reduce_bucket_size,
+    }
+    if z.stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    bf16 = use_bf16(cfg)
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
+        "gradient_clipping": 0.0,  # DeepSpeed's default is 1.0; clipping is per group, in our optimizer
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "data_types": {"grad_accum_dtype": "fp32"} if bf16 else {},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    latest = ckpt_dir / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    if not (ckpt_dir / tag).is_dir():
+        raise CheckpointError(f"{latest}: names checkpoint {tag!r}, which does not exist")
+    return tag
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, client_state: dict) -> str:
+    """Engine checkpoint (every rank) + this rank's RNG state; returns the tag."""
+    tag = f"step{step:08d}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, **client_state})
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, ckpt_dir / tag / f"rng_rank{rank}.pt")
+    return tag
+
+
+def load_checkpoint(engine, ckpt_dir: Path, tag: str, rank: int) -> dict:
+    """Load a checkpoint into the engine and restore this rank's RNG; return the client state."""
+    try:
+        path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    except Exception as e:  # noqa: BLE001 - DeepSpeed raises many kinds here; the user needs one line
+        raise CheckpointError(f"{ckpt_dir / tag}: cannot load checkpoint ({type(e).__name__}: {e})") from None
+    if path is None or client is None or "step" not in client:
+        raise CheckpointError(f"{ckpt_dir / tag}: checkpoint is incomplete or unreadable")
+    rng_file = ckpt_dir / tag / f"rng_rank{rank}.pt"
+    if rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return client

@@ -1,0 +1,212 @@
+"""Parameter groups from the rules table, the clip+AdamW optimizer, and the lr scheduler.
+
+One group per component (or per layer × component). Each group carries ``name``, ``lr_mult``,
+``wd_mult`` and ``max_grad_norm``; its lr is always ``optim.lr · schedule(t) · lr_mult``, recomputed
+from those keys (never stored state), so μP ratios survive schedules, DeepSpeed and resumes.
+
+:class:`ClipAdamW` clips each group's gradient norm to its own ``max_grad_norm`` and applies
+AdamW in one fused pass (``mupfast.kernels.clip_adamw``). Under ZeRO 1–3 each rank holds a
+partition of every group, so the per-group squared norms are all-reduced first (one collective).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mupfast.config import Config
+from mupfast.kernels import clip_adamw as K
+from mupfast.parametrization import COMPONENTS, rules_for
+
+
+def build_param_groups(model: nn.Module, cfg: Config) -> list[dict]:
+    """Group parameters by component (or layer × component) with their multipliers and clip norm."""
+    clip = cfg.clip
+    unknown = set(clip.component_max_norm) - set(COMPONENTS)
+    if unknown:
+        raise ValueError(
+            f"clip.component_max_norm: unknown component(s) {sorted(unknown)}; valid: {', '.join(COMPONENTS)}"
+        )
+    params = dict(model.named_parameters())
+    groups: dict[str, dict] = {}
+    for r in rules_for(model, cfg.model):
+        key = r.component
+        if clip.granularity == "layer_component" and r.layer is not None:
+            key = f"layer{r.layer}.{r.component}"
+        g = groups.setdefault(
+            key,
+            {
+                "name": key,
+                "component": r.component,
+                "params": [],
+                "lr_mult": r.lr_mult,
+                "wd_mult": r.wd_mult,
+                "max_grad_norm": clip.component_max_norm.get(r.component, clip.max_norm),
+                "lr": cfg.optim.lr * r.lr_mult,
+                "weight_decay": cfg.optim.weight_decay * r.wd_mult,
+            },
+        )
+        if (g["lr_mult"], g["wd_mult"]) != (r.lr_mult, r.wd_mult):
+            raise AssertionError(
+                f"group {key}: {r.name} has different multipliers from the rest of its group"
+            )
+        g["params"].append(params[r.name])
+    # DeepSpeed silently drops empty groups, which would desynchronise the scheduler: never create them.
+    return [g for g in groups.values() if g["params"]]
+
+
+class ClipAdamW(torch.optim.Optimizer):
+    """AdamW with per-group gradient-norm clipping fused into the update.
+
+    ``reduce_norms`` all-reduces the per-group squared norms over ``process_group`` (ZeRO ≥ 1, where
+    each rank holds a partition of every group); leave it off when gradients are replicated.
+    After each step ``last_grad_norms`` and ``last_clip_coefs`` hold the pre-clip norm and the
+    coefficient of every group (device tensors, keyed by group name).
+    """
+
+    def __init__(
+        self,
+        param_groups: list[dict],
+        *,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        global_max_norm: float = 0.0,
+        backend: str = "auto",
+        reduce_norms: bool = False,
+        process_group=None,
+    ):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=0.0)
+        super().__init__(param_groups, defaults)
+        self.global_max_norm = global_max_norm
+        self.backend = backend
+        self.reduce_norms = reduce_norms
+        self.process_group = process_group
+        self.last_grad_norms: dict[str, torch.Tensor] = {}
+        self.last_clip_coefs: dict[str, torch.Tensor] = {}
+        # Set by the trainer when the loss was non-finite on some rank: the update is skipped whole
+        # (no parameter, moment or step-count changes), on every rank alike.
+        self.skip_next_step = False
+
+    def _fns(self, device: torch.device):
+        use_triton = self.backend == "triton" or (self.backend == "auto" and device.type == "cuda")
+        if use_triton:
+            return K.group_sq_norms, K.clip_adamw_step
+        return K.group_sq_norms_reference, K.clip_adamw_reference
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        loss = closure() if closure is not None else None
+        if self.skip_next_step:
+            return loss
+        # Every group keeps its slot (zero norm when it has no gradient here), so the norm vector
+        # has the same length on every rank and the all-reduce lines up.
+        params, grads, m, v, ids = [], [], [], [], []
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.grad is None or p.numel() == 0:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    st["exp_avg"] = torch.zeros_like(
+                        p, dtype=torch.float32, memory_format=torch.preserve_format
+                    )
+                    st["exp_avg_sq"] = torch.zeros_like(
+                        p, dtype=torch.float32, memory_format=torch.preserve_format
+                    )
+                st["step"] += 1
+                params.append(p)
+                grads.append(p.grad)
+                m.append(st["exp_avg"])
+                v.append(st["exp_avg_sq"])
+                ids.append(gi)
+        groups = self.param_groups
+        device = params[0].device if params else groups[0]["params"][0].device
+        sq_norms_fn, update_fn = self._fns(device)
+        sq = sq_norms_fn(grads, ids, len(groups)) if params else torch.zeros(len(groups), device=device)
+        if self.reduce_norms and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sq, group=self.process_group)
+        f32 = dict(dtype=torch.float32, device=device)
+        max_norms = torch.tensor([g["max_grad_norm"] for g in groups], **f32)
+        coef = K.clip_coefficients(sq, max_norms, self.global_max_norm)
+        if params:
+            lrs = torch.tensor([g["lr"] for g in groups], **f32)
+            wds = torch.tensor([g["weight_decay"] for g in groups], **f32)
+            beta1, beta2 = groups[0]["betas"]
+            step = int(self.state[params[0]]["step"])  # all tensors advance together
+            update_fn(
+                params,
+                grads,
+                m,
+                v,
+                ids,
+                coef=coef,
+                lrs=lrs,
+                weight_decays=wds,
+                beta1=beta1,
+                beta2=beta2,
+                eps=groups[0]["eps"],
+                step=step,
+            )
+        norms = sq.sqrt()
+        for i, g in enumerate(groups):
+            self.last_grad_norms[g["name"]] = norms[i]
+            self.last_clip_coefs[g["name"]] = coef[i]
+        return loss
+
+
+def build_optimizer(
+    model: nn.Module, cfg: Config, *, reduce_norms: bool = False, process_group=None
+) -> ClipAdamW:
+    """The clip+AdamW optimizer over the model's μP parameter groups."""
+    o = cfg.optim
+    return ClipAdamW(
+        build_param_groups(model, cfg),
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+        global_max_norm=cfg.clip.global_max_norm,
+        backend=o.backend,
+        reduce_norms=reduce_norms,
+        process_group=process_group,
+    )
+
+
+class GroupLR:
+    """LambdaLR-style scheduler that recomputes every group's lr as base_lr · fn(t) · lr_mult.
+
+    Nothing but the step counter is state, so a resume (or a changed base lr) always lands on the
+    lrs the table and the schedule prescribe — DeepSpeed reloading saved ``param_groups`` included.
+    """
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, base_lr: float, fn: Callable[[int], float], last_step: int = 0
+    ):
+        self.optimizer, self.base_lr, self.fn = optimizer, base_lr, fn
+        self.last_step = last_step
+        self.apply()
+
+    def apply(self) -> None:
+        factor = self.fn(self.last_step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.base_lr * factor * g["lr_mult"]
+
+    def step(self) -> None:
+        self.last_step += 1
+        self.apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_step = int(state["last_step"])
+        self.apply()

@@ -1,0 +1,220 @@
+"""The training loop: ``mupfast train`` and ``python -m mupfast.train`` (under the deepspeed launcher).
+
+Read top to bottom: set up ranks and data, build the μP model, optimizer and schedule, hand them to
+DeepSpeed, resume if a checkpoint exists, then train with periodic eval, metrics and checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from mupfast import engine as E
+from mupfast.config import Config
+from mupfast.data import BatchSampler, TokenShard, prepare_data
+from mupfast.metrics import MetricsWriter
+from mupfast.model import build_model
+from mupfast.optim import GroupLR, build_optimizer
+from mupfast.schedules import build_schedule
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user must act on (message is one line)."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    train_losses: dict[int, float] = field(default_factory=dict)
+    val_losses: dict[int, float] = field(default_factory=dict)
+    tokens_per_s: float = 0.0
+    skipped_steps: int = 0
+
+
+def _all_finite(loss: torch.Tensor) -> bool:
+    """True on every rank iff the loss is finite on every rank (one tiny collective)."""
+    flag = torch.isfinite(loss.detach()).float().reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _mean_over_ranks(x: float) -> float:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([x], dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.item() / dist.get_world_size()
+    return x
+
+
+@torch.no_grad()
+def evaluate(engine, sampler: BatchSampler, n_batches: int, device: torch.device) -> float:
+    engine.eval()
+    losses = [engine(x.to(device), y.to(device)).float().item() for x, y in sampler.eval_batches(n_batches)]
+    engine.train()
+    return sum(losses) / len(losses)
+
+
+def train(cfg: Config) -> TrainResult:
+    """Run (or resume) the training the config describes; return what it measured."""
+    import deepspeed
+
+    t = cfg.train
+    rank, local_rank, world = E.init_distributed(t.dist_timeout_s)
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    run_dir = Path(t.run_dir)
+    ckpt_dir = E.checkpoint_dir(run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    # Data: rank 0 prepares (cached by fingerprint), the others wait and then open the same shards.
+    if rank == 0:
+        prepared = prepare_data(cfg.data, progress=t.progress)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        prepared = prepare_data(cfg.data, progress=False)
+    if prepared.vocab_size > cfg.model.vocab_size:
+        raise TrainingError(
+            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary ({prepared.vocab_size})"
+        )
+    sampler_args = dict(seq_len=t.seq_len, micro_batch_size=t.micro_batch_size, seed=t.seed)
+    train_sampler = BatchSampler(TokenShard(prepared.train_path), rank=rank, world_size=world, **sampler_args)
+    val_sampler = BatchSampler(TokenShard(prepared.val_path), **sampler_args)
+
+    # Model, optimizer and schedule: every lr is optim.lr · schedule(t) · lr_mult of its group.
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model)
+    if cfg.zero.stage in (1, 2) and cfg.clip.global_max_norm > 0:
+        raise TrainingError(
+            "clip.global_max_norm: not available under ZeRO 1/2 (DeepSpeed steps one group at a time)"
+        )
+    optimizer = build_optimizer(model, cfg, reduce_norms=cfg.zero.stage >= 1)
+    scheduler = GroupLR(optimizer, cfg.optim.lr, build_schedule(cfg.schedule, t.steps))
+    if cfg.zero.stage == 3 and cfg.model.tie_embeddings:
+        deepspeed.zero.register_external_parameter(model.readout, model.tok_emb.weight)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=E.ds_config(cfg, world)
+    )
+    client_opt = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
+
+    start = 0
+    tag = E.latest_tag(ckpt_dir) if t.resume else None
+    if tag is not None:
+        start = int(E.load_checkpoint(engine, ckpt_dir, tag, rank)["step"])
+        scheduler.load_state_dict({"last_step": start})  # lrs recomputed from lr_mult, never the saved ones
+
+    metrics = MetricsWriter(run_dir, enabled=rank == 0)
+    result = TrainResult(run_dir=run_dir, steps=start)
+    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * t.seq_len * world
+    bar = None
+    if rank == 0 and t.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
+        )
+        if start:
+            bar.write(f"resumed from {ckpt_dir / tag} at step {start}")
+
+    nonfinite_in_row, last_saved = 0, start
+    t_log, steps_since_log = time.perf_counter(), 0
+    for step in range(start, t.steps):
+        # Forward/backward over the micro-batches; DeepSpeed steps the optimizer at the boundary.
+        losses = []
+        for micro in range(t.grad_accum_steps):
+            x, y = train_sampler.batch(step, micro)
+            loss = engine(x.to(device), y.to(device))
+            engine.backward(loss)
+            losses.append(loss.detach().float())
+            if micro == t.grad_accum_steps - 1:
+                step_loss = torch.stack(losses).mean()
+                finite = _all_finite(step_loss)
+                client_opt.skip_next_step = not finite  # the whole update is skipped on every rank
+            engine.step()
+        client_opt.skip_next_step = False
+        result.steps = step + 1
+        steps_since_log += 1
+
+        if not finite:
+            nonfinite_in_row += 1
+            result.skipped_steps += 1
+            metrics.log(step, {"nonfinite_loss": 1.0, "skipped_steps": result.skipped_steps}, kind="event")
+            if nonfinite_in_row >= t.max_nonfinite_in_row:
+                good = (
+                    f"last good checkpoint: {ckpt_dir / E.latest_tag(ckpt_dir)}"
+                    if E.latest_tag(ckpt_dir)
+                    else "no checkpoint was saved"
+                )
+                raise TrainingError(
+                    f"stopping: {nonfinite_in_row} non-finite losses in a row at step {step} "
+                    f"(updates skipped; {good}); lower optim.lr or check the data"
+                )
+            continue
+        nonfinite_in_row = 0
+
+        if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+            elapsed = time.perf_counter() - t_log
+            tok_s = tokens_per_step * steps_since_log / max(elapsed, 1e-9)
+            values = {"loss": _mean_over_ranks(step_loss.item()), "tokens_per_s": tok_s}
+            for g in optimizer.param_groups:
+                values[f"lr/{g['name']}"] = g["lr"]
+            values.update({f"grad_norm/{k}": v for k, v in client_opt.last_grad_norms.items()})
+            values.update({f"clip_coef/{k}": v for k, v in client_opt.last_clip_coefs.items()})
+            values.update(engine.module.stability_stats())
+            record = metrics.log(step + 1, values)
+            result.train_losses[step + 1] = record["loss"]
+            result.tokens_per_s = tok_s
+            t_log, steps_since_log = time.perf_counter(), 0
+            if bar is not None:
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tok_s:,.0f}")
+
+        last = step + 1 == t.steps
+        if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
+            val = evaluate(engine, val_sampler, t.eval_batches, device)
+            metrics.log(step + 1, {"val_loss": val}, kind="eval")
+            result.val_losses[step + 1] = val
+            if bar is not None:
+                bar.write(f"step {step + 1}: val loss {val:.4f}")
+        if (t.save_every and (step + 1) % t.save_every == 0) or last:
+            E.save_checkpoint(engine, ckpt_dir, step + 1, rank, {"config": cfg.to_dict()})
+            last_saved = step + 1
+        if bar is not None:
+            bar.update(1)
+
+    if bar is not None:
+        bar.close()
+    metrics.close()
+    if rank == 0:
+        summary = {
+            "steps": result.steps,
+            "last_checkpoint_step": last_saved,
+            "skipped_steps": result.skipped_steps,
+            "final_train_loss": result.train_losses.get(result.steps),
+            "final_val_loss": result.val_losses.get(result.steps),
+            "tokens_per_s": result.tokens_per_s,
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m mupfast.train`` (accepts DeepSpeed's appended --local_rank=N)."""
+    from mupfast.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
