@@ -1,0 +1,115 @@
+"""Parameter groups, the clip+AdamW optimizer, and lr ratios under every schedule."""
+
+import copy
+
+import pytest
+import torch
+
+from mupfast.model import build_model
+from mupfast.optim import GroupLR, build_optimizer, build_param_groups
+from mupfast.schedules import build_schedule
+from tests.helpers import tiny_config
+
+MUP = ["model.hidden_size=64", "model.mup_base_hidden_size=16", "model.mup_base_filter_size=32"]
+
+
+def test_one_group_per_component_with_multipliers():
+    cfg = tiny_config(*MUP, "optim.lr=0.01", "optim.weight_decay=0.1", "clip.component_max_norm={embedding: 0.5}")
+    groups = build_param_groups(build_model(cfg.model), cfg)
+    by = {g["name"]: g for g in groups}
+    assert set(by) == {"embedding", "q", "k", "v", "o", "ffn_in", "ffn_out", "norm", "final_norm", "readout"}
+    assert by["q"]["lr"] == pytest.approx(0.01 / 4) and by["q"]["weight_decay"] == pytest.approx(0.4)
+    assert by["embedding"]["max_grad_norm"] == 0.5 and by["q"]["max_grad_norm"] == 1.0
+    assert by["norm"]["weight_decay"] == 0.0
+    layered = build_param_groups(build_model(cfg.model), tiny_config(*MUP, "clip.granularity=layer_component"))
+    assert {"layer0.q", "layer1.q", "embedding", "readout"} <= {g["name"] for g in layered}
+
+
+def test_unknown_component_in_clip_overrides_is_an_error():
+    cfg = tiny_config("clip.component_max_norm={embeding: 0.5}")
+    with pytest.raises(ValueError, match="embeding"):
+        build_param_groups(build_model(cfg.model), cfg)
+
+
+def _reference_step(model, cfg, opt_ref):
+    """torch's own pieces: per-group clip_grad_norm_ then AdamW with the group's lr and wd."""
+    for g in opt_ref.param_groups:
+        torch.nn.utils.clip_grad_norm_(g["params"], g["max_grad_norm"])
+    opt_ref.step()
+
+
+@pytest.mark.parametrize("spike", [False, True])
+def test_clip_adamw_matches_torch_clip_grad_norm_plus_adamw(spike):
+    cfg = tiny_config(*MUP, "optim.lr=0.01", "optim.weight_decay=0.1", "clip.max_norm=0.05", "optim.backend=torch")
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    ref_model = copy.deepcopy(model)
+    opt = build_optimizer(model, cfg)
+    groups = build_param_groups(ref_model, cfg)
+    opt_ref = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                eps=cfg.optim.eps, foreach=False)
+    tokens = torch.randint(0, 256, (4, 17), generator=torch.Generator().manual_seed(3))
+    for step in range(4):
+        for m in (model, ref_model):
+            m.zero_grad()
+            m(tokens[:, :-1], tokens[:, 1:]).backward()
+            if spike and step == 2:
+                m.tok_emb.weight.grad.mul_(1e4)
+        opt.step()
+        _reference_step(ref_model, cfg, opt_ref)
+        assert opt.last_clip_coefs["embedding"].item() < (1e-3 if spike and step == 2 else 1.01)
+    for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_a_spiking_component_is_clipped_while_the_others_are_untouched():
+    cfg = tiny_config(*MUP, "optim.lr=0.01", "clip.max_norm=1.0")
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    twin = copy.deepcopy(model)
+    tokens = torch.randint(0, 256, (4, 17), generator=torch.Generator().manual_seed(3))
+    opts = [build_optimizer(m, cfg) for m in (model, twin)]
+    for m, opt, spike in ((model, opts[0], True), (twin, opts[1], False)):
+        m(tokens[:, :-1], tokens[:, 1:]).backward()
+        if spike:
+            m.blocks[0].attn.q.weight.grad.mul_(1e6)
+        opt.step()
+    assert opts[0].last_clip_coefs["q"].item() < 0.1
+    assert all(c.item() == 1.0 for c in opts[1].last_clip_coefs.values())
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        if ".attn.q." in n:
+            assert not torch.equal(p, q)
+        else:
+            assert torch.equal(p, q), n
+
+
+def test_skipped_step_changes_nothing():
+    cfg = tiny_config()
+    model = build_model(cfg.model)
+    opt = build_optimizer(model, cfg)
+    before = copy.deepcopy(model.state_dict())
+    model(torch.randint(0, 256, (2, 9))).sum().backward()
+    opt.skip_next_step = True
+    opt.step()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not opt.state
+
+
+@pytest.mark.parametrize("kind", ["constant", "cosine", "wsd", "cyclic_cosine", "cyclic_wsd"])
+def test_group_lr_ratios_survive_every_schedule_and_a_reload(kind):
+    cfg = tiny_config(*MUP, f"schedule.kind={kind}", "schedule.warmup_steps=3", "schedule.cycle_steps=10")
+    model = build_model(cfg.model)
+    opt = build_optimizer(model, cfg)
+    fn = build_schedule(cfg.schedule, 30)
+    sched = GroupLR(opt, cfg.optim.lr, fn)
+    for step in range(30):
+        lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+        assert lrs["q"] == pytest.approx(lrs["embedding"] / 4)
+        assert lrs["embedding"] == pytest.approx(cfg.optim.lr * fn(step))
+        sched.step()
+        if step == 12:  # a resume: saved lrs are garbage, the scheduler recomputes them from lr_mult
+            state = sched.state_dict()
+            for g in opt.param_groups:
+                g["lr"] = 123.0
+            sched = GroupLR(opt, cfg.optim.lr, fn)
+            sched.load_state_dict(state)
