@@ -1,0 +1,416 @@
+"""μP flash attention: o = softmax(scale·QKᵀ)·V with a runtime ``scale`` (α/d_head under μP, 1/√d under SP).
+
+Forward: one program per (query block, batch·query head); an exp2-domain online softmax over key blocks,
+causal split into off-diagonal blocks (no mask) and the diagonal block (masked); saves the log-sum-exp.
+Backward, deterministic and without atomics: a preprocess kernel δ = rowsum(O∘dO); a dK/dV kernel with one
+program per (key block, batch·kv head) that loops over the query heads sharing that kv head (GQA/MQA);
+and a separate dQ kernel. Any T (masked tails), head dims up to 256 (padded to a power of two), fp16, bf16
+and fp32 inputs with fp32 accumulation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from mupfast.kernels.runtime import autotune_configs, triton_usable
+
+__all__ = ["mup_attention", "attention_reference"]
+
+_LN2 = math.log(2.0)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ---------------------------------------------------------------- autotuning ----------------------------
+def _configs(a: str, b: str, pairs, warps=(4, 8), stages=(2, 3, 4)) -> list[triton.Config]:
+    # The first entry is what the interpreter runs: small enough to exercise several blocks at T ≤ 160.
+    return autotune_configs(
+        [
+            triton.Config({a: x, b: y}, num_warps=w, num_stages=s)
+            for x, y in pairs
+            for w in warps
+            for s in stages
+        ]
+    )
+
+
+def _pruner(outer: str, inner: str, few_warps: bool = False):
+    """Keep configs whose outer block is a multiple of the inner one (the causal split needs it), that fit
+    the sequence, that don't blow registers at D = 256, and (forward) with 8 warps only for 128×128 tiles."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        t = triton.next_power_of_2(args["T"])
+        big_d = args["BLOCK_D"] >= 256
+        keep = [
+            c
+            for c in configs
+            if c.kwargs[outer] % c.kwargs[inner] == 0
+            and c.kwargs[outer] <= max(64, t)
+            and not (big_d and (c.kwargs[outer] * c.kwargs[inner] > 64 * 64 or c.num_stages > 2))
+            and not (
+                few_warps and c.num_warps == 8 and c.kwargs[outer] * c.kwargs[inner] < 128 * 128 and not big_d
+            )
+        ]
+        return keep or configs[:1]
+
+    return prune
+
+
+_FWD_CONFIGS = _configs("BLOCK_M", "BLOCK_N", [(64, 32), (64, 64), (128, 32), (128, 64), (128, 128)])
+_DKDV_CONFIGS = _configs("BLOCK_N1", "BLOCK_M1", [(64, 32), (64, 16), (64, 64), (128, 32), (128, 64)])
+_DQ_CONFIGS = _configs("BLOCK_M2", "BLOCK_N2", [(64, 32), (64, 16), (64, 64), (128, 32), (128, 64)])
+_KEY = ["T", "HEAD_D", "CAUSAL"]
+
+
+# ---------------------------------------------------------------- kernels -------------------------------
+@triton.jit
+def _load_tile(ptrs, rows, T, offs_d, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """A [rows, BLOCK_D] tile; the sequence tail is masked only when asked, D only when it is padded."""
+    if MASK_ROWS:
+        return tl.load(ptrs, mask=(rows[:, None] < T) & (offs_d[None, :] < HEAD_D), other=0.0)
+    elif HEAD_D == BLOCK_D:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=offs_d[None, :] < HEAD_D, other=0.0)
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, offs_m, offs_n0, offs_d, lo, hi, T, qk_scale,
+               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               CAUSAL: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = _load_tile(k_ptrs + start_n * stride_kt, offs_n, T, offs_d, HEAD_D, BLOCK_D, MASKED)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # the one fp32 scale multiply
+        if MASKED:
+            keep = offs_n[None, :] < T
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            s = tl.where(keep, s, -1.0e30)  # finite: a fully masked (padding) row gives no NaN
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(v_ptrs + start_n * stride_kt, offs_n, T, offs_d, HEAD_D, BLOCK_D, MASKED)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(
+    configs=_FWD_CONFIGS,
+    key=_KEY,
+    prune_configs_by={"early_config_prune": _pruner("BLOCK_M", "BLOCK_N", few_warps=True)},
+)
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, scale, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, H, GROUP, T,
+              HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    start_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    q_off = b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
+    kv_off = b.to(tl.int64) * s_kb + (h // GROUP).to(tl.int64) * s_kh
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(
+        Q + q_off + offs_m[:, None] * s_qt + offs_d[None, :], offs_m, T, offs_d, HEAD_D, BLOCK_D, True
+    )
+    k_ptrs = K + kv_off + offs_n[:, None] * s_kt + offs_d[None, :]
+    v_ptrs = V + kv_off + offs_n[:, None] * s_kt + offs_d[None, :]
+    qk_scale = scale * 1.4426950408889634  # log2(e): softmax in the exp2 domain
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if CAUSAL:  # blocks left of the diagonal need no mask; the diagonal block does
+        lo_masked = start_m * BLOCK_M
+        hi_masked = tl.minimum(lo_masked + BLOCK_M, T)
+    else:  # whole key blocks need no mask; the ragged tail does
+        lo_masked = (T // BLOCK_N) * BLOCK_N
+        hi_masked = T
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, s_kt, offs_m, offs_n, offs_d, 0, lo_masked,
+                               T, qk_scale, HEAD_D, BLOCK_D, BLOCK_N, False, CAUSAL, PRECISION)  # fmt: skip
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, s_kt, offs_m, offs_n, offs_d, lo_masked,
+                               hi_masked, T, qk_scale, HEAD_D, BLOCK_D, BLOCK_N, True, CAUSAL, PRECISION)  # fmt: skip
+    o = acc / l_i[:, None]
+    row_ok = offs_m < T
+    tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_i), mask=row_ok)  # log2 domain
+    o_ptrs = O + q_off + offs_m[:, None] * s_qt + offs_d[None, :]
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D))
+
+
+@triton.jit
+def _bwd_preprocess(O, DO, DELTA, s_qb, s_qh, s_qt, H, T,
+                    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    start_m, bh = tl.program_id(0), tl.program_id(1)
+    off = (bh // H).to(tl.int64) * s_qb + (bh % H).to(tl.int64) * s_qh
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = off + offs_m[:, None] * s_qt + offs_d[None, :]
+    o = _load_tile(O + ptrs, offs_m, T, offs_d, HEAD_D, BLOCK_D, True).to(tl.float32)
+    do = _load_tile(DO + ptrs, offs_m, T, offs_d, HEAD_D, BLOCK_D, True).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, offs_n, offs_m0, offs_d, lo, hi,
+                T, qk_scale, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M1: tl.constexpr,
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    for start_m in range(lo, hi, BLOCK_M1):
+        offs_m = start_m + offs_m0
+        q = _load_tile(q_ptrs + start_m * stride_qt, offs_m, T, offs_d, HEAD_D, BLOCK_D, MASKED)
+        do = _load_tile(do_ptrs + start_m * stride_qt, offs_m, T, offs_d, HEAD_D, BLOCK_D, MASKED)
+        if MASKED:
+            lse = tl.load(lse_ptr + offs_m, mask=offs_m < T, other=0.0)
+            delta = tl.load(delta_ptr + offs_m, mask=offs_m < T, other=0.0)
+        else:
+            lse = tl.load(lse_ptr + offs_m)
+            delta = tl.load(delta_ptr + offs_m)
+        p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :])
+        if MASKED:
+            keep = offs_m[None, :] < T
+            if CAUSAL:
+                keep = keep & (offs_m[None, :] >= offs_n[:, None])
+            p_t = tl.where(keep, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.autotune(
+    configs=_DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_N1", "BLOCK_M1")}
+)
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, scale, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, H, GROUP, T,
+                   HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_N1: tl.constexpr, BLOCK_M1: tl.constexpr):  # fmt: skip
+    tl.static_assert(BLOCK_N1 % BLOCK_M1 == 0)
+    start_n, bhk = tl.program_id(0), tl.program_id(1)
+    hkv_count = H // GROUP
+    b, hk = bhk // hkv_count, bhk % hkv_count
+    kv_off = b.to(tl.int64) * s_kb + hk.to(tl.int64) * s_kh
+    n0 = start_n * BLOCK_N1
+    offs_n = n0 + tl.arange(0, BLOCK_N1)
+    offs_m0 = tl.arange(0, BLOCK_M1)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_ptrs = kv_off + offs_n[:, None] * s_kt + offs_d[None, :]
+    k = _load_tile(K + kv_ptrs, offs_n, T, offs_d, HEAD_D, BLOCK_D, True)
+    v = _load_tile(V + kv_ptrs, offs_n, T, offs_d, HEAD_D, BLOCK_D, True)
+    dk = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
+    qk_scale = scale * 1.4426950408889634
+    if CAUSAL:  # query rows above this key block see none of it; the diagonal block is masked
+        lo = n0 + BLOCK_N1
+        hi_diag = tl.minimum(lo, T)
+    else:
+        lo = 0
+        hi_diag = 0
+    hi_full = lo + (tl.maximum(T - lo, 0) // BLOCK_M1) * BLOCK_M1
+    for g in range(GROUP):  # the query heads that share this kv head: no atomics, deterministic
+        h = hk * GROUP + g
+        q_off = b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
+        q_ptrs = Q + q_off + offs_m0[:, None] * s_qt + offs_d[None, :]
+        do_ptrs = DO + q_off + offs_m0[:, None] * s_qt + offs_d[None, :]
+        row = (b * H + h).to(tl.int64) * T
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row, DELTA + row, s_qt, offs_n, offs_m0,
+                             offs_d, n0, hi_diag, T, qk_scale, HEAD_D, BLOCK_D, BLOCK_M1, True, CAUSAL,
+                             PRECISION)  # fmt: skip
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row, DELTA + row, s_qt, offs_n, offs_m0,
+                             offs_d, lo, hi_full, T, qk_scale, HEAD_D, BLOCK_D, BLOCK_M1, False, CAUSAL,
+                             PRECISION)  # fmt: skip
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row, DELTA + row, s_qt, offs_n, offs_m0,
+                             offs_d, hi_full, T, T, qk_scale, HEAD_D, BLOCK_D, BLOCK_M1, True, False,
+                             PRECISION)  # fmt: skip
+    mask = (offs_n[:, None] < T) & (offs_d[None, :] < HEAD_D)
+    tl.store(DK + kv_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, offs_m, offs_n0, offs_d, lo, hi, T, qk_scale,
+              HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N2: tl.constexpr, MASKED: tl.constexpr,
+              CAUSAL: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    for start_n in range(lo, hi, BLOCK_N2):
+        offs_n = start_n + offs_n0
+        k = _load_tile(k_ptrs + start_n * stride_kt, offs_n, T, offs_d, HEAD_D, BLOCK_D, MASKED)
+        v = _load_tile(v_ptrs + start_n * stride_kt, offs_n, T, offs_d, HEAD_D, BLOCK_D, MASKED)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
+        if MASKED:
+            keep = offs_n[None, :] < T
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.autotune(
+    configs=_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_M2", "BLOCK_N2")}
+)
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, scale, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, H, GROUP, T,
+                 HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr):  # fmt: skip
+    tl.static_assert(BLOCK_M2 % BLOCK_N2 == 0)
+    start_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    q_off = b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
+    kv_off = b.to(tl.int64) * s_kb + (h // GROUP).to(tl.int64) * s_kh
+    offs_m = start_m * BLOCK_M2 + tl.arange(0, BLOCK_M2)
+    offs_n = tl.arange(0, BLOCK_N2)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = q_off + offs_m[:, None] * s_qt + offs_d[None, :]
+    q = _load_tile(Q + q_ptrs, offs_m, T, offs_d, HEAD_D, BLOCK_D, True)
+    do = _load_tile(DO + q_ptrs, offs_m, T, offs_d, HEAD_D, BLOCK_D, True)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    k_ptrs = K + kv_off + offs_n[:, None] * s_kt + offs_d[None, :]
+    v_ptrs = V + kv_off + offs_n[:, None] * s_kt + offs_d[None, :]
+    qk_scale = scale * 1.4426950408889634
+    if CAUSAL:
+        lo_masked = start_m * BLOCK_M2
+        hi_masked = tl.minimum(lo_masked + BLOCK_M2, T)
+    else:
+        lo_masked = (T // BLOCK_N2) * BLOCK_N2
+        hi_masked = T
+    dq = tl.zeros([BLOCK_M2, BLOCK_D], tl.float32)
+    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, s_kt, offs_m, offs_n, offs_d, 0, lo_masked, T,
+                   qk_scale, HEAD_D, BLOCK_D, BLOCK_N2, False, CAUSAL, PRECISION)  # fmt: skip
+    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, s_kt, offs_m, offs_n, offs_d, lo_masked, hi_masked,
+                   T, qk_scale, HEAD_D, BLOCK_D, BLOCK_N2, True, CAUSAL, PRECISION)  # fmt: skip
+    tl.store(
+        DQ + q_ptrs,
+        (dq * scale).to(DQ.dtype.element_ty),
+        mask=(offs_m[:, None] < T) & (offs_d[None, :] < HEAD_D),
+    )
+
+
+# ---------------------------------------------------------------- launchers -----------------------------
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """Keep (B,H,T,D)- and (B,T,H,D)-contiguous layouts as they are (strides go to the kernels); copy others."""
+    return t if t.is_contiguous() or t.transpose(1, 2).is_contiguous() else t.contiguous()
+
+
+def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` with exactly the strides of ``ref``, so one set of strides serves both."""
+    return t if t.stride() == ref.stride() else torch.empty_like(ref).copy_(t)
+
+
+def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool) -> dict:
+    d = q.shape[-1]
+    return {
+        "H": q.shape[1], "GROUP": q.shape[1] // k.shape[1], "T": q.shape[2], "HEAD_D": d,
+        "BLOCK_D": max(16, triton.next_power_of_2(d)), "CAUSAL": causal,
+        "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs stay fp32 (no TF32)
+    }  # fmt: skip
+
+
+def _forward(q, k, v, scale: float, causal: bool):
+    B, H, T, _ = q.shape
+    o = torch.empty_like(q)
+    lse2 = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+    _attn_fwd[grid](q, k, v, o, lse2, scale, *q.stride()[:3], *k.stride()[:3], **_meta(q, k, causal))
+    return o, lse2
+
+
+def _backward(do, q, k, v, o, lse2, scale: float, causal: bool):
+    B, H, T, _ = q.shape
+    meta = _meta(q, k, causal)
+    do = _like(do, o)
+    delta = torch.empty_like(lse2)
+    _bwd_preprocess[(triton.cdiv(T, 64), B * H)](
+        o, do, delta, *q.stride()[:3], H, T, HEAD_D=meta["HEAD_D"], BLOCK_D=meta["BLOCK_D"], BLOCK_M=64
+    )
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(k)
+    strides = (*q.stride()[:3], *k.stride()[:3])
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N1"]), B * k.shape[1])
+    _attn_bwd_dkdv[grid](q, k, v, do, dk, dv, lse2, delta, scale, *strides, **meta)
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M2"]), B * H)
+    _attn_bwd_dq[grid](q, k, v, do, dq, lse2, delta, scale, *strides, **meta)
+    return dq, dk, dv
+
+
+class _MupAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float, causal: bool, return_lse: bool):
+        o, lse2 = _forward(q, k, v, scale, causal)
+        ctx.save_for_backward(q, k, v, o, lse2)
+        ctx.scale, ctx.causal = scale, causal
+        if not return_lse:
+            return o
+        lse = lse2 * _LN2  # natural log for callers; the kernels keep log2
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, *_unused):
+        q, k, v, o, lse2 = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, o, lse2, ctx.scale, ctx.causal)
+        return dq, dk, dv, None, None, None
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (B, H, T, D); got {getattr(t, 'shape', type(t))}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
+    (B, Hq, T, D), (Bk, Hkv, Tk, Dk) = q.shape, k.shape
+    if (B, T, D) != (Bk, Tk, Dk):
+        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on B, T and D")
+    if min(B, Hq, Hkv, T, D) == 0 or Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a nonzero multiple of kv heads ({Hkv}), sizes nonzero")
+    if not 1 <= D <= 256:
+        raise ValueError(f"head dim must be at most 256; got {D}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"dtype must be float16, bfloat16 or float32; got {q.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    if not triton_usable(q, k, v):
+        raise ValueError(
+            f"mup_attention runs Triton on CUDA tensors (or on CPU under TRITON_INTERPRET=1); got {q.device}."
+            " Use attention_reference (the torch backend) there."
+        )
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float; got {scale}")
+
+
+def mup_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = True,
+                  return_lse: bool = False):  # fmt: skip
+    """softmax(scale·QKᵀ)·V. q (B,Hq,T,D), k/v (B,Hkv,T,D) with Hq % Hkv == 0 → o (B,Hq,T,D), q's dtype.
+
+    ``scale`` is a runtime float (α/d_head under μP): changing it never recompiles. With ``return_lse``
+    also returns the natural-log log-sum-exp of each row of scale·QKᵀ, (B,Hq,T) float32, not differentiable.
+    """
+    scale = float(scale)
+    _check(q, k, v, scale)
+    q, k = _dense(q), _dense(k)
+    return _MupAttention.apply(q, k, _like(v, k), scale, bool(causal), bool(return_lse))
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = True,
+                        return_lse: bool = False):  # fmt: skip
+    """Plain PyTorch attention with the same contract (materialises the T×T scores; fp32 math or wider)."""
+    if q.dim() != 4 or k.shape != v.shape or q.shape[1] % k.shape[1]:
+        raise ValueError(f"expected q (B,Hq,T,D), k/v (B,Hkv,T,D), Hq % Hkv == 0; got {q.shape}, {k.shape}")
+    group = q.shape[1] // k.shape[1]
+    ct = torch.promote_types(q.dtype, torch.float32)
+    k, v = (t.repeat_interleave(group, dim=1).to(ct) for t in (k, v))
+    s = (q.to(ct) @ k.transpose(-1, -2)) * scale
+    if causal:
+        T, S = s.shape[-2:]
+        s = s.masked_fill(~torch.ones(T, S, dtype=torch.bool, device=s.device).tril(), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    o = (torch.exp(s - lse[..., None]) @ v).to(q.dtype)
+    return (o, lse.detach().float()) if return_lse else o
