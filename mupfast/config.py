@@ -415,3 +415,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"schedule.decay_fraction: must be in [0, 1] (got {s.decay_fraction})")
     if s.warmup_steps < 0 or s.cycle_steps < 0:
         raise ConfigError("schedule.warmup_steps: warmup_steps and cycle_steps must be non-negative")
+    from mupfast.schedules import build_schedule  # imports this module: keep the import local
+
+    try:
+        build_schedule(s, t.steps)
+    except ValueError as e:
+        raise ConfigError(f"schedule: {e}") from None

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mupfast.config import DataConfig
-from mupfast.tokenizers import MAX_VOCAB, BPETokenizer, ByteTokenizer, load_tokenizer
+from mupfast.tokenizer import MAX_VOCAB, BPETokenizer, ByteTokenizer, load_tokenizer
 
 if TYPE_CHECKING:
     import torch

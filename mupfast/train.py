@@ -90,7 +90,9 @@ def train(cfg: Config) -> TrainResult:
             f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary ({prepared.vocab_size})"
         )
     sampler_args = dict(seq_len=t.seq_len, micro_batch_size=t.micro_batch_size, seed=t.seed)
-    train_sampler = BatchSampler(TokenShard(prepared.train_path), rank=rank, world_size=world, **sampler_args)
+    # Batches are keyed by (seed, step, global micro-batch index), not by rank: the same global batch
+    # gives the same data whatever the split into ranks × accumulation steps.
+    train_sampler = BatchSampler(TokenShard(prepared.train_path), **sampler_args)
     val_sampler = BatchSampler(TokenShard(prepared.val_path), **sampler_args)
 
     # Model, optimizer and schedule: every lr is optim.lr · schedule(t) · lr_mult of its group.
@@ -134,7 +136,7 @@ def train(cfg: Config) -> TrainResult:
         # Forward/backward over the micro-batches; DeepSpeed steps the optimizer at the boundary.
         losses = []
         for micro in range(t.grad_accum_steps):
-            x, y = train_sampler.batch(step, micro)
+            x, y = train_sampler.batch(step, micro * world + rank)
             loss = engine(x.to(device), y.to(device))
             engine.backward(loss)
             losses.append(loss.detach().float())
@@ -147,6 +149,8 @@ def train(cfg: Config) -> TrainResult:
         result.steps = step + 1
         steps_since_log += 1
 
+        if bar is not None:
+            bar.update(1)
         if not finite:
             nonfinite_in_row += 1
             result.skipped_steps += 1
@@ -190,8 +194,6 @@ def train(cfg: Config) -> TrainResult:
         if (t.save_every and (step + 1) % t.save_every == 0) or last:
             E.save_checkpoint(engine, ckpt_dir, step + 1, rank, {"config": cfg.to_dict()})
             last_saved = step + 1
-        if bar is not None:
-            bar.update(1)
 
     if bar is not None:
         bar.close()

@@ -4,7 +4,7 @@ Both have the same small interface: ``kind``, ``vocab_size``, ``fingerprint`` (a
 recorded in every token shard), ``encode(str) -> list[int]``, ``decode(list[int]) -> str`` and
 ``encode_arrays(texts) -> list[np.ndarray]`` (uint16, the fast path used when writing shards).
 
-This module is ``mupfast.tokenizers``; it imports the HF package ``tokenizers`` lazily and by its
+This module is ``mupfast.tokenizer``; it imports the HF package ``tokenizers`` lazily and by its
 absolute name, which works as long as no file inside ``mupfast/`` is run directly as a script.
 """
 

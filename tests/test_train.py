@@ -1,0 +1,190 @@
+"""The trainer end to end on CPU: it learns, resumes exactly, survives non-finite losses, and
+2-rank DeepSpeed ZeRO runs match the single-process losses."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import mupfast.train as T
+from mupfast.engine import free_port
+from mupfast.metrics import read_metrics
+from tests.helpers import tiny_config
+
+COMMON = ["train.log_every=1", "train.eval_every=0", "optim.lr=3e-3", "schedule.warmup_steps=2"]
+
+
+def _losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir, "train")}
+
+
+def test_training_lowers_the_loss_and_writes_its_run_directory(tmp_path):
+    cfg = tiny_config(*COMMON, "train.steps=30", "optim.lr=1e-2", tmp_path=tmp_path)
+    result = T.train(cfg)
+    run = Path(cfg.train.run_dir)
+    assert result.train_losses[30] < result.train_losses[1] - 1.0
+    assert (run / "config.yaml").is_file() and (run / "summary.json").is_file()
+    assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"] == 1e-2
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step00000030"
+    rec = read_metrics(run, "train")[-1]
+    assert {"loss", "tokens_per_s", "lr/q", "grad_norm/q", "clip_coef/embedding", "max_abs_logit"} <= set(rec)
+    assert read_metrics(run, "eval")[-1]["val_loss"] == pytest.approx(result.val_losses[30])
+    assert list((run / "tensorboard").iterdir())
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path, monkeypatch):
+    overrides = [
+        *COMMON,
+        "train.steps=8",
+        "train.save_every=3",
+        "schedule.kind=wsd",
+        "schedule.decay_fraction=0.5",
+    ]
+    full = tiny_config(*overrides, tmp_path=tmp_path / "full")
+    T.train(full)
+
+    cut = tiny_config(*overrides, tmp_path=tmp_path / "cut")
+    real_save = T.E.save_checkpoint
+
+    class Crash(Exception):
+        pass
+
+    def save_then_crash(engine, ckpt_dir, step, rank, client_state):
+        tag = real_save(engine, ckpt_dir, step, rank, client_state)
+        if step == 3:
+            raise Crash
+        return tag
+
+    monkeypatch.setattr(T.E, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        T.train(cut)
+    monkeypatch.setattr(T.E, "save_checkpoint", real_save)
+    T.train(cut)  # resumes from step 3
+    a, b = _losses(full.train.run_dir), _losses(cut.train.run_dir)
+    assert sorted(b) == list(range(1, 9))
+    for step in range(1, 9):
+        assert b[step] == a[step], step  # bitwise: same data, same RNG, same lrs
+    lr_a = {r["step"]: r["lr/q"] for r in read_metrics(full.train.run_dir, "train")}
+    lr_b = {r["step"]: r["lr/q"] for r in read_metrics(cut.train.run_dir, "train")}
+    assert lr_a == lr_b
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    cfg = tiny_config(
+        *COMMON, "train.steps=20", "train.save_every=2", "train.max_nonfinite_in_row=3", tmp_path=tmp_path
+    )
+    real_build = T.build_model
+    calls = {"n": 0}
+
+    def poisoned(model_cfg):
+        model = real_build(model_cfg)
+        forward = model.forward
+
+        def forward_nan_after_step_4(tokens, targets=None):
+            out = forward(tokens, targets)
+            if targets is not None and model.training:
+                calls["n"] += 1
+                if calls["n"] in (3,) or calls["n"] > 5:
+                    return out * float("nan")
+            return out
+
+        model.forward = forward_nan_after_step_4
+        return model
+
+    monkeypatch.setattr(T, "build_model", poisoned)
+    with pytest.raises(
+        T.TrainingError, match=r"3 non-finite losses in a row at step 7.*last good checkpoint"
+    ):
+        T.train(cfg)
+    events = read_metrics(cfg.train.run_dir, "event")
+    assert [e["step"] for e in events] == [2, 5, 6, 7]  # step 2 was skipped, then the run went on
+    assert (Path(cfg.train.run_dir) / "checkpoints" / "latest").read_text().strip() == "step00000004"
+
+
+def _deepspeed_run(tmp_path: Path, name: str, overrides: list[str], ranks: int) -> dict[int, float]:
+    cfg_file = tmp_path / f"{name}.yaml"
+    cfg = tiny_config(*overrides, tmp_path=tmp_path / name)
+    cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "mupfast.train",
+        "--config",
+        str(cfg_file),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return _losses(cfg.train.run_dir)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2])
+def test_two_rank_zero_matches_single_process(tmp_path, stage):
+    base = [*COMMON, "train.steps=5", "train.micro_batch_size=2", "clip.max_norm=0.5"]
+    single = T.train(tiny_config(*base, "train.grad_accum_steps=2", tmp_path=tmp_path / "single"))
+    two = _deepspeed_run(tmp_path, f"zero{stage}", [*base, f"zero.stage={stage}"], ranks=2)
+    assert sorted(two) == list(range(1, 6))
+    for step, loss in single.train_losses.items():
+        assert two[step] == pytest.approx(loss, rel=2e-5), step
+    summary = json.loads((tmp_path / f"zero{stage}" / "run" / "summary.json").read_text())
+    assert summary["steps"] == 5
+
+
+def test_bad_input_gives_one_line_and_exit_code_2(tmp_path):
+    (tmp_path / "bad.yaml").write_text("model:\n  hidden_sise: 64\n")
+    cases = [
+        (
+            ["--config", str(tmp_path / "bad.yaml")],
+            "model.hidden_sise: unknown key (did you mean model.hidden_size?)",
+        ),
+        (["model.hidden_size=abc"], "model.hidden_size: expected an integer"),
+        (["model.hidden_size=100", "model.num_heads=3"], "not divisible by model.num_heads"),
+        (["model.num_heads=4", "model.num_kv_heads=3"], "not a multiple of model.num_kv_heads"),
+        (["model.num_layers=0"], "model.num_layers: must be positive"),
+        (["optim.lr=-1"], "optim.lr: must be positive"),
+        (["data.corpus=/no/such/corpus"], "data.corpus: path does not exist"),
+        (["--config", str(tmp_path / "missing.yaml")], "config file not found"),
+        (["nonsense"], "expected section.key=value"),
+    ]
+    for args, message in cases:
+        proc = subprocess.run(
+            [sys.executable, "-m", "mupfast.cli", "explain", *args], capture_output=True, text=True
+        )
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, proc.stderr)
+
+
+def test_explain_json_lists_every_parameter():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mupfast.cli",
+            "explain",
+            "--json",
+            "model.hidden_size=64",
+            "model.mup_base_hidden_size=32",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    table = json.loads(proc.stdout)
+    assert table["multipliers"]["m"] == 2.0
+    q = next(r for r in table["rules"] if r["name"] == "blocks.0.attn.q.weight")
+    assert q["lr_mult"] == 0.5
+    assert torch.Size(q["shape"]) == (64, 64)
