@@ -131,8 +131,10 @@ def train(cfg: Config) -> TrainResult:
             bar.write(f"resumed from {ckpt_dir / tag} at step {start}")
 
     nonfinite_in_row, last_saved = 0, start
-    t_log, steps_since_log = time.perf_counter(), 0
+    # Throughput counts training time only (not eval or checkpoint writes).
+    window_s, window_steps, total_s, total_steps = 0.0, 0, 0.0, 0
     for step in range(start, t.steps):
+        step_t0 = time.perf_counter()
         # Forward/backward over the micro-batches; DeepSpeed steps the optimizer at the boundary.
         losses = []
         for micro in range(t.grad_accum_steps):
@@ -147,7 +149,9 @@ def train(cfg: Config) -> TrainResult:
             engine.step()
         client_opt.skip_next_step = False
         result.steps = step + 1
-        steps_since_log += 1
+        step_s = time.perf_counter() - step_t0
+        window_s, window_steps = window_s + step_s, window_steps + 1
+        total_s, total_steps = total_s + step_s, total_steps + 1
 
         if bar is not None:
             bar.update(1)
@@ -169,8 +173,7 @@ def train(cfg: Config) -> TrainResult:
         nonfinite_in_row = 0
 
         if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
-            elapsed = time.perf_counter() - t_log
-            tok_s = tokens_per_step * steps_since_log / max(elapsed, 1e-9)
+            tok_s = tokens_per_step * window_steps / max(window_s, 1e-9)
             values = {"loss": _mean_over_ranks(step_loss.item()), "tokens_per_s": tok_s}
             for g in optimizer.param_groups:
                 values[f"lr/{g['name']}"] = g["lr"]
@@ -179,8 +182,7 @@ def train(cfg: Config) -> TrainResult:
             values.update(engine.module.stability_stats())
             record = metrics.log(step + 1, values)
             result.train_losses[step + 1] = record["loss"]
-            result.tokens_per_s = tok_s
-            t_log, steps_since_log = time.perf_counter(), 0
+            window_s, window_steps = 0.0, 0
             if bar is not None:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tok_s:,.0f}")
 
@@ -198,6 +200,7 @@ def train(cfg: Config) -> TrainResult:
     if bar is not None:
         bar.close()
     metrics.close()
+    result.tokens_per_s = tokens_per_step * total_steps / max(total_s, 1e-9)
     if rank == 0:
         summary = {
             "steps": result.steps,

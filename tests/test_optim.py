@@ -14,14 +14,18 @@ MUP = ["model.hidden_size=64", "model.mup_base_hidden_size=16", "model.mup_base_
 
 
 def test_one_group_per_component_with_multipliers():
-    cfg = tiny_config(*MUP, "optim.lr=0.01", "optim.weight_decay=0.1", "clip.component_max_norm={embedding: 0.5}")
+    cfg = tiny_config(
+        *MUP, "optim.lr=0.01", "optim.weight_decay=0.1", "clip.component_max_norm={embedding: 0.5}"
+    )
     groups = build_param_groups(build_model(cfg.model), cfg)
     by = {g["name"]: g for g in groups}
     assert set(by) == {"embedding", "q", "k", "v", "o", "ffn_in", "ffn_out", "norm", "final_norm", "readout"}
     assert by["q"]["lr"] == pytest.approx(0.01 / 4) and by["q"]["weight_decay"] == pytest.approx(0.4)
     assert by["embedding"]["max_grad_norm"] == 0.5 and by["q"]["max_grad_norm"] == 1.0
     assert by["norm"]["weight_decay"] == 0.0
-    layered = build_param_groups(build_model(cfg.model), tiny_config(*MUP, "clip.granularity=layer_component"))
+    layered = build_param_groups(
+        build_model(cfg.model), tiny_config(*MUP, "clip.granularity=layer_component")
+    )
     assert {"layer0.q", "layer1.q", "embedding", "readout"} <= {g["name"] for g in layered}
 
 
@@ -40,14 +44,17 @@ def _reference_step(model, cfg, opt_ref):
 
 @pytest.mark.parametrize("spike", [False, True])
 def test_clip_adamw_matches_torch_clip_grad_norm_plus_adamw(spike):
-    cfg = tiny_config(*MUP, "optim.lr=0.01", "optim.weight_decay=0.1", "clip.max_norm=0.05", "optim.backend=torch")
+    cfg = tiny_config(
+        *MUP, "optim.lr=0.01", "optim.weight_decay=0.1", "clip.max_norm=0.05", "optim.backend=torch"
+    )
     torch.manual_seed(0)
     model = build_model(cfg.model)
     ref_model = copy.deepcopy(model)
     opt = build_optimizer(model, cfg)
     groups = build_param_groups(ref_model, cfg)
-    opt_ref = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                                eps=cfg.optim.eps, foreach=False)
+    opt_ref = torch.optim.AdamW(
+        groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, foreach=False
+    )
     tokens = torch.randint(0, 256, (4, 17), generator=torch.Generator().manual_seed(3))
     for step in range(4):
         for m in (model, ref_model):

@@ -1,0 +1,44 @@
+# Each target creates/updates the local virtual environment (.venv) it needs.
+# TORCH_SPEC picks the torch build: the default is the CPU build this project is developed with;
+# on a GPU machine use e.g. `make test TORCH_SPEC="torch>=2.4"` (or install torch first).
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP      := $(VENV)/.installed
+
+.PHONY: install demo test test-fast bench lint format clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	# DeepSpeed's build imports torch: without --no-build-isolation pip would fetch a second (CUDA) torch.
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev,hpo]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)  ## train the tiny μP model on CPU on the embedded corpus
+	$(VENV)/bin/mupfast train --config configs/tiny.yaml
+
+test: $(STAMP)  ## the whole test suite (CPU; Triton kernels run under the interpreter)
+	$(PY) -m pytest -q -ra
+
+test-fast: $(STAMP)  ## everything but the multi-rank and slow tests
+	$(PY) -m pytest -q -m "not slow and not distributed"
+
+bench: $(STAMP)  ## kernel benchmarks (GPU where present), results under benchmarks/results/
+	$(PY) -m benchmarks.bench_attention
+	$(PY) -m benchmarks.bench_cross_entropy
+	$(PY) -m benchmarks.bench_clip_adamw
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check mupfast kernels tests benchmarks
+	$(VENV)/bin/ruff format --check mupfast kernels tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix mupfast kernels tests benchmarks
+	$(VENV)/bin/ruff format mupfast kernels tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs data .pytest_cache
