@@ -176,37 +176,3 @@ def build_optimizer(
         reduce_norms=reduce_norms,
         process_group=process_group,
     )
-
-
-class GroupLR:
-    """LambdaLR-style scheduler that recomputes every group's lr as base_lr · fn(t) · lr_mult.
-
-    Nothing but the step counter is state, so a resume (or a changed base lr) always lands on the
-    lrs the table and the schedule prescribe — DeepSpeed reloading saved ``param_groups`` included.
-    """
-
-    def __init__(
-        self, optimizer: torch.optim.Optimizer, base_lr: float, fn: Callable[[int], float], last_step: int = 0
-    ):
-        self.optimizer, self.base_lr, self.fn = optimizer, base_lr, fn
-        self.last_step = last_step
-        self.apply()
-
-    def apply(self) -> None:
-        factor = self.fn(self.last_step)
-        for g in self.optimizer.param_groups:
-            g["lr"] = self.base_lr * factor * g["lr_mult"]
-
-    def step(self) -> None:
-        self.last_step += 1
-        self.apply()
-
-    def get_last_lr(self) -> list[float]:
-        return [g["lr"] for g in self.optimizer.param_groups]
-
-    def state_dict(self) -> dict:
-        return {"last_step": self.last_step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.last_step = int(state["last_step"])
-        self.apply()

@@ -23,8 +23,8 @@ multiplier used for the update of step ``t``; a run of ``total_steps`` steps use
   (SGDR-style: peaks shrink towards the floor, the floor stays). A last partial cycle is cut
   at ``total_steps`` and its value there is held.
 
-Use :func:`build_schedule` with a :class:`~mupfast.config.ScheduleConfig`; :func:`lambda_lr` wraps
-the result in a ``torch.optim.lr_scheduler.LambdaLR``.
+Use :func:`build_schedule` with a :class:`~mupfast.config.ScheduleConfig`; :class:`GroupLR`
+applies the result to an optimizer's groups through their ``lr_mult``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from mupfast.config import ScheduleConfig
 
 if TYPE_CHECKING:
     from torch.optim import Optimizer
-    from torch.optim.lr_scheduler import LambdaLR
 
 KINDS = ("constant", "cosine", "wsd", "cyclic_cosine", "cyclic_wsd")
 DECAY_SHAPES = ("linear", "cosine", "sqrt")
@@ -230,7 +229,7 @@ def build_schedule(cfg: ScheduleConfig, total_steps: int) -> Callable[[int], flo
     """The multiplier at optimizer step t (0-based: the multiplier used for the update of step t).
 
     Arguments are checked here, once, with a ValueError naming the values. The returned object is
-    a plain function (so ``LambdaLR.state_dict`` does not save it and a resumed run may change
+    a plain function (so a scheduler's state_dict does not save it and a resumed run may change
     ``total_steps``, e.g. to extend a WSD run from its stable phase).
     """
     fields = {"total_steps": total_steps, "warmup_steps": cfg.warmup_steps}
@@ -262,25 +261,35 @@ def build_schedule(cfg: ScheduleConfig, total_steps: int) -> Callable[[int], flo
     return schedule
 
 
-def lambda_lr(optimizer: Optimizer, fn: Callable[[int], float]) -> LambdaLR:
-    """A ``torch.optim.lr_scheduler.LambdaLR`` applying ``fn`` to every param group.
+class GroupLR:
+    """Scheduler that sets every group's lr to ``base_lr · fn(t) · group["lr_mult"]`` each step.
 
-    The group lrs must already carry ``lr · lr_mult``: LambdaLR sets each group's lr to
-    ``initial_lr · fn(t)`` (``initial_lr`` is the group lr at construction), which multiplies and so
-    preserves the μP ratios between groups. Construction applies ``fn(0)``; call ``step()`` after
-    each optimizer step (DeepSpeed does so at the accumulation boundary) so that update ``t`` uses
-    ``fn(t)``. Only ``last_epoch`` and ``base_lrs`` are checkpointed, never ``fn``; unlike plain
-    LambdaLR, ``load_state_dict`` re-applies ``base_lr · fn(last_epoch)`` to the groups, so the lrs
-    are right whichever of optimizer and scheduler state is loaded first.
+    Only the step counter is state: the lrs are recomputed from the μP multipliers every time, so
+    neither a reload of saved ``param_groups`` (DeepSpeed loads the optimizer state before or after
+    the scheduler) nor a changed base lr or ``total_steps`` on resume can leave a stale lr behind.
+    DeepSpeed calls ``step()`` at each accumulation boundary, so update ``t`` uses ``fn(t)``.
     """
-    from torch.optim.lr_scheduler import LambdaLR
 
-    class MultiplierLR(LambdaLR):
-        def load_state_dict(self, state_dict):
-            super().load_state_dict(state_dict)
-            lrs = [base * fn(self.last_epoch) for base in self.base_lrs]
-            for group, lr in zip(self.optimizer.param_groups, lrs):
-                group["lr"] = lr
-            self._last_lr = lrs
+    def __init__(self, optimizer: Optimizer, base_lr: float, fn: Callable[[int], float], last_step: int = 0):
+        self.optimizer, self.base_lr, self.fn = optimizer, base_lr, fn
+        self.last_step = last_step
+        self.apply()
 
-    return MultiplierLR(optimizer, lr_lambda=fn)
+    def apply(self) -> None:
+        factor = self.fn(self.last_step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.base_lr * factor * g["lr_mult"]
+
+    def step(self) -> None:
+        self.last_step += 1
+        self.apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_step = int(state["last_step"])
+        self.apply()

@@ -21,8 +21,8 @@ from mupfast.config import Config
 from mupfast.data import BatchSampler, TokenShard, prepare_data
 from mupfast.metrics import MetricsWriter
 from mupfast.model import build_model
-from mupfast.optim import GroupLR, build_optimizer
-from mupfast.schedules import build_schedule
+from mupfast.optim import build_optimizer
+from mupfast.schedules import GroupLR, build_schedule
 
 
 class TrainingError(RuntimeError):

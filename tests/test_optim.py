@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mupfast.model import build_model
-from mupfast.optim import GroupLR, build_optimizer, build_param_groups
-from mupfast.schedules import build_schedule
+from mupfast.optim import build_optimizer, build_param_groups
+from mupfast.schedules import GroupLR, build_schedule
 from tests.helpers import tiny_config
 
 MUP = ["model.hidden_size=64", "model.mup_base_hidden_size=16", "model.mup_base_filter_size=32"]

@@ -6,11 +6,11 @@ import torch
 from mupfast.config import ScheduleConfig
 from mupfast.schedules import (
     KINDS,
+    GroupLR,
     build_schedule,
     cyclic_cosine,
     cyclic_wsd,
     decay_steps,
-    lambda_lr,
     warmup_cosine,
     wsd,
 )
@@ -127,14 +127,14 @@ def test_wsd_extension_identical_during_the_stable_phase_of_both():
 def test_wsd_scheduler_resumed_with_a_larger_total_follows_the_new_total():
     """The schedule function is not checkpointed, so a resumed run may extend total_steps."""
     cfg = ScheduleConfig(kind="wsd", warmup_steps=5, decay_fraction=0.5)
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    s = lambda_lr(opt, build_schedule(cfg, 100))
+    opt = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr_mult": 1.0}], lr=1.0)
+    s = GroupLR(opt, 1.0, build_schedule(cfg, 100))
     for _ in range(40):
         opt.step()
         s.step()
     state = s.state_dict()
-    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    s2 = lambda_lr(opt2, build_schedule(cfg, 400))
+    opt2 = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr_mult": 1.0}], lr=1.0)
+    s2 = GroupLR(opt2, 1.0, build_schedule(cfg, 400))
     s2.load_state_dict(state)
     for _ in range(100):  # to step 140: past the short run's end, inside the long one's stable phase
         opt2.step()
@@ -247,12 +247,12 @@ def test_pure_functions_match_the_builder():
     assert sched("cosine", total=20)(5) == warmup_cosine(5, total_steps=20)
 
 
-# ---------------------------------------------------------------- LambdaLR
+# ---------------------------------------------------------------- GroupLR
 
 
 def _optimizer():
     a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
-    return torch.optim.AdamW([{"params": [a], "lr": 1e-3}, {"params": [b], "lr": 0.25e-3}])
+    return torch.optim.AdamW([{"params": [a], "lr_mult": 1.0}, {"params": [b], "lr_mult": 0.25}])
 
 
 SCHEDULE_CONFIGS = [
@@ -265,11 +265,11 @@ SCHEDULE_CONFIGS = [
 
 
 @pytest.mark.parametrize("cfg", SCHEDULE_CONFIGS, ids=lambda c: c.kind)
-def test_lambda_lr_keeps_group_ratios_and_resumes_identically(cfg):
+def test_group_lr_keeps_group_ratios_and_resumes_identically(cfg):
     total = 30
     fn = build_schedule(cfg, total)
     opt = _optimizer()
-    s = lambda_lr(opt, fn)
+    s = GroupLR(opt, 1e-3, fn)
     lrs = []
     for t in range(total + 5):
         g0, g1 = (g["lr"] for g in opt.param_groups)
@@ -285,7 +285,7 @@ def test_lambda_lr_keeps_group_ratios_and_resumes_identically(cfg):
         opt2 = _optimizer()
         if optimizer_first:
             opt2.load_state_dict(opt_state)
-        s2 = lambda_lr(opt2, build_schedule(cfg, total))
+        s2 = GroupLR(opt2, 1e-3, build_schedule(cfg, total))
         if not optimizer_first:
             opt2.load_state_dict(opt_state)
         s2.load_state_dict(state)
