@@ -131,10 +131,19 @@ def _deepspeed_run(tmp_path: Path, name: str, overrides: list[str], ranks: int) 
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_rank_zero_matches_single_process(tmp_path, stage):
-    base = [*COMMON, "train.steps=5", "train.micro_batch_size=2", "clip.max_norm=0.5"]
+    base = [*COMMON, "train.steps=5", "train.micro_batch_size=2", "clip.max_norm=0.05"]
     single = T.train(tiny_config(*base, "train.grad_accum_steps=2", tmp_path=tmp_path / "single"))
+    coefs = [
+        v
+        for r in read_metrics(tmp_path / "single" / "run", "train")
+        for k, v in r.items()
+        if "clip_coef" in k
+    ]
+    assert (
+        min(coefs) < 0.5 and max(coefs) == 1.0
+    )  # some components clipped, others not: clipping is exercised
     two = _deepspeed_run(tmp_path, f"zero{stage}", [*base, f"zero.stage={stage}"], ranks=2)
     assert sorted(two) == list(range(1, 6))
     for step, loss in single.train_losses.items():
