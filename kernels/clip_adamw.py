@@ -24,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
+
 from mupfast.kernels.runtime import triton_usable
 
 try:

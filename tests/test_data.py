@@ -19,7 +19,7 @@ from mupfast.data import (
     read_corpus,
     write_shard,
 )
-from mupfast.tokenizers import BPETokenizer, ByteTokenizer
+from mupfast.tokenizer import BPETokenizer, ByteTokenizer
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Naïve café, Ærøskøbing, 東京, emoji 🦊.\n"

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-import mupfast.kernels.clip_adamw as ca
 import pytest
 import torch
+
+import mupfast.kernels.clip_adamw as ca
 from mupfast.kernels.clip_adamw import (
     clip_adamw_reference,
     clip_adamw_step,

@@ -11,10 +11,11 @@ import subprocess
 import sys
 import textwrap
 
-import mupfast.kernels.cross_entropy as ce
 import pytest
 import torch
 import torch.nn.functional as F
+
+import mupfast.kernels.cross_entropy as ce
 from mupfast.kernels.cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
