@@ -166,6 +166,8 @@ class DataConfig:
     """Vocabulary size of the trained BPE."""
     dir: str = "data"
     """Directory where prepared shards live (one subdirectory per corpus/tokenizer fingerprint)."""
+    prepared: str = ""
+    """A directory made by `mupfast prepare-data` to train on as it is (no preparation; corpus ignored); every file is checked."""
     val_fraction: float = 0.02
     """Share of the tokens held out for validation."""
     max_corpus_bytes: int = 16_000_000
@@ -396,7 +398,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len ({m.max_seq_len})")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction: must be between 0 and 1 (got {cfg.data.val_fraction})")
-    if cfg.data.corpus != "stdlib" and not Path(cfg.data.corpus).exists():
+    if cfg.data.prepared and not Path(cfg.data.prepared).is_dir():
+        raise ConfigError(f"data.prepared: directory does not exist: {cfg.data.prepared}")
+    if not cfg.data.prepared and cfg.data.corpus != "stdlib" and not Path(cfg.data.corpus).exists():
         raise ConfigError(f"data.corpus: path does not exist: {cfg.data.corpus}")
     if cfg.data.tokenizer == "byte" and m.vocab_size < 256:
         raise ConfigError(f"model.vocab_size: the byte tokenizer needs at least 256 (got {m.vocab_size})")

@@ -248,28 +248,43 @@ def _dir_name(cfg: DataConfig, key: dict) -> str:
     return f"{stem}-{tok}-{digest}"
 
 
-def _load_prepared(d: Path, reused: bool = True) -> PreparedData | None:
-    """The prepared data in d, or None when d is missing, incomplete or inconsistent."""
+def load_prepared(d: str | Path, reused: bool = True) -> PreparedData:
+    """Open a prepared directory, checking every file; a problem is a DataError naming the file."""
+    d = Path(d)
+    meta_path = d / "meta.json"
     try:
-        meta = json.loads((d / "meta.json").read_text())
-        train, val = TokenShard(d / "train.bin"), TokenShard(d / "val.bin")
-        data = PreparedData(
-            d,
-            train.path,
-            val.path,
-            meta["vocab_size"],
-            meta["tokenizer_fingerprint"],
-            meta["tokenizer"],
-            reused,
+        meta = json.loads(meta_path.read_text())
+        vocab, fingerprint, kind = meta["vocab_size"], meta["tokenizer_fingerprint"], meta["tokenizer"]
+        counts = (meta["train_tokens"], meta["val_tokens"])
+    except FileNotFoundError:
+        raise DataError(f"{meta_path}: missing (not a directory made by `mupfast prepare-data`)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{meta_path}: unreadable or incomplete ({type(e).__name__}: {e})") from None
+    train, val = TokenShard(d / "train.bin"), TokenShard(d / "val.bin")
+    data = PreparedData(d, train.path, val.path, vocab, fingerprint, kind, reused)
+    for shard, count in ((train, counts[0]), (val, counts[1])):
+        if shard.fingerprint != fingerprint:
+            raise DataError(
+                f"{shard.path}: tokenizer fingerprint {shard.fingerprint} differs from meta.json's {fingerprint}"
+            )
+        if len(shard) != count:
+            raise DataError(f"{shard.path}: {len(shard)} tokens, meta.json says {count}")
+    try:
+        tok_fp = data.tokenizer().fingerprint
+    except (OSError, ValueError) as e:
+        raise DataError(f"{d}: tokenizer unreadable ({type(e).__name__}: {e})") from None
+    if tok_fp != fingerprint:
+        raise DataError(
+            f"{d / 'tokenizer.json'}: fingerprint {tok_fp} differs from meta.json's {fingerprint}"
         )
-        fps = {train.fingerprint, val.fingerprint, data.tokenizer().fingerprint}
-        if fps != {data.tokenizer_fingerprint} or (len(train), len(val)) != (
-            meta["train_tokens"],
-            meta["val_tokens"],
-        ):
-            return None
-        return data
-    except (OSError, ValueError, KeyError, TypeError):
+    return data
+
+
+def _load_prepared(d: Path, reused: bool = True) -> PreparedData | None:
+    """The prepared data in d, or None when d is missing, incomplete or inconsistent (a cache miss)."""
+    try:
+        return load_prepared(d, reused)
+    except DataError:
         return None
 
 

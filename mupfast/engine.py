@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -87,14 +88,48 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tag
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, client_state: dict) -> str:
-    """Engine checkpoint (every rank) + this rank's RNG state; returns the tag."""
+    """Engine checkpoint (every rank) + this rank's RNG state; returns the tag.
+
+    Written aside, then switched: ``latest`` names the new tag only after every rank has finished
+    writing, and is replaced atomically, so a crash or a full disk mid-write leaves the previous
+    checkpoint as the one a resume loads.
+    """
+    import torch.distributed as dist
+
     tag = f"step{step:08d}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, **client_state})
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, ckpt_dir / tag / f"rng_rank{rank}.pt")
+    previous = latest_tag(ckpt_dir) if (ckpt_dir / "latest").is_file() else None
+    try:
+        engine.save_checkpoint(
+            str(ckpt_dir), tag=tag, client_state={"step": step, **client_state}, save_latest=False
+        )
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, ckpt_dir / tag / f"rng_rank{rank}.pt")
+        if dist.is_initialized():
+            dist.barrier()
+        if rank == 0:
+            _write_atomically(ckpt_dir / "latest", tag)
+    except (OSError, RuntimeError) as e:
+        if rank == 0:
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)  # never leave a half-written tag behind
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        kept = (
+            f"last good checkpoint {ckpt_dir / previous} is intact"
+            if previous
+            else "no earlier checkpoint exists"
+        )
+        raise CheckpointError(f"cannot write checkpoint {ckpt_dir / tag} ({reason}); {kept}") from None
     return tag
 
 

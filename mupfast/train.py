@@ -18,7 +18,7 @@ import yaml
 
 from mupfast import engine as E
 from mupfast.config import Config
-from mupfast.data import BatchSampler, TokenShard, prepare_data
+from mupfast.data import BatchSampler, TokenShard, load_prepared, prepare_data
 from mupfast.metrics import MetricsWriter
 from mupfast.model import build_model
 from mupfast.optim import build_optimizer
@@ -79,12 +79,15 @@ def train(cfg: Config) -> TrainResult:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     # Data: rank 0 prepares (cached by fingerprint), the others wait and then open the same shards.
-    if rank == 0:
-        prepared = prepare_data(cfg.data, progress=t.progress)
-    if world > 1:
-        dist.barrier()
-    if rank != 0:
-        prepared = prepare_data(cfg.data, progress=False)
+    if cfg.data.prepared:
+        prepared = load_prepared(cfg.data.prepared)
+    else:
+        if rank == 0:
+            prepared = prepare_data(cfg.data, progress=t.progress)
+        if world > 1:
+            dist.barrier()
+        if rank != 0:
+            prepared = prepare_data(cfg.data, progress=False)
     if prepared.vocab_size > cfg.model.vocab_size:
         raise TrainingError(
             f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary ({prepared.vocab_size})"

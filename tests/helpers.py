@@ -23,3 +23,41 @@ def tiny_config(*overrides: str, tmp_path=None) -> Config:
     if tmp_path is not None:
         base += [f"train.run_dir={tmp_path}/run", f"data.dir={tmp_path}/data"]
     return load_config(None, [*base, *overrides])
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for child processes: our checkout importable, DeepSpeed on its CPU accelerator."""
+    import os
+
+    # An in-process run earlier in the session leaves its rendezvous variables in os.environ; a child
+    # that inherited them would try to bind the same port.
+    rendezvous = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
+    return {**env, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+
+
+def write_config(cfg: Config, path) -> str:
+    """Write a resolved config as YAML for a child process; returns the path as a string."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    return str(path)
+
+
+def deepspeed_cmd(cfg_file: str, *launcher_args: str) -> list[str]:
+    """The deepspeed launcher running ``mupfast.train`` on a config file."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        *launcher_args,
+        "--module",
+        "mupfast.train",
+        "--config",
+        cfg_file,
+    ]

@@ -2,7 +2,6 @@
 2-rank DeepSpeed ZeRO runs match the single-process losses."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import yaml
 import mupfast.train as T
 from mupfast.engine import free_port
 from mupfast.metrics import read_metrics
-from tests.helpers import tiny_config
+from tests.helpers import deepspeed_cmd, subprocess_env, tiny_config, write_config
 
 COMMON = ["train.log_every=1", "train.eval_every=0", "optim.lr=3e-3", "schedule.warmup_steps=2"]
 
@@ -107,24 +106,15 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
 
 
 def _deepspeed_run(tmp_path: Path, name: str, overrides: list[str], ranks: int) -> dict[int, float]:
-    cfg_file = tmp_path / f"{name}.yaml"
     cfg = tiny_config(*overrides, tmp_path=tmp_path / name)
-    cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
+    cmd = deepspeed_cmd(
+        write_config(cfg, tmp_path / f"{name}.yaml"),
         "--num_gpus",
         str(ranks),
         "--master_port",
         str(free_port()),
-        "--module",
-        "mupfast.train",
-        "--config",
-        str(cfg_file),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    )
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return _losses(cfg.train.run_dir)
 
