@@ -220,6 +220,8 @@ class ZeroConfig:
     """Overlap gradient reduction with the backward."""
     reduce_bucket_size: int = 500_000_000
     """Elements per reduction bucket."""
+    ds_config: str = ""
+    """A DeepSpeed JSON merged over the config mupfast builds (e.g. launch/ds_zero2.json): ZeRO tuning, monitors, comms logging."""
 
 
 @dataclass
@@ -410,6 +412,10 @@ def validate(cfg: Config) -> None:
         )
     if cfg.zero.stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero.stage: must be 0, 1, 2 or 3 (got {cfg.zero.stage})")
+    if cfg.zero.ds_config:
+        from mupfast.engine import read_ds_overrides  # imports this module: keep the import local
+
+        read_ds_overrides(cfg.zero.ds_config)
     c, s = cfg.clip, cfg.schedule
     if c.max_norm < 0 or c.global_max_norm < 0:
         raise ConfigError("clip.max_norm: thresholds must be non-negative (0 disables)")

@@ -9,6 +9,7 @@ the step in the client state is all it needs.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import shutil
 import socket
@@ -49,6 +50,45 @@ def use_bf16(cfg: Config) -> bool:
     return cfg.train.precision == "bf16"
 
 
+#: DeepSpeed keys a ds_config file may not set: they come from our config, or belong to our optimizer.
+_OWNED_KEYS = {
+    "optimizer": "the optimizer is ours (optim.*)",
+    "scheduler": "the lr schedule is ours (schedule.*)",
+    "gradient_clipping": "clipping is per component, in our optimizer (clip.*)",
+    "train_batch_size": "set train.micro_batch_size and train.grad_accum_steps",
+    "train_micro_batch_size_per_gpu": "set train.micro_batch_size",
+    "gradient_accumulation_steps": "set train.grad_accum_steps",
+    "bf16": "set train.precision",
+    "fp16": "set train.precision (fp16 is not supported; use bf16)",
+}
+
+
+def read_ds_overrides(path: str | Path) -> dict:
+    """Read a DeepSpeed JSON to merge over ours; keys we own are errors naming where to set them."""
+    from mupfast.config import ConfigError
+
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"zero.ds_config: file not found: {path}") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"zero.ds_config: {path} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"zero.ds_config: {path} must hold a JSON object")
+    for key, why in _OWNED_KEYS.items():
+        if key in raw:
+            raise ConfigError(f"zero.ds_config: {path} sets {key!r}, which mupfast owns: {why}")
+    return {k: v for k, v in raw.items() if not k.startswith("_")}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def ds_config(cfg: Config, world_size: int) -> dict:
     """The DeepSpeed config of a run (no optimizer or scheduler sections: those are ours)."""
     t, z = cfg.train, cfg.zero
@@ -60,7 +100,7 @@ def ds_config(cfg: Config, world_size: int) -> dict:
     if z.stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     bf16 = use_bf16(cfg)
-    return {
+    built = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
         "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
@@ -72,6 +112,10 @@ def ds_config(cfg: Config, world_size: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if z.ds_config:
+        built = _merge(built, read_ds_overrides(z.ds_config))
+        built["zero_optimization"]["stage"] = z.stage  # zero.stage is the one switch for the stage
+    return built
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:

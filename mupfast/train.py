@@ -139,6 +139,7 @@ def train(cfg: Config) -> TrainResult:
     for step in range(start, t.steps):
         step_t0 = time.perf_counter()
         # Forward/backward over the micro-batches; DeepSpeed steps the optimizer at the boundary.
+        step_lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the lrs this update uses
         losses = []
         for micro in range(t.grad_accum_steps):
             x, y = train_sampler.batch(step, micro * world + rank)
@@ -178,8 +179,7 @@ def train(cfg: Config) -> TrainResult:
         if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
             tok_s = tokens_per_step * window_steps / max(window_s, 1e-9)
             values = {"loss": _mean_over_ranks(step_loss.item()), "tokens_per_s": tok_s}
-            for g in optimizer.param_groups:
-                values[f"lr/{g['name']}"] = g["lr"]
+            values.update({f"lr/{k}": v for k, v in step_lrs.items()})
             values.update({f"grad_norm/{k}": v for k, v in client_opt.last_grad_norms.items()})
             values.update({f"clip_coef/{k}": v for k, v in client_opt.last_clip_coefs.items()})
             values.update(engine.module.stability_stats())
