@@ -177,8 +177,28 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, client_state: 
     return tag
 
 
+def load_weights_only(engine) -> None:
+    """Make DeepSpeed read checkpoints with ``torch.load(weights_only=True)``.
+
+    Its files hold tensors and containers plus three plain DeepSpeed types, allow-listed here;
+    anything else in a checkpoint (a pickled callable, say) is refused instead of executed.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, ZeroStageEnum, fragment_address]
+
+    def load(path, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.checkpoint_engine.load = load
+
+
 def load_checkpoint(engine, ckpt_dir: Path, tag: str, rank: int) -> dict:
     """Load a checkpoint into the engine and restore this rank's RNG; return the client state."""
+    load_weights_only(engine)
     try:
         path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     except Exception as e:  # noqa: BLE001 - DeepSpeed raises many kinds here; the user needs one line

@@ -244,3 +244,26 @@ def test_two_nodes_on_one_machine_match_the_single_process_losses(tmp_path):
     for step, loss in single.train_losses.items():
         assert two[step] == pytest.approx(loss, rel=2e-5), step
     assert json.loads((Path(cfg.train.run_dir) / "summary.json").read_text())["steps"] == 4
+
+
+class _Payload:
+    """Unpickling this would create a file: what a malicious checkpoint could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_with_code_in_it_is_refused_not_executed(tmp_path):
+    import torch
+
+    cfg = tiny_config(*FAST, "train.steps=3", tmp_path=tmp_path)
+    T.train(cfg)
+    (state,) = (Path(cfg.train.run_dir) / "checkpoints" / "step00000003").glob("*model_states.pt")
+    marker = tmp_path / "executed"
+    torch.save({"module": _Payload(marker)}, state)
+    with pytest.raises(CheckpointError, match="step00000003"):
+        T.train(tiny_config(*FAST, "train.steps=5", tmp_path=tmp_path))
+    assert not marker.exists()
