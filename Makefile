@@ -27,10 +27,13 @@ test: $(STAMP)  ## the whole test suite (CPU; Triton kernels run under the inter
 test-fast: $(STAMP)  ## everything but the multi-rank and slow tests
 	$(PY) -m pytest -q -m "not slow and not distributed"
 
-bench: $(STAMP)  ## kernel benchmarks (GPU where present), results under benchmarks/results/
+bench: $(STAMP)  ## benchmarks (GPU where present), results under benchmarks/results/
+	$(PY) -m pytest benchmarks/suite -q -p no:cacheprovider \
+		--benchmark-json=benchmarks/results/$$(date +%F)-suite-pytest-benchmark.json
 	$(PY) -m benchmarks.bench_attention
 	$(PY) -m benchmarks.bench_cross_entropy
 	$(PY) -m benchmarks.bench_clip_adamw
+	$(PY) -m benchmarks.bench_e2e
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mupfast kernels tests benchmarks

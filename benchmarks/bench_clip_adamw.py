@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.ceiling import copy_bandwidth_gbs
 from benchmarks.common import device_name, measure, peak_memory_mb, write_results
 
 COMPONENTS = ["emb", "q", "k", "v", "o", "ffn_gate", "ffn_up", "ffn_down", "norm_attn", "norm_ffn"]
@@ -142,14 +143,6 @@ METHODS = {
     "DeepSpeed FusedAdam + clip_grad_norm_": torch_clip_then(deepspeed_fused_adam),
     "apex FusedAdam + clip_grad_norm_": torch_clip_then(apex_fused_adam),
 }
-
-
-def copy_bandwidth_gbs(device: torch.device, numel: int, warmup: int, reps: int) -> float:
-    """Device-to-device copy bandwidth (bytes read + written per second), the achievable ceiling."""
-    src = torch.randn(numel, device=device)
-    dst = torch.empty_like(src)
-    t = measure(lambda: dst.copy_(src), warmup=warmup, reps=reps)
-    return 2 * src.numel() * src.element_size() / (t["median_ms"] * 1e-3) / 1e9
 
 
 def check_agreement(device: torch.device) -> float:
