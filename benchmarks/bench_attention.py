@@ -11,15 +11,16 @@ FLOPs: forward = 4·B·H·T²·D (halved when causal), forward+backward = 3.5 ×
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from mupfast.kernels.attention import mup_attention
 
 from benchmarks.common import RESULTS_DIR, measure, peak_memory_mb, write_results
+from mupfast.kernels.attention import mup_attention
 
 Attn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
 
@@ -79,61 +80,60 @@ def _step(fn: Attn, q, k, v, do, scale: float, causal: bool, mode: str) -> Calla
     return lambda: torch.autograd.grad(fn(q, k, v, scale, causal), (q, k, v), do)
 
 
+def _inputs(batch: int, heads: int, seqlen: int, d_head: int, dtype: torch.dtype, device: str):
+    g = torch.Generator(device=device).manual_seed(seqlen * 1000 + d_head)
+    shape = (batch, heads, seqlen, d_head)
+    q, k, v, do = (torch.randn(shape, device=device, dtype=dtype, generator=g) for _ in range(4))
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), do
+
+
+def _time(
+    fn: Attn, q, k, v, do, scale: float, causal: bool, mode: str, args, reference: torch.Tensor
+) -> dict:
+    """Timing of one provider, and how far its output is from ours (a wrong peer call shows up here)."""
+    with torch.no_grad():
+        out = fn(q, k, v, scale, causal).float()
+    step = _step(fn, q, k, v, do, scale, causal, mode)
+    t = measure(step, warmup=args.warmup, reps=args.reps)
+    row = {"rel_diff_vs_ours": ((out - reference).norm() / reference.norm()).item()}
+    row |= {key: t[key] for key in ("median_ms", "min_ms", "max_ms")}
+    if (mem := peak_memory_mb(step)) is not None:
+        row["peak_mem_mb"] = mem
+    return row
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     device = "cpu" if args.smoke else "cuda"
-    dtype = getattr(torch, args.dtype)
-    peers = providers(args.smoke)
-    rows = []
-    for d_head in args.d_heads:
-        heads = args.hidden // d_head
-        for seqlen in args.seqlens:
-            batch = max(1, args.tokens // seqlen)
-            g = torch.Generator(device=device).manual_seed(seqlen * 1000 + d_head)
-            q, k, v, do = (
-                torch.randn(batch, heads, seqlen, d_head, device=device, dtype=dtype, generator=g)
-                for _ in range(4)
-            )
-            q, k, v = (t.requires_grad_() for t in (q, k, v))
-            scale = args.alpha / d_head
-            for causal in args.causal:
-                with torch.no_grad():
-                    ours_out = peers["mupfast"](q, k, v, scale, causal).float()
-                for mode in args.modes:
-                    base = {
-                        "mode": mode,
-                        "causal": causal,
-                        "d_head": d_head,
-                        "seqlen": seqlen,
-                        "batch": batch,
-                    }
-                    base |= {"heads": heads, "dtype": args.dtype}
-                    ours_ms = None
-                    for name, fn in peers.items():
-                        rows.append(row := {**base, "provider": name})
-                        try:
-                            with torch.no_grad():
-                                out = fn(q, k, v, scale, causal).float()
-                            row["rel_diff_vs_ours"] = ((out - ours_out).norm() / ours_out.norm()).item()
-                            step = _step(fn, q, k, v, do, scale, causal, mode)
-                            t = measure(step, warmup=args.warmup, reps=args.reps)
-                        except (RuntimeError, ValueError) as e:  # a backend that refuses this shape
-                            row |= {"status": f"skipped: {str(e).splitlines()[0][:80]}"}
-                            continue
-                        if name == "mupfast":
-                            ours_ms = t["median_ms"]
-                        row |= {k_: t[k_] for k_ in ("median_ms", "min_ms", "max_ms")}
-                        row["tflops"] = (
-                            flops(batch, heads, seqlen, d_head, causal, mode) / t["median_ms"] / 1e9
-                        )
-                        row["ours_speedup"] = t["median_ms"] / ours_ms if ours_ms else None
-                        if (mem := peak_memory_mb(step)) is not None:
-                            row["peak_mem_mb"] = mem
-                        row["status"] = "ok"
-                        print(
-                            f"{mode:8s} causal={causal!s:5s} d={d_head:3d} T={seqlen:5d} {name:11s} "
-                            f"{row['tflops']:8.2f} TFLOP/s  {t['median_ms']:9.3f} ms  ours x{row['ours_speedup'] or 0:.2f}",
-                            flush=True,
-                        )
+    peers, rows = providers(args.smoke), []
+    for d_head, seqlen, causal in itertools.product(args.d_heads, args.seqlens, args.causal):
+        heads, batch = args.hidden // d_head, max(1, args.tokens // seqlen)
+        q, k, v, do = _inputs(batch, heads, seqlen, d_head, getattr(torch, args.dtype), device)
+        scale = args.alpha / d_head
+        with torch.no_grad():
+            ours_out = peers["mupfast"](q, k, v, scale, causal).float()
+        for mode in args.modes:
+            ours_ms = None
+            for name, fn in peers.items():
+                row = {"mode": mode, "causal": causal, "d_head": d_head, "seqlen": seqlen, "batch": batch}
+                row |= {"heads": heads, "dtype": args.dtype, "provider": name}
+                rows.append(row)
+                try:
+                    row |= _time(fn, q, k, v, do, scale, causal, mode, args, ours_out)
+                except (RuntimeError, ValueError) as e:  # a backend that refuses this shape, or OOM
+                    row["status"] = f"skipped: {str(e).splitlines()[0][:80]}"
+                    print(
+                        f"{mode:8s} causal={causal!s:5s} d={d_head:3d} T={seqlen:5d} {name:11s} {row['status']}"
+                    )
+                    continue
+                ours_ms = row["median_ms"] if name == "mupfast" else ours_ms
+                row["tflops"] = flops(batch, heads, seqlen, d_head, causal, mode) / row["median_ms"] / 1e9
+                row["ours_speedup"] = row["median_ms"] / ours_ms if ours_ms else None
+                row["status"] = "ok"
+                print(
+                    f"{mode:8s} causal={causal!s:5s} d={d_head:3d} T={seqlen:5d} {name:11s} "
+                    f"{row['tflops']:8.2f} TFLOP/s {row['median_ms']:9.3f} ms  ours x{row['ours_speedup'] or 0:.2f}",
+                    flush=True,
+                )
     return rows
 
 

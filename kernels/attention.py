@@ -10,58 +10,68 @@ and fp32 inputs with fp32 accumulation.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
+
 from mupfast.kernels.runtime import autotune_configs, triton_usable
 
 __all__ = ["mup_attention", "attention_reference"]
 
 _LN2 = math.log(2.0)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# fp32 inputs get IEEE fp32 dots (TF32 would err by ~1e-3): exact but on FMA units, so an fp32 call is for
+# checks and coordinate checks, not speed. 3-pass TF32 was tried: it needs up to twice the shared memory
+# and no config fit at D = 256. 16-bit inputs ignore this setting.
+_FP32_DOT = "ieee"
 
 
 # ---------------------------------------------------------------- autotuning ----------------------------
-def _configs(a: str, b: str, pairs, warps=(4, 8), stages=(2, 3, 4)) -> list[triton.Config]:
+def _configs(a: str, b: str, pairs, stages) -> list[triton.Config]:
     # The first entry is what the interpreter runs: small enough to exercise several blocks at T ≤ 160.
-    return autotune_configs(
-        [
-            triton.Config({a: x, b: y}, num_warps=w, num_stages=s)
-            for x, y in pairs
-            for w in warps
-            for s in stages
-        ]
-    )
+    configs = [
+        triton.Config({a: x, b: y}, num_warps=w, num_stages=s)
+        for x, y in pairs
+        for w in (4, 8)
+        for s in stages
+    ]
+    return autotune_configs(configs)
 
 
-def _pruner(outer: str, inner: str, few_warps: bool = False):
-    """Keep configs whose outer block is a multiple of the inner one (the causal split needs it), that fit
-    the sequence, that don't blow registers at D = 256, and (forward) with 8 warps only for 128×128 tiles."""
+def _pruner(outer: str, inner: str, resident: int, tiles: int) -> dict:
+    """Drop configs that cannot run or would spill: the outer block must be a multiple of the inner one (the
+    causal split relies on it) and not exceed T; shared memory (``resident`` outer×D tiles plus num_stages
+    pairs of streamed inner×D tiles) within 200 KiB; and fp32 words per thread for ``tiles`` outer×D
+    accumulators plus the outer×inner score tile at most 128 — past that, compiling every config for sm_90
+    showed register spills."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        t = triton.next_power_of_2(args["T"])
-        big_d = args["BLOCK_D"] >= 256
-        keep = [
-            c
-            for c in configs
-            if c.kwargs[outer] % c.kwargs[inner] == 0
-            and c.kwargs[outer] <= max(64, t)
-            and not (big_d and (c.kwargs[outer] * c.kwargs[inner] > 64 * 64 or c.num_stages > 2))
-            and not (
-                few_warps and c.num_warps == 8 and c.kwargs[outer] * c.kwargs[inner] < 128 * 128 and not big_d
-            )
-        ]
-        return keep or configs[:1]
+        bd, elem, t = args["BLOCK_D"], args["Q"].element_size(), triton.next_power_of_2(args["T"])
 
-    return prune
+        def fits(c):
+            o, i = c.kwargs[outer], c.kwargs[inner]
+            smem = elem * bd * (resident * o + 2 * c.num_stages * i)
+            words = (tiles * o * bd + o * i) / (32 * c.num_warps)
+            return o % i == 0 and o <= max(64, t) and smem <= 200 * 1024 and words <= 128
+
+        return [c for c in configs if fits(c)] or configs[:1]
+
+    return {"early_config_prune": prune}
 
 
-_FWD_CONFIGS = _configs("BLOCK_M", "BLOCK_N", [(64, 32), (64, 64), (128, 32), (128, 64), (128, 128)])
-_DKDV_CONFIGS = _configs("BLOCK_N1", "BLOCK_M1", [(64, 32), (64, 16), (64, 64), (128, 32), (128, 64)])
-_DQ_CONFIGS = _configs("BLOCK_M2", "BLOCK_N2", [(64, 32), (64, 16), (64, 64), (128, 32), (128, 64)])
+# Resident tiles / accumulator tiles: forward Q / O; dK/dV K, V / dK, dV and K+V in registers; dQ Q, dO / dQ.
+_FWD_CONFIGS = _configs("BLOCK_M", "BLOCK_N", [(64, 32), (64, 64), (128, 64), (128, 128)], stages=(2, 3, 4))
+_FWD_PRUNE = _pruner("BLOCK_M", "BLOCK_N", resident=1, tiles=1)
+_DKDV_PAIRS = [(64, 32), (32, 16), (32, 32), (64, 16), (64, 64), (128, 32), (128, 64)]
+_DKDV_CONFIGS = _configs("BLOCK_N1", "BLOCK_M1", _DKDV_PAIRS, stages=(2, 3))
+_DKDV_PRUNE = _pruner("BLOCK_N1", "BLOCK_M1", resident=2, tiles=3)
+_DQ_PAIRS = [(64, 32), (64, 16), (64, 64), (128, 32), (128, 64)]
+_DQ_CONFIGS = _configs("BLOCK_M2", "BLOCK_N2", _DQ_PAIRS, stages=(2, 3))
+_DQ_PRUNE = _pruner("BLOCK_M2", "BLOCK_N2", resident=2, tiles=1)
 _KEY = ["T", "HEAD_D", "CAUSAL"]
 
 
@@ -100,17 +110,15 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, offs_m, offs_n0, off
     return acc, l_i, m_i
 
 
-@triton.autotune(
-    configs=_FWD_CONFIGS,
-    key=_KEY,
-    prune_configs_by={"early_config_prune": _pruner("BLOCK_M", "BLOCK_N", few_warps=True)},
-)
+@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by=_FWD_PRUNE)
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, scale, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, H, GROUP, T,
               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     start_m, bh = tl.program_id(0), tl.program_id(1)
+    if CAUSAL:  # the longest rows (last query blocks) first: a shorter tail of stragglers
+        start_m = tl.num_programs(0) - 1 - start_m
     b, h = bh // H, bh % H
     q_off = b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
     kv_off = b.to(tl.int64) * s_kb + (h // GROUP).to(tl.int64) * s_kh
@@ -183,9 +191,7 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, of
     return dk, dv
 
 
-@triton.autotune(
-    configs=_DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_N1", "BLOCK_M1")}
-)
+@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY, prune_configs_by=_DKDV_PRUNE)
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, scale, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, H, GROUP, T,
                    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
@@ -252,15 +258,15 @@ def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, offs_m, offs_n0,
     return dq
 
 
-@triton.autotune(
-    configs=_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner("BLOCK_M2", "BLOCK_N2")}
-)
+@triton.autotune(configs=_DQ_CONFIGS, key=_KEY, prune_configs_by=_DQ_PRUNE)
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, scale, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, H, GROUP, T,
                  HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr):  # fmt: skip
     tl.static_assert(BLOCK_M2 % BLOCK_N2 == 0)
     start_m, bh = tl.program_id(0), tl.program_id(1)
+    if CAUSAL:  # the longest rows (last query blocks) first: a shorter tail of stragglers
+        start_m = tl.num_programs(0) - 1 - start_m
     b, h = bh // H, bh % H
     q_off = b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
     kv_off = b.to(tl.int64) * s_kb + (h // GROUP).to(tl.int64) * s_kh
@@ -309,7 +315,7 @@ def _meta(q: torch.Tensor, k: torch.Tensor, causal: bool) -> dict:
     return {
         "H": q.shape[1], "GROUP": q.shape[1] // k.shape[1], "T": q.shape[2], "HEAD_D": d,
         "BLOCK_D": max(16, triton.next_power_of_2(d)), "CAUSAL": causal,
-        "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs stay fp32 (no TF32)
+        "PRECISION": _FP32_DOT,  # how fp32 dots run; 16-bit inputs ignore it
     }  # fmt: skip
 
 
@@ -339,10 +345,16 @@ def _backward(do, q, k, v, o, lse2, scale: float, causal: bool):
     return dq, dk, dv
 
 
+def _on(device: torch.device):
+    """Launch on the tensors' GPU even when another one is current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 class _MupAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale: float, causal: bool, return_lse: bool):
-        o, lse2 = _forward(q, k, v, scale, causal)
+        with _on(q.device):
+            o, lse2 = _forward(q, k, v, scale, causal)
         ctx.save_for_backward(q, k, v, o, lse2)
         ctx.scale, ctx.causal = scale, causal
         if not return_lse:
@@ -354,7 +366,8 @@ class _MupAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, *_unused):
         q, k, v, o, lse2 = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse2, ctx.scale, ctx.causal)
+        with _on(q.device):
+            dq, dk, dv = _backward(do, q, k, v, o, lse2, ctx.scale, ctx.causal)
         return dq, dk, dv, None, None, None
 
 
