@@ -19,7 +19,7 @@ import yaml
 from mupfast import engine as E
 from mupfast.config import Config
 from mupfast.data import BatchSampler, TokenShard, load_prepared, prepare_data
-from mupfast.metrics import MetricsWriter
+from mupfast.metrics import MetricsWriter, read_metrics
 from mupfast.model import build_model
 from mupfast.optim import build_optimizer
 from mupfast.schedules import GroupLR, build_schedule
@@ -120,8 +120,14 @@ def train(cfg: Config) -> TrainResult:
         start = int(E.load_checkpoint(engine, ckpt_dir, tag, rank)["step"])
         scheduler.load_state_dict({"last_step": start})  # lrs recomputed from lr_mult, never the saved ones
 
-    metrics = MetricsWriter(run_dir, enabled=rank == 0)
     result = TrainResult(run_dir=run_dir, steps=start)
+    if start >= t.steps:  # nothing left to do: report what the finished run measured
+        result.train_losses = {r["step"]: r["loss"] for r in read_metrics(run_dir, "train")}
+        result.val_losses = {r["step"]: r["val_loss"] for r in read_metrics(run_dir, "eval")}
+        if rank == 0:
+            print(f"run already complete at step {start} (raise train.steps to train on)", file=sys.stderr)
+        return result
+    metrics = MetricsWriter(run_dir, enabled=rank == 0)
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * t.seq_len * world
     bar = None
     if rank == 0 and t.progress:
@@ -162,15 +168,16 @@ def train(cfg: Config) -> TrainResult:
         if not finite:
             nonfinite_in_row += 1
             result.skipped_steps += 1
-            metrics.log(step, {"nonfinite_loss": 1.0, "skipped_steps": result.skipped_steps}, kind="event")
+            metrics.log(
+                step + 1, {"nonfinite_loss": 1.0, "skipped_steps": result.skipped_steps}, kind="event"
+            )
             if nonfinite_in_row >= t.max_nonfinite_in_row:
+                good_tag = E.latest_tag(ckpt_dir)
                 good = (
-                    f"last good checkpoint: {ckpt_dir / E.latest_tag(ckpt_dir)}"
-                    if E.latest_tag(ckpt_dir)
-                    else "no checkpoint was saved"
+                    f"last good checkpoint: {ckpt_dir / good_tag}" if good_tag else "no checkpoint was saved"
                 )
                 raise TrainingError(
-                    f"stopping: {nonfinite_in_row} non-finite losses in a row at step {step} "
+                    f"stopping: {nonfinite_in_row} non-finite losses in a row at step {step + 1} "
                     f"(updates skipped; {good}); lower optim.lr or check the data"
                 )
             continue

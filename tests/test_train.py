@@ -97,11 +97,11 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(T, "build_model", poisoned)
     with pytest.raises(
-        T.TrainingError, match=r"3 non-finite losses in a row at step 7.*last good checkpoint"
+        T.TrainingError, match=r"3 non-finite losses in a row at step 8.*last good checkpoint"
     ):
         T.train(cfg)
     events = read_metrics(cfg.train.run_dir, "event")
-    assert [e["step"] for e in events] == [2, 5, 6, 7]  # step 2 was skipped, then the run went on
+    assert [e["step"] for e in events] == [3, 6, 7, 8]  # step 3 was skipped, then the run went on
     assert (Path(cfg.train.run_dir) / "checkpoints" / "latest").read_text().strip() == "step00000004"
 
 
