@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import RESULTS_DIR, measure, peak_memory_mb, write_results
+from benchmarks.common import bench_parser, measure, peak_memory_mb, write_results
 from mupfast.kernels.attention import mup_attention
 
 Attn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
@@ -138,9 +138,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny fp32 shapes (CI)")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the .md/.json results")
+    p = bench_parser(__doc__, warmup=None, reps=None, smoke="CPU + Triton interpreter, tiny fp32 shapes (CI)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     p.add_argument("--d-heads", type=int, nargs="+", default=None)
     p.add_argument("--seqlens", type=int, nargs="+", default=None)
@@ -151,8 +149,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     p.add_argument("--alpha", type=float, default=1.0, help="scale = alpha / d_head")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--reps", type=int, default=None)
     args = p.parse_args(argv)
     full = dict(dtype="bfloat16", d_heads=[64, 128], seqlens=[1024, 2048, 4096, 8192, 16384], tokens=16384)
     smoke = dict(dtype="float32", d_heads=[32], seqlens=[40, 72], tokens=80)

@@ -10,15 +10,13 @@ timed in the same run.
 
 from __future__ import annotations
 
-import argparse
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from benchmarks.ceiling import copy_bandwidth_gbs
-from benchmarks.common import device_name, measure, peak_memory_mb, write_results
+from benchmarks.common import bench_device, bench_parser, device_name, measure, peak_memory_mb, write_results
 
 COMPONENTS = ["emb", "q", "k", "v", "o", "ffn_gate", "ffn_up", "ffn_down", "norm_attn", "norm_ffn"]
 LR_MULT = {"emb": 1.0, "norm_attn": 1.0, "norm_ffn": 1.0}  # hidden matrices get 1/m (μP-like)
@@ -158,19 +156,13 @@ def check_agreement(device: torch.device) -> float:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__doc__, warmup=5, reps=20, smoke="tiny shapes, CPU interpreter, few reps")
     ap.add_argument("--models", default="125M,1.3B", help="comma-separated: " + ", ".join(MODELS))
     ap.add_argument(
         "--methods", default="", help="comma-separated substrings selecting methods (default all)"
     )
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU interpreter, few reps")
-    ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = bench_device()
     models = ["smoke"] if args.smoke else args.models.split(",")
     warmup, reps = (1, 3) if args.smoke else (args.warmup, args.reps)
     copy_numel = 1 << (16 if args.smoke else 28)  # 1 GiB of fp32 on GPU

@@ -13,15 +13,13 @@ peak memory, and the relative difference of its loss and grads from ours.
 
 from __future__ import annotations
 
-import argparse
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import device_name, measure, peak_memory_mb, write_results
+from benchmarks.common import bench_device, bench_parser, device_name, measure, peak_memory_mb, write_results
 
 OURS = "mupfast fused (Triton)"
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -106,7 +104,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__doc__, warmup=3, reps=10, smoke="tiny fp32 shapes, CPU interpreter, ours + eager")
     ap.add_argument("--shapes", default="16384x2048x32768,16384x2048x131072,16384x4096x32768,16384x4096x131072",
                     help="comma-separated NxdxV")  # fmt: skip
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
@@ -116,14 +114,8 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument(
         "--methods", default="", help="comma-separated substrings selecting methods (default all)"
     )
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--smoke", action="store_true", help="tiny fp32 shapes, CPU interpreter, ours + eager")
-    ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = bench_device()
     if args.smoke:
         shapes, dtype, (warmup, reps) = [(256, 64, 1000), (130, 32, 2048)], torch.float32, (1, 3)
     else:

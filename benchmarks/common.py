@@ -7,8 +7,10 @@ the exact command and the median and spread of each measurement.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
+import os
 import platform
 import re
 import shlex
@@ -21,6 +23,28 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def bench_parser(
+    doc: str | None, *, warmup: int | None, reps: int | None, smoke: str
+) -> argparse.ArgumentParser:
+    """An argument parser with the options every kernel benchmark shares."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--warmup", type=int, default=warmup)
+    ap.add_argument("--reps", type=int, default=reps)
+    ap.add_argument("--smoke", action="store_true", help=smoke)
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    return ap
+
+
+def bench_device() -> torch.device:
+    """CUDA when present; otherwise the CPU with Triton kernels under the interpreter.
+
+    Call before any kernel module is imported: the interpreter flag is read at @triton.jit time.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def device_name(device: torch.device | str | None = None) -> str:

@@ -61,3 +61,18 @@ def deepspeed_cmd(cfg_file: str, *launcher_args: str) -> list[str]:
         "--config",
         cfg_file,
     ]
+
+
+def run_bench_smoke(module: str, name: str, out_dir) -> dict:
+    """Run ``python -m benchmarks.<module> --smoke --out DIR`` on CPU; return its JSON (meta + rows)."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**subprocess_env(), "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", f"benchmarks.{module}", "--smoke", "--out", str(out_dir)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (json_path,) = out_dir.glob(f"*-{name}.json")
+    assert json_path.with_suffix(".md").is_file()
+    return json.loads(json_path.read_text())

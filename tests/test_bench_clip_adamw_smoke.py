@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import run_bench_smoke
 
 
 def test_bench_clip_adamw_smoke_writes_results(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if not os.path.exists("/dev/nvidiactl"):
-        env["TRITON_INTERPRET"] = "1"
-    cmd = [sys.executable, "-m", "benchmarks.bench_clip_adamw", "--smoke", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (json_path,) = tmp_path.glob("*-clip_adamw.json")
-    assert json_path.with_suffix(".md").exists()
-    result = json.loads(json_path.read_text())
+    result = run_bench_smoke("bench_clip_adamw", "clip_adamw", tmp_path)
     rows = {r["method"]: r for r in result["rows"]}
     assert len(rows) == 5
     for name in ("mupfast", "torch AdamW(fused=True)", "torch AdamW(foreach=True)"):

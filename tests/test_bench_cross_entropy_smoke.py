@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import run_bench_smoke
 
 
 def test_bench_cross_entropy_smoke_writes_results(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if not os.path.exists("/dev/nvidiactl"):
-        env["TRITON_INTERPRET"] = "1"
-    cmd = [sys.executable, "-m", "benchmarks.bench_cross_entropy", "--smoke", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (json_path,) = tmp_path.glob("*-cross_entropy.json")
-    assert json_path.with_suffix(".md").exists()
-    result = json.loads(json_path.read_text())
+    result = run_bench_smoke("bench_cross_entropy", "cross_entropy", tmp_path)
     assert result["meta"]["device"] and "SMOKE RUN" in result["meta"]["notes"]
     rows = result["rows"]
     assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
