@@ -160,6 +160,25 @@ def test_bad_files_give_one_line_errors_naming_them_and_exit_2(tmp_path):
         assert "Traceback" not in proc.stderr
 
 
+def _two_nodes(cfg_file: str, tmp_path: Path, **popen) -> list[subprocess.Popen]:
+    """Two 'nodes' on this machine: one `deepspeed --no_ssh --node_rank r` launcher each."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")
+    args = [
+        "--hostfile",
+        str(hostfile),
+        "--no_ssh",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+    ]
+    return [
+        subprocess.Popen(deepspeed_cmd(cfg_file, *args, "--node_rank", str(r)), env=subprocess_env(), **popen)
+        for r in (0, 1)
+    ]
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_a_dying_node_makes_the_other_exit_within_the_timeout(tmp_path):
@@ -167,31 +186,13 @@ def test_a_dying_node_makes_the_other_exit_within_the_timeout(tmp_path):
     cfg = tiny_config(
         *FAST, "train.steps=100000", "train.dist_timeout_s=20", "train.save_every=0", tmp_path=tmp_path
     )
-    cfg_file = write_config(cfg, tmp_path / "c.yaml")
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")
-    port = str(free_port())
-    procs = [
-        subprocess.Popen(
-            deepspeed_cmd(
-                cfg_file,
-                "--hostfile",
-                str(hostfile),
-                "--no_ssh",
-                "--node_rank",
-                str(r),
-                "--master_addr",
-                "127.0.0.1",
-                "--master_port",
-                port,
-            ),
-            env=subprocess_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        for r in (0, 1)
-    ]
+    procs = _two_nodes(
+        write_config(cfg, tmp_path / "c.yaml"),
+        tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         metrics = Path(cfg.train.run_dir) / "metrics.jsonl"
         _wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, procs[0])
@@ -212,31 +213,13 @@ def test_two_nodes_on_one_machine_match_the_single_process_losses(tmp_path):
     base = [*FAST, "train.steps=4", "train.micro_batch_size=2", "zero.stage=1"]
     single = T.train(tiny_config(*base, "train.grad_accum_steps=2", tmp_path=tmp_path / "single"))
     cfg = tiny_config(*base, tmp_path=tmp_path / "two")
-    cfg_file = write_config(cfg, tmp_path / "c.yaml")
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")
-    port = str(free_port())
-    procs = [
-        subprocess.Popen(
-            deepspeed_cmd(
-                cfg_file,
-                "--hostfile",
-                str(hostfile),
-                "--no_ssh",
-                "--node_rank",
-                str(r),
-                "--master_addr",
-                "127.0.0.1",
-                "--master_port",
-                port,
-            ),
-            env=subprocess_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in (0, 1)
-    ]
+    procs = _two_nodes(
+        write_config(cfg, tmp_path / "c.yaml"),
+        tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
     two = _losses(cfg.train.run_dir)
