@@ -31,7 +31,37 @@ def _parser() -> argparse.ArgumentParser:
     e = verb("explain", "print the parametrization table: init, lr and wd multipliers, forward multipliers")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     verb("prepare-data", "tokenize the corpus into token shards (cached; training does this itself)")
+    w = verb("sweep", "proxy hyperparameter sweep (Optuna; each trial a training run); --report to rank it")
+    _study_args(w)
+    w.add_argument("--trials", type=int, default=20, help="the study's trial budget (default %(default)s)")
+    w.add_argument("--sampler", default="random", help="random or tpe (default %(default)s)")
+    w.add_argument("--space", help="YAML space file (default: the built-in ranges, configs/sweep-space.yaml)")
+    w.add_argument("--pruner", default="median", help="median, hyperband or none (default %(default)s)")
+    w.add_argument("--seed", type=int, default=None, help="sampler seed (default: the study's)")
+    w.add_argument("--sweep-dir", help="trial run directories (default runs/sweeps/<study>)")
+    w.add_argument("--launcher", default="auto", help="python, deepspeed, or auto (deepspeed with CUDA)")
+    w.add_argument("--gpus", help="deepspeed: GPUs of this worker, e.g. 0,1 (default: all)")
+    w.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each trial")
+    w.add_argument("--trial-timeout", type=float, default=None, help="seconds before a trial is failed")
+    w.add_argument("--keep-checkpoints", action="store_true", help="keep each trial's checkpoints")
+    w.add_argument("--report", action="store_true", help="report the study: stability, top k, plot")
+    w.add_argument("--plot", help="report plot path (default runs/sweeps/<study>-report.png)")
+    x = verb("transfer", "write target configs from a sweep's best stable trials (μTransfer)")
+    _study_args(x)
+    x.add_argument("--target", help="the target model's YAML config (or --config)")
+    x.add_argument("--out", help="directory of the written configs (default runs/transfer/<study>)")
     return p
+
+
+def _study_args(v: argparse.ArgumentParser) -> None:
+    v.add_argument("--study", help="study name (default: the --config file's stem)")
+    v.add_argument(
+        "--storage", help="sqlite:///path.db or postgresql://… (default sqlite:///runs/sweeps/<study>.db)"
+    )
+    v.add_argument("--top-k", type=int, default=None, help="trials to select (report: 10, transfer: 1)")
+    v.add_argument("--spike-factor", type=float, default=1.2, help="loss spike: above this × running median")
+    v.add_argument("--max-grad-ratio", type=float, default=10.0, help="unstable above this grad-norm ratio")
+    v.add_argument("--max-logit", type=float, default=None, help="unstable above this max |logit|")
 
 
 def _split_overrides(args: argparse.Namespace, extra: list[str]) -> list[str]:
@@ -79,7 +109,75 @@ def run(argv: list[str]) -> int:
                 f"{result.tokens_per_s:,.0f} tokens/s)"
             )
         return 0
+    if args.verb in ("sweep", "transfer"):
+        return _sweep_or_transfer(args, cfg, _split_overrides(args, extra))
     raise AssertionError(args.verb)
+
+
+def _sweep_or_transfer(args: argparse.Namespace, cfg, overrides: list[str]) -> int:
+    from pathlib import Path
+
+    from mupfast import stability as S
+    from mupfast import sweep as W
+
+    study = args.study or (Path(args.config).stem if args.config and args.verb == "sweep" else None)
+    if not study:
+        raise ConfigError(f"{args.verb}: --study NAME is required")
+    storage = args.storage or W.default_storage(study)
+    th = S.Thresholds(
+        spike_factor=args.spike_factor, max_grad_ratio=args.max_grad_ratio, max_abs_logit=args.max_logit
+    )
+    if args.verb == "transfer":
+        from mupfast import transfer_config as T
+
+        target = args.target or args.config
+        if not target:
+            raise ConfigError("transfer: --target FILE (the target model's config) is required")
+        st = W.load_study(storage, study)
+        out = args.out or f"runs/transfer/{study}"
+        written = T.write_target_configs(
+            st,
+            top_k=1 if args.top_k is None else args.top_k,
+            target=target,
+            out=out,
+            overrides=overrides,
+            th=th,
+        )
+        print(T.summary(st, written))
+        return 0
+    if args.report:
+        st = W.load_study(storage, study)
+        print(
+            S.report(
+                st,
+                top_k=10 if args.top_k is None else args.top_k,
+                th=th,
+                plot_path=args.plot or f"runs/sweeps/{study}-report.png",
+            )
+        )
+        return 0
+    if not args.config:
+        raise ConfigError("sweep: --config FILE (the proxy model's config) is required")
+    st = W.sweep(
+        cfg,
+        study_name=study,
+        storage=storage,
+        n_trials=args.trials,
+        space=W.load_space(args.space),
+        sampler=args.sampler,
+        seed=args.seed,
+        pruner=args.pruner,
+        sweep_dir=args.sweep_dir,
+        launcher=args.launcher,
+        gpus=args.gpus,
+        threads=args.threads,
+        trial_timeout_s=args.trial_timeout,
+        keep_checkpoints=args.keep_checkpoints,
+        progress=sys.stderr.isatty(),
+    )
+    print(S.format_best(st, args.top_k or 5))
+    print(f"next: mupfast sweep --report --study {study} --storage {W.redact(storage)}")
+    return 0
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
