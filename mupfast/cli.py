@@ -85,9 +85,9 @@ def run(argv: list[str]) -> int:
 
         rules = rules_table(cfg.model)
         print(
-            json.dumps(table_json(cfg.model, rules), indent=2)
+            json.dumps(table_json(cfg.model, rules, cfg), indent=2)
             if args.json
-            else format_table(cfg.model, rules)
+            else format_table(cfg.model, rules, cfg)
         )
         return 0
     if args.verb == "prepare-data":

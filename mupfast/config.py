@@ -57,14 +57,18 @@ class ModelConfig:
     bias: bool = False
     """Biases on the linear layers."""
 
-    parametrization: Literal["sp", "mup", "completep"] = "mup"
-    """sp: standard (no width scaling); mup: μP; completep: μP plus depth transfer (CompleteP)."""
+    parametrization: Literal["sp", "mup", "completep", "hyperp"] = "mup"
+    """sp: standard (no width scaling); mup: μP; completep: μP plus depth transfer (CompleteP);
+    hyperp: hidden matrices trained by Muon on their init Frobenius sphere, one lr from the
+    HyperP transfer rule (optim.hyperp_*; needs zero.stage 0)."""
     mup_base_hidden_size: int | None = None
     """Proxy width the μP multipliers are relative to (m = hidden_size / this). None: hidden_size."""
     mup_base_filter_size: int | None = None
     """Proxy MLP width (m_f = filter_size / this). None: filter_size."""
     mup_base_num_layers: int | None = None
     """Proxy depth for completep (m_L = num_layers / this). None: num_layers."""
+    hyperp_base_depth: int = 8
+    """HyperP: base depth d0 of the transfer rule η = η0·√(B/B0)·√(d0/L)·(T/T0)^-0.32 (ArchScale: 8)."""
     depth_alpha: float = 1.0
     """CompleteP exponent α ∈ {0.5, 1}: residual branches × m_L^-α, hidden lr × m_L^(α-1)."""
     init_std: float = 0.02
@@ -118,6 +122,15 @@ class OptimConfig:
     """Base weight decay (each group uses it × wd_mult; norms and biases get 0)."""
     backend: Literal["auto", "torch", "triton"] = "auto"
     """Clip+AdamW implementation: auto means the fused Triton kernel on CUDA, torch elsewhere."""
+    hyperp_base_lr: float = 1.5e-2
+    """HyperP: η0, the lr at the base batch B0, depth d0 (model.hyperp_base_depth) and horizon T0.
+    Under hyperp every group's lr is η·schedule(t) with η from the transfer rule; optim.lr is unused."""
+    hyperp_base_batch_tokens: int = 2**21
+    """HyperP: B0, tokens per optimizer step at which η0 was tuned (η ∝ √(B/B0))."""
+    hyperp_base_tokens: float = 10.4e9
+    """HyperP: T0, training tokens at which η0 was tuned (η ∝ (T/T0)^-0.32)."""
+    muon_momentum: float = 0.95
+    """HyperP: Nesterov momentum β of Muon on the hidden matrices."""
 
 
 @dataclass
@@ -412,6 +425,22 @@ def validate(cfg: Config) -> None:
         )
     if cfg.zero.stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero.stage: must be 0, 1, 2 or 3 (got {cfg.zero.stage})")
+    if m.parametrization == "hyperp":
+        if cfg.zero.stage >= 1:
+            raise ConfigError(
+                f"zero.stage: hyperp needs 0 (got {cfg.zero.stage}): Muon orthogonalises whole matrices and "
+                "ZeRO hands the optimizer flat partitions; gathering per matrix is the planned design"
+            )
+        for key, value in [
+            ("model.hyperp_base_depth", m.hyperp_base_depth),
+            ("optim.hyperp_base_lr", o.hyperp_base_lr),
+            ("optim.hyperp_base_batch_tokens", o.hyperp_base_batch_tokens),
+            ("optim.hyperp_base_tokens", o.hyperp_base_tokens),
+        ]:
+            if not value > 0:
+                raise ConfigError(f"{key}: must be positive (got {value})")
+        if not 0 <= o.muon_momentum < 1:
+            raise ConfigError(f"optim.muon_momentum: must be in [0, 1) (got {o.muon_momentum})")
     if cfg.zero.ds_config:
         from mupfast.engine import read_ds_overrides  # imports this module: keep the import local
 

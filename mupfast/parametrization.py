@@ -16,6 +16,15 @@ L = num_layers, m_L = L / mup_base_num_layers. Under AdamW (the project's conven
 SP uses m = m_f = 1, every forward multiplier 1 and 1/√d_head attention. CompleteP drops the
 1/√(2L) init factor and multiplies the lr of everything inside the blocks by m_L^(α−1).
 
+HyperP (ArchScale's MuonH, research/mup-anchors.md §B): the hidden matrices (q, k, v, o, ffn_in,
+ffn_out) are trained by Muon on the Frobenius sphere of their init (``optimizer = "muon_sphere"``,
+mupfast/muon.py), weight decay 0; embedding, norms and readout by AdamW. Every lr_mult is 1: one
+lr η = η0·√(B/B0)·√(d0/L)·(T/T0)^-0.32 (:func:`hyperp_transfer`) for every group. Init: hidden
+matrices N(0, 1/(3·fan_in)) (the std of the anchor's kaiming-uniform, which fixes the radius at
+√(fan_out/3)); embedding σ_emb or 1e-4 (0.02 tied); readout σ_out or 0.02. Forward: residual
+branches × 1/√(2L) (instead of the 2L init factor), logits × 1, embeddings × embeddings_scale,
+attention × 1/√d_head — the anchor's √128/d_head at its fixed d_head = 128; it never varies d_head.
+
 Rules are matched against the model's real parameter names: a parameter claimed by no rule, or by
 more than one, is an error that names it — μP that silently does not apply is the failure to avoid.
 """
@@ -29,7 +38,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from mupfast.config import ModelConfig
+from mupfast.config import Config, ModelConfig
 
 #: Every component a rule can assign, in display order.
 COMPONENTS = (
@@ -68,6 +77,7 @@ class Rule:
     lr_mult: float
     wd_mult: float
     forward_mult: float
+    optimizer: str = "adamw"  # "adamw" | "muon_sphere" (hyperp hidden matrices, mupfast/muon.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,6 +101,12 @@ def multipliers(cfg: ModelConfig) -> Multipliers:
     d_head = cfg.head_dim
     if cfg.parametrization == "sp":
         return Multipliers(1.0, 1.0, 1.0, 1.0 / math.sqrt(d_head), 1.0, 1.0, 1.0)
+    if cfg.parametrization == "hyperp":
+        m = cfg.hidden_size / (cfg.mup_base_hidden_size or cfg.hidden_size)
+        m_f = cfg.filter_size / (cfg.mup_base_filter_size or cfg.filter_size)
+        m_depth = cfg.num_layers / cfg.hyperp_base_depth
+        residual = 1.0 / math.sqrt(2 * cfg.num_layers)
+        return Multipliers(m, m_f, m_depth, 1.0 / math.sqrt(d_head), 1.0, cfg.embeddings_scale, residual)
     m = cfg.hidden_size / (cfg.mup_base_hidden_size or cfg.hidden_size)
     m_f = cfg.filter_size / (cfg.mup_base_filter_size or cfg.filter_size)
     m_depth = cfg.num_layers / (cfg.mup_base_num_layers or cfg.num_layers)
@@ -117,9 +133,41 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
 )
 
 
+#: Components HyperP trains with Muon on the sphere.
+MUON_COMPONENTS = frozenset({"q", "k", "v", "o", "ffn_in", "ffn_out"})
+
+
+def _hyperp_rule(
+    cfg: ModelConfig, mult: Multipliers, name: str, shape: tuple[int, ...], component: str, layer: int | None
+) -> Rule:
+    wd = 0.0 if cfg.weight_decay_scaling == "none" else 1.0  # AdamW groups: wd as given (coupled)
+    if component in MUON_COMPONENTS:
+        fan_in = shape[-1]
+        fwd = mult.residual_scale if component in ("o", "ffn_out") else 1.0
+        std = 1.0 / math.sqrt(3 * fan_in)
+        return Rule(name, shape, component, layer, "normal", std, 1.0, 0.0, fwd, "muon_sphere")
+    if component in ("embedding", "pos_embedding"):
+        default = 0.02 if cfg.tie_embeddings else 1e-4
+        std = cfg.embedding_init_std if cfg.embedding_init_std is not None else default
+        return Rule(name, shape, component, layer, "normal", std, 1.0, wd, mult.embedding_scale)
+    if component in ("norm", "bias", "final_norm"):
+        init = "ones" if component != "bias" and name.endswith("weight") else "zeros"
+        return Rule(name, shape, component, layer, init, 0.0, 1.0, 0.0, 1.0)
+    if component == "readout":
+        std = (
+            0.0
+            if cfg.readout_zero_init
+            else (cfg.output_init_std if cfg.output_init_std is not None else 0.02)
+        )
+        return Rule(name, shape, component, layer, "zeros" if std == 0 else "normal", std, 1.0, wd, 1.0)
+    raise AssertionError(component)
+
+
 def _rule(
     cfg: ModelConfig, mult: Multipliers, name: str, shape: tuple[int, ...], component: str, layer: int | None
 ) -> Rule:
+    if cfg.parametrization == "hyperp":
+        return _hyperp_rule(cfg, mult, name, shape, component, layer)
     sigma = cfg.init_std
     sigma_emb = cfg.embedding_init_std if cfg.embedding_init_std is not None else sigma
     sigma_out = cfg.output_init_std if cfg.output_init_std is not None else sigma
@@ -200,10 +248,57 @@ def init_parameters(model: nn.Module, rules: list[Rule], generator: torch.Genera
             p.normal_(0.0, r.init_std, generator=generator)
 
 
-def format_table(cfg: ModelConfig, rules: list[Rule]) -> str:
-    """The rules as a human-readable table, followed by the global multipliers."""
+#: HyperP's token-horizon exponent: η ∝ (T/T0)^-0.32 (ArchScale, research/mup-anchors.md §B).
+HYPERP_TOKEN_EXPONENT = -0.32
+
+
+def hyperp_transfer(cfg: Config, world_size: int = 1) -> dict[str, float]:
+    """HyperP's lr transfer rule η = η0·√(B/B0)·√(d0/L)·(T/T0)^-0.32 with its inputs.
+
+    B = tokens per optimizer step (micro_batch_size · grad_accum_steps · world_size · seq_len),
+    L = model.num_layers, T = train.steps · B; η0, B0, T0 from optim.hyperp_*, d0 from
+    model.hyperp_base_depth.
+    """
+    t, o = cfg.train, cfg.optim
+    batch = t.micro_batch_size * t.grad_accum_steps * world_size * t.seq_len
+    tokens = t.steps * batch
+    d0, L = cfg.model.hyperp_base_depth, cfg.model.num_layers
+    lr = (
+        o.hyperp_base_lr
+        * math.sqrt(batch / o.hyperp_base_batch_tokens)
+        * math.sqrt(d0 / L)
+        * (tokens / o.hyperp_base_tokens) ** HYPERP_TOKEN_EXPONENT
+    )
+    return {
+        "lr": lr,
+        "base_lr": o.hyperp_base_lr,
+        "batch_tokens": batch,
+        "base_batch_tokens": o.hyperp_base_batch_tokens,
+        "num_layers": L,
+        "base_depth": d0,
+        "tokens": tokens,
+        "base_tokens": o.hyperp_base_tokens,
+        "token_exponent": HYPERP_TOKEN_EXPONENT,
+        "world_size": world_size,
+    }
+
+
+def _transfer_line(run: Config) -> str:
+    h = hyperp_transfer(run)
+    return (
+        f"lr η = η0·√(B/B0)·√(d0/L)·(T/T0)^{h['token_exponent']:g} = {h['lr']:.6g}"
+        f"   (η0={h['base_lr']:g}, B={h['batch_tokens']:g} tokens/step at world size 1, B0={h['base_batch_tokens']:g},"
+        f" d0={h['base_depth']}, L={h['num_layers']}, T={h['tokens']:g}, T0={h['base_tokens']:g}); optim.lr unused"
+    )
+
+
+def format_table(cfg: ModelConfig, rules: list[Rule], run: Config | None = None) -> str:
+    """The rules as a human-readable table, followed by the global multipliers.
+
+    With the whole run config (``run``), hyperp also shows its transfer rule and the η it gives.
+    """
     mult = multipliers(cfg)
-    header = f"{'parameter':<34} {'component':<13} {'shape':<14} {'init std':>10} {'lr mult':>9} {'wd mult':>8} {'fwd mult':>9}"
+    header = f"{'parameter':<34} {'component':<13} {'shape':<14} {'init std':>10} {'lr mult':>9} {'wd mult':>8} {'fwd mult':>9} {'optimizer':>11}"
     lines = [
         f"parametrization: {cfg.parametrization}   m = {mult.m:g}   m_f = {mult.m_f:g}   m_L = {mult.m_depth:g}"
         f"   weight_decay_scaling: {cfg.weight_decay_scaling}",
@@ -214,7 +309,7 @@ def format_table(cfg: ModelConfig, rules: list[Rule]) -> str:
         std = {"ones": "1", "zeros": "0"}.get(r.init, f"{r.init_std:.4g}")
         shape = "×".join(map(str, r.shape))
         lines.append(
-            f"{r.name:<34} {r.component:<13} {shape:<14} {std:>10} {r.lr_mult:>9.4g} {r.wd_mult:>8.4g} {r.forward_mult:>9.4g}"
+            f"{r.name:<34} {r.component:<13} {shape:<14} {std:>10} {r.lr_mult:>9.4g} {r.wd_mult:>8.4g} {r.forward_mult:>9.4g} {r.optimizer:>11}"
         )
     lines += [
         "",
@@ -228,14 +323,23 @@ def format_table(cfg: ModelConfig, rules: list[Rule]) -> str:
         f"output logits × {mult.logit_scale:.6g}   embeddings × {mult.embedding_scale:.6g}"
         f"   residual branches × {mult.residual_scale:.6g}",
     ]
+    if cfg.parametrization == "hyperp":
+        lines.append(
+            _transfer_line(run)
+            if run is not None
+            else "lr η = η0·√(B/B0)·√(d0/L)·(T/T0)^-0.32 from the run config (see `mupfast explain`)"
+        )
     return "\n".join(lines)
 
 
-def table_json(cfg: ModelConfig, rules: list[Rule]) -> dict:
-    """The rules and global multipliers as a JSON-serialisable dict."""
-    return {
+def table_json(cfg: ModelConfig, rules: list[Rule], run: Config | None = None) -> dict:
+    """The rules and global multipliers as a JSON-serialisable dict (hyperp: plus its transfer rule)."""
+    out = {
         "parametrization": cfg.parametrization,
         "weight_decay_scaling": cfg.weight_decay_scaling,
         "multipliers": asdict(multipliers(cfg)),
         "rules": [r.to_dict() for r in rules],
     }
+    if cfg.parametrization == "hyperp" and run is not None:
+        out["transfer_rule"] = hyperp_transfer(run)
+    return out
