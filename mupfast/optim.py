@@ -7,6 +7,9 @@ from those keys (never stored state), so μP ratios survive schedules, DeepSpeed
 :class:`ClipAdamW` clips each group's gradient norm to its own ``max_grad_norm`` and applies
 AdamW in one fused pass (``mupfast.kernels.clip_adamw``). Under ZeRO 1–3 each rank holds a
 partition of every group, so the per-group squared norms are all-reduced first (one collective).
+Groups whose rule says ``optimizer = "muon_sphere"`` (hyperp's hidden matrices) take the
+Muon-on-the-sphere update of ``mupfast.muon`` instead, with the same per-group clipping; they need
+whole matrices, so hyperp runs at ZeRO stage 0 (config.validate says so).
 """
 
 from __future__ import annotations
@@ -19,7 +22,15 @@ from torch import nn
 
 from mupfast.config import Config
 from mupfast.kernels import clip_adamw as K
-from mupfast.parametrization import COMPONENTS, rules_for
+from mupfast.muon import muon_sphere_update
+from mupfast.parametrization import COMPONENTS, hyperp_transfer, rules_for
+
+
+def base_lr(cfg: Config, world_size: int = 1) -> float:
+    """The lr every group's ``lr_mult`` multiplies: optim.lr, or under hyperp its transfer-rule η."""
+    if cfg.model.parametrization == "hyperp":
+        return hyperp_transfer(cfg, world_size)["lr"]
+    return cfg.optim.lr
 
 
 def build_param_groups(model: nn.Module, cfg: Config) -> list[dict]:
@@ -44,12 +55,13 @@ def build_param_groups(model: nn.Module, cfg: Config) -> list[dict]:
                 "params": [],
                 "lr_mult": r.lr_mult,
                 "wd_mult": r.wd_mult,
+                "optimizer": r.optimizer,
                 "max_grad_norm": clip.component_max_norm.get(r.component, clip.max_norm),
-                "lr": cfg.optim.lr * r.lr_mult,
+                "lr": base_lr(cfg) * r.lr_mult,
                 "weight_decay": cfg.optim.weight_decay * r.wd_mult,
             },
         )
-        if (g["lr_mult"], g["wd_mult"]) != (r.lr_mult, r.wd_mult):
+        if (g["lr_mult"], g["wd_mult"], g["optimizer"]) != (r.lr_mult, r.wd_mult, r.optimizer):
             raise AssertionError(
                 f"group {key}: {r.name} has different multipliers from the rest of its group"
             )
@@ -79,9 +91,13 @@ class ClipAdamW(torch.optim.Optimizer):
         backend: str = "auto",
         reduce_norms: bool = False,
         process_group=None,
+        muon_momentum: float = 0.95,
     ):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=0.0)
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=0.0, optimizer="adamw"
+        )
         super().__init__(param_groups, defaults)
+        self.muon_momentum = muon_momentum
         self.global_max_norm = global_max_norm
         self.backend = backend
         self.reduce_norms = reduce_norms
@@ -106,10 +122,23 @@ class ClipAdamW(torch.optim.Optimizer):
         # Every group keeps its slot (zero norm when it has no gradient here), so the norm vector
         # has the same length on every rank and the all-reduce lines up.
         params, grads, m, v, ids = [], [], [], [], []
+        muon = []  # (param, group index): Muon-on-the-sphere groups, updated after the clip coefficients
+        all_grads, all_ids = [], []
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.grad is None or p.numel() == 0:
                     continue
+                if group["optimizer"] == "muon_sphere":
+                    if p.ndim != 2:
+                        raise ValueError(
+                            f"group {group['name']}: Muon needs whole matrices, got {tuple(p.shape)}"
+                        )
+                    muon.append((p, gi))
+                    all_grads.append(p.grad)
+                    all_ids.append(gi)
+                    continue
+                all_grads.append(p.grad)
+                all_ids.append(gi)
                 st = self.state[p]
                 if not st:
                     st["step"] = torch.zeros((), dtype=torch.float32)
@@ -126,9 +155,13 @@ class ClipAdamW(torch.optim.Optimizer):
                 v.append(st["exp_avg_sq"])
                 ids.append(gi)
         groups = self.param_groups
-        device = params[0].device if params else groups[0]["params"][0].device
+        device = all_grads[0].device if all_grads else groups[0]["params"][0].device
         sq_norms_fn, update_fn = self._fns(device)
-        sq = sq_norms_fn(grads, ids, len(groups)) if params else torch.zeros(len(groups), device=device)
+        sq = (
+            sq_norms_fn(all_grads, all_ids, len(groups))
+            if all_grads
+            else torch.zeros(len(groups), device=device)
+        )
         if self.reduce_norms and dist.is_available() and dist.is_initialized():
             dist.all_reduce(sq, group=self.process_group)
         f32 = dict(dtype=torch.float32, device=device)
@@ -153,6 +186,10 @@ class ClipAdamW(torch.optim.Optimizer):
                 eps=groups[0]["eps"],
                 step=step,
             )
+        for p, gi in muon:
+            muon_sphere_update(
+                p, p.grad, self.state[p], lr=groups[gi]["lr"], coef=coef[gi], beta=self.muon_momentum
+            )
         norms = sq.sqrt()
         for i, g in enumerate(groups):
             self.last_grad_norms[g["name"]] = norms[i]
@@ -163,11 +200,11 @@ class ClipAdamW(torch.optim.Optimizer):
 def build_optimizer(
     model: nn.Module, cfg: Config, *, reduce_norms: bool = False, process_group=None
 ) -> ClipAdamW:
-    """The clip+AdamW optimizer over the model's μP parameter groups."""
+    """The clip+AdamW optimizer over the model's μP parameter groups (hyperp: Muon for its matrices)."""
     o = cfg.optim
     return ClipAdamW(
         build_param_groups(model, cfg),
-        lr=o.lr,
+        lr=base_lr(cfg),
         betas=(o.beta1, o.beta2),
         eps=o.eps,
         weight_decay=o.weight_decay,
@@ -175,4 +212,5 @@ def build_optimizer(
         backend=o.backend,
         reduce_norms=reduce_norms,
         process_group=process_group,
+        muon_momentum=o.muon_momentum,
     )

@@ -21,7 +21,7 @@ from mupfast.config import Config
 from mupfast.data import BatchSampler, TokenShard, load_prepared, prepare_data
 from mupfast.metrics import MetricsWriter, read_metrics
 from mupfast.model import build_model
-from mupfast.optim import build_optimizer
+from mupfast.optim import base_lr, build_optimizer
 from mupfast.schedules import GroupLR, build_schedule
 
 
@@ -106,7 +106,8 @@ def train(cfg: Config) -> TrainResult:
             "clip.global_max_norm: not available under ZeRO 1/2 (DeepSpeed steps one group at a time)"
         )
     optimizer = build_optimizer(model, cfg, reduce_norms=cfg.zero.stage >= 1)
-    scheduler = GroupLR(optimizer, cfg.optim.lr, build_schedule(cfg.schedule, t.steps))
+    # base_lr: optim.lr, or hyperp's transfer-rule η (its batch B counts every rank's tokens)
+    scheduler = GroupLR(optimizer, base_lr(cfg, world), build_schedule(cfg.schedule, t.steps))
     if cfg.zero.stage == 3 and cfg.model.tie_embeddings:
         deepspeed.zero.register_external_parameter(model.readout, model.tok_emb.weight)
     engine, optimizer, _, scheduler = deepspeed.initialize(

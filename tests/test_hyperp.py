@@ -21,6 +21,7 @@ from mupfast.parametrization import (
     rules_table,
     table_json,
 )
+from mupfast.schedules import build_schedule
 from tests.helpers import tiny_config
 
 HYPERP = ["model.parametrization=hyperp"]
@@ -111,3 +112,75 @@ def test_explain_shows_the_optimizer_column_and_the_computed_lr():
         check=True,
     )
     assert json.loads(proc.stdout)["transfer_rule"]["lr"] > 0
+
+
+def test_muon_groups_are_clipped_like_the_others_and_stay_on_their_sphere():
+    cfg = tiny_config(*HYPERP, "clip.max_norm=1e-3")
+    torch.manual_seed(0)
+    model = T.build_model(cfg.model)
+    radii = {n: p.detach().norm().item() for n, p in model.named_parameters() if p.ndim == 2}
+    opt = build_optimizer(model, cfg)
+    assert {g["name"]: g["optimizer"] for g in opt.param_groups}["q"] == "muon_sphere"
+    tokens = torch.randint(0, 256, (4, 17), generator=torch.Generator().manual_seed(3))
+    model(tokens[:, :-1], tokens[:, 1:]).backward()
+    opt.step()
+    assert opt.last_clip_coefs["q"].item() < 1.0  # the Muon group's grad norm was clipped too
+    assert "momentum_buffer" in opt.state[model.blocks[0].attn.q.weight]
+    for n, p in model.named_parameters():
+        if n in radii and ("attn." in n or "mlp." in n):
+            assert p.detach().norm().item() == pytest.approx(radii[n], rel=1e-6), n
+
+
+def _train_capturing_model(cfg, monkeypatch):
+    models = []
+    real_build = T.build_model
+
+    def capture(model_cfg):
+        models.append(real_build(model_cfg))
+        return models[-1]
+
+    monkeypatch.setattr(T, "build_model", capture)
+    result = T.train(cfg)
+    return result, models[0]
+
+
+def test_a_tiny_hyperp_model_learns_while_every_hidden_matrix_keeps_its_init_norm(tmp_path, monkeypatch):
+    cfg = tiny_config(*HYPERP, "train.steps=20", "train.log_every=1", "train.eval_every=0", tmp_path=tmp_path)
+    torch.manual_seed(cfg.train.seed)  # the trainer seeds the same way before building the model
+    init = {n: p.detach().norm().item() for n, p in T.build_model(cfg.model).named_parameters()}
+    result, model = _train_capturing_model(cfg, monkeypatch)
+    assert result.train_losses[20] < result.train_losses[1] - 1.0
+    rec = read_metrics(cfg.train.run_dir, "train")[-1]
+    # update 20 used η·schedule(19), η from the transfer rule (B = 4·32 tokens, T = 20·B)
+    assert rec["lr/q"] == pytest.approx(hyperp_transfer(cfg)["lr"] * build_schedule(cfg.schedule, 20)(19))
+    assert rec["lr/embedding"] == rec["lr/q"]  # one lr for every group
+    hidden = [n for n, p in model.named_parameters() if ".attn." in n or ".mlp." in n]
+    assert len(hidden) == 2 * 7  # q, k, v, o, gate, up, down per layer
+    for n, p in model.named_parameters():
+        if n in hidden:
+            assert p.detach().norm().item() == pytest.approx(init[n], rel=1e-5), n
+        elif n == "tok_emb.weight":
+            assert p.detach().norm().item() != pytest.approx(init[n], rel=1e-3)  # AdamW moved it freely
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_rank_stage0_hyperp_matches_single_process(tmp_path):
+    from tests.test_train import _deepspeed_run
+
+    base = [
+        *HYPERP,
+        "train.log_every=1",
+        "train.eval_every=0",
+        "train.steps=5",
+        "train.micro_batch_size=2",
+        "clip.max_norm=0.05",  # low enough that the Muon groups' gradients are clipped too
+    ]
+    single = T.train(tiny_config(*base, "train.grad_accum_steps=2", tmp_path=tmp_path / "single"))
+    two = _deepspeed_run(tmp_path, "zero0", [*base, "zero.stage=0"], ranks=2)
+    assert sorted(two) == list(range(1, 6))
+    for step, loss in single.train_losses.items():
+        assert two[step] == pytest.approx(loss, rel=2e-5), step
+    lrs = {r["step"]: r["lr/q"] for r in read_metrics(tmp_path / "zero0" / "run", "train")}
+    single_lrs = {r["step"]: r["lr/q"] for r in read_metrics(tmp_path / "single" / "run", "train")}
+    assert lrs == pytest.approx(single_lrs)  # same global batch B on 1 or 2 ranks: same η
