@@ -50,6 +50,21 @@ def _parser() -> argparse.ArgumentParser:
     _study_args(x)
     x.add_argument("--target", help="the target model's YAML config (or --config)")
     x.add_argument("--out", help="directory of the written configs (default runs/transfer/<study>)")
+    # export / generate read RUN/config.yaml; --config (optional) replaces it, overrides apply on top.
+    o = verb("export", "fold every μP multiplier into the weights; write a Hugging Face model (Llama/GPT-2)")
+    o.add_argument("--run", help="run directory (config.yaml + checkpoints/)")
+    o.add_argument("--out", help="output directory: model.safetensors, config.json, tokenizer")
+    o.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default %(default)s)")
+    o.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    g = verb("generate", "sample text from a run's latest checkpoint (KV cache, streamed)")
+    g.add_argument("--run", help="run directory (config.yaml + checkpoints/)")
+    g.add_argument("--prompt", help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="default %(default)s")
+    g.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default %(default)s)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0: off (default)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1: off (default)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     return p
 
 
@@ -78,6 +93,12 @@ def run(argv: list[str]) -> int:
     args, extra = _parser().parse_known_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    if args.verb in ("export", "generate"):  # configured by the run directory, not --config
+        if args.verb == "export":
+            from mupfast.export import main as verb_main
+        else:
+            from mupfast.generate import main as verb_main
+        return verb_main(args, _split_overrides(args, extra))
     cfg = load_config(args.config, _split_overrides(args, extra))
 
     if args.verb == "explain":
