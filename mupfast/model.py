@@ -92,17 +92,37 @@ class MLP(nn.Module):
         return self.down(h)
 
 
+def outlier_share(x: torch.Tensor, k: float = 5.0) -> torch.Tensor:
+    """Share of elements with |x − μ_token| > k·σ_token (μ, σ over the last dim); a device scalar."""
+    x = x.detach().float()
+    mu = x.mean(-1, keepdim=True)
+    sigma = x.std(-1, keepdim=True, correction=0)
+    return ((x - mu).abs() > k * sigma).float().mean()
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, attention_scale: float, residual_scale: float):
         super().__init__()
         self.attn_norm, self.mlp_norm = _norm(cfg), _norm(cfg)
         self.attn = Attention(cfg, attention_scale)
         self.mlp = MLP(cfg)
-        self.residual_scale = residual_scale  # CompleteP: (L_base / L)^α; 1 otherwise
+        self.residual_scale = residual_scale  # CompleteP: (L_base / L)^α; hyperp: 1/√(2L); 1 otherwise
+        # Instability indicators of the last training forward (detached device scalars, no host sync):
+        # RMS of each residual branch's contribution, and the outlier share of the block output.
+        self.stats: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.residual_scale * self.attn(self.attn_norm(x))
-        return x + self.residual_scale * self.mlp(self.mlp_norm(x))
+        a = self.residual_scale * self.attn(self.attn_norm(x))
+        x = x + a
+        f = self.residual_scale * self.mlp(self.mlp_norm(x))
+        x = x + f
+        if self.training:
+            self.stats = {
+                "attn_branch_rms": a.detach().float().square().mean().sqrt(),
+                "mlp_branch_rms": f.detach().float().square().mean().sqrt(),
+                "outlier_share": outlier_share(x),
+            }
+        return x
 
 
 class Readout(nn.Module):
@@ -170,11 +190,17 @@ class Transformer(nn.Module):
         return self.readout.loss(h, targets)
 
     def stability_stats(self) -> dict[str, torch.Tensor]:
-        """Detached device tensors from the last forward: readout max |logit| and mean lse², attention Z."""
+        """Detached device tensors from the last forward: readout max |logit| and mean lse², attention Z;
+        from the last training forward, averaged over blocks: attention and MLP branch-output RMS and
+        the outlier share (|x − μ_token| > 5σ_token) of the residual stream after each block."""
         stats = dict(self.readout.stats)
         attn_z = [b.attn.lse_sq_mean for b in self.blocks if b.attn.lse_sq_mean is not None]
         if attn_z:
             stats["attn_lse_sq_mean"] = torch.stack(attn_z).mean()
+        for key in ("attn_branch_rms", "mlp_branch_rms", "outlier_share"):
+            per_block = [b.stats[key] for b in self.blocks if key in b.stats]
+            if per_block:
+                stats[key] = torch.stack(per_block).mean()
         return stats
 
 
