@@ -107,7 +107,9 @@ def ds_config(cfg: Config, world_size: int) -> dict:
         "gradient_clipping": 0.0,  # DeepSpeed's default is 1.0; clipping is per group, in our optimizer
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
-        "data_types": {"grad_accum_dtype": "fp32"} if bf16 else {},
+        # fp32 gradient accumulation under ZeRO; at stage 0 DeepSpeed only supports bf16 grads with a
+        # bf16 model (its DDP_BFLOAT16 path, which keeps fp32 master weights for our optimizer).
+        "data_types": {"grad_accum_dtype": "fp32"} if bf16 and z.stage >= 1 else {},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

@@ -2,6 +2,7 @@
 2-rank DeepSpeed ZeRO runs match the single-process losses."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -187,3 +188,19 @@ def test_explain_json_lists_every_parameter():
     q = next(r for r in table["rules"] if r["name"] == "blocks.0.attn.q.weight")
     assert q["lr_mult"] == 0.5
     assert torch.Size(q["shape"]) == (64, 64)
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_bf16_runs_through_deepspeeds_wrappers(tmp_path, stage):
+    """bf16 is the GPU default: stage 0 uses DeepSpeed's bf16 DDP path, stage 1 its BF16_Optimizer."""
+    overrides = [
+        "train.steps=4",
+        "train.precision=bf16",
+        f"zero.stage={stage}",
+        "model.mup_base_hidden_size=16",
+    ]
+    cfg = tiny_config(*COMMON, *overrides, tmp_path=tmp_path)
+    result = T.train(cfg)
+    assert all(math.isfinite(v) for v in result.train_losses.values()) and len(result.train_losses) == 4
+    rec = read_metrics(cfg.train.run_dir, "train")[-1]
+    assert rec["lr/q"] == pytest.approx(rec["lr/embedding"] / 2)  # m = 32/16
