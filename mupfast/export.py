@@ -415,12 +415,15 @@ def hf_config(cfg: ModelConfig, layout: str, tied: bool, dtype: str) -> dict[str
 # Tokenizer
 
 
-def run_tokenizer(cfg: Config):
-    """The run's tokenizer: byte-level needs nothing; BPE comes from the prepared data directory."""
-    from mupfast.data import ByteTokenizer, load_prepared, prepare_data
+def run_tokenizer(cfg: Config, run_dir: Path | None = None):
+    """The run's tokenizer: byte-level needs nothing; BPE is the copy the trainer keeps in the run
+    directory, else the prepared data directory's."""
+    from mupfast.data import BPETokenizer, ByteTokenizer, load_prepared, prepare_data
 
     if cfg.data.tokenizer == "byte":
         return ByteTokenizer()
+    if run_dir is not None and (Path(run_dir) / "tokenizer.json").is_file():
+        return BPETokenizer.load(Path(run_dir) / "tokenizer.json")
     if cfg.data.prepared:
         return load_prepared(cfg.data.prepared).tokenizer()
     return prepare_data(cfg.data, progress=False).tokenizer()  # cached by corpus fingerprint
@@ -490,7 +493,7 @@ def export_run(
     run = load_run(run_dir, config=config, overrides=overrides)
     cfg = run.cfg
     layout = layout_for(cfg.model)
-    tokenizer = run_tokenizer(cfg)
+    tokenizer = run_tokenizer(cfg, run.run_dir)
     folded = fold_multipliers(run.model)
     err = check_folding(run.model, folded)
     tensors = (_llama_tensors if layout == "llama" else _gpt2_tensors)(cfg.model, folded)

@@ -254,7 +254,7 @@ def generate(
 
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
     run = load_run(run_dir, config=config, overrides=overrides, device=device)
-    tokenizer = run_tokenizer(run.cfg)
+    tokenizer = run_tokenizer(run.cfg, run.run_dir)
     prompt_ids = tokenizer.encode(prompt)
     stream = TextStream(tokenizer)
     pieces: list[str] = []

@@ -7,6 +7,7 @@ DeepSpeed, resume if a checkpoint exists, then train with periodic eval, metrics
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -88,6 +89,8 @@ def train(cfg: Config) -> TrainResult:
             dist.barrier()
         if rank != 0:
             prepared = prepare_data(cfg.data, progress=False)
+    if rank == 0 and (prepared.dir / "tokenizer.json").is_file():  # the run carries its own tokenizer
+        shutil.copyfile(prepared.dir / "tokenizer.json", run_dir / "tokenizer.json")
     if prepared.vocab_size > cfg.model.vocab_size:
         raise TrainingError(
             f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary ({prepared.vocab_size})"

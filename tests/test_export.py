@@ -241,3 +241,29 @@ def test_half_precision_export_writes_that_dtype(tmp_path, capsys):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert main(["export", "--run", str(run_dir), "--out", str(tmp_path / "x"), "--dtype", "fp8"]) == 2
     assert "--dtype" in capsys.readouterr().err
+
+
+def test_a_bpe_run_carries_its_tokenizer_when_the_data_directory_is_gone(tmp_path):
+    import shutil
+
+    import mupfast.train as T
+    from mupfast.export import load_run, run_tokenizer
+    from tests.helpers import tiny_config
+
+    cfg = tiny_config(
+        "train.steps=2",
+        "schedule.warmup_steps=1",
+        "data.tokenizer=bpe",
+        "data.bpe_vocab_size=300",
+        "model.vocab_size=320",
+        "data.max_corpus_bytes=100000",
+        tmp_path=tmp_path,
+    )
+    T.train(cfg)
+    trained = run_tokenizer(cfg)
+    shutil.rmtree(cfg.data.dir)
+    run = load_run(cfg.train.run_dir)
+    tok = run_tokenizer(run.cfg, run.run_dir)
+    assert tok.fingerprint == trained.fingerprint
+    assert tok.decode(tok.encode("def f(x): return x")) == "def f(x): return x"
+    assert not (tmp_path / "data").exists()  # nothing was re-prepared
