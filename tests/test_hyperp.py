@@ -184,3 +184,31 @@ def test_two_rank_stage0_hyperp_matches_single_process(tmp_path):
     lrs = {r["step"]: r["lr/q"] for r in read_metrics(tmp_path / "zero0" / "run", "train")}
     single_lrs = {r["step"]: r["lr/q"] for r in read_metrics(tmp_path / "single" / "run", "train")}
     assert lrs == pytest.approx(single_lrs)  # same global batch B on 1 or 2 ranks: same η
+
+
+def test_resume_restores_muon_momentum_and_radius(tmp_path, monkeypatch):
+    overrides = [*HYPERP, "train.log_every=1", "train.eval_every=0", "train.steps=6", "train.save_every=3"]
+    full = tiny_config(*overrides, tmp_path=tmp_path / "full")
+    T.train(full)
+    cut = tiny_config(*overrides, tmp_path=tmp_path / "cut")
+    real_save = T.E.save_checkpoint
+
+    class Crash(Exception):
+        pass
+
+    def save_then_crash(engine, ckpt_dir, step, rank, client_state):
+        tag = real_save(engine, ckpt_dir, step, rank, client_state)
+        if step == 3:
+            raise Crash
+        return tag
+
+    monkeypatch.setattr(T.E, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        T.train(cut)
+    monkeypatch.setattr(T.E, "save_checkpoint", real_save)
+    T.train(cut)  # resumes from step 3
+    a = {r["step"]: r["loss"] for r in read_metrics(full.train.run_dir, "train")}
+    b = {r["step"]: r["loss"] for r in read_metrics(cut.train.run_dir, "train")}
+    assert sorted(b) == list(range(1, 7))
+    for step in range(1, 7):
+        assert b[step] == a[step], step  # bitwise: momentum buffers and radii came back with the checkpoint
