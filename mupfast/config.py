@@ -259,11 +259,20 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Read a YAML config (or the defaults when path is None) and apply dotted overrides."""
+    cfg = config_from_dict(read_raw_config(path, overrides))
+    validate(cfg)
+    return cfg
+
+
+def read_raw_config(
+    path: str | Path | None, overrides: typing.Sequence[str] = (), what: str = "config file"
+) -> dict:
+    """The YAML mapping of a config file (empty when path is None) with dotted overrides applied."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+            raise ConfigError(f"{what} not found: {path}")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
@@ -272,9 +281,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for item in overrides:
         apply_override(raw, item)
-    cfg = config_from_dict(raw)
-    validate(cfg)
-    return cfg
+    return raw
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

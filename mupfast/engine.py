@@ -179,17 +179,22 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, client_state: 
     return tag
 
 
-def load_weights_only(engine) -> None:
-    """Make DeepSpeed read checkpoints with ``torch.load(weights_only=True)``.
-
-    Its files hold tensors and containers plus three plain DeepSpeed types, allow-listed here;
-    anything else in a checkpoint (a pickled callable, say) is refused instead of executed.
-    """
+def deepspeed_checkpoint_types() -> list[type]:
+    """The three plain DeepSpeed types its checkpoint files hold besides tensors and containers."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    allowed = [LossScaler, ZeroStageEnum, fragment_address]
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(engine) -> None:
+    """Make DeepSpeed read checkpoints with ``torch.load(weights_only=True)``.
+
+    Anything in a checkpoint beyond tensors, containers and ``deepspeed_checkpoint_types()`` (a
+    pickled callable, say) is refused instead of executed.
+    """
+    allowed = deepspeed_checkpoint_types()
 
     def load(path, map_location=None):
         with torch.serialization.safe_globals(allowed):

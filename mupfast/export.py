@@ -31,10 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from mupfast.config import Config, ConfigError, ModelConfig, apply_override, config_from_dict, validate
-from mupfast.engine import CheckpointError, checkpoint_dir, latest_tag
+from mupfast.config import Config, ConfigError, ModelConfig, config_from_dict, read_raw_config, validate
+from mupfast.engine import CheckpointError, checkpoint_dir, deepspeed_checkpoint_types, latest_tag
 from mupfast.model import Transformer
 
 # ----------------------------------------------------------------------------------------------
@@ -65,15 +64,7 @@ def read_run_config(run_dir: str | Path, config: str | None = None, overrides: l
     path = Path(config) if config else run_dir / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"--run: {path} not found (not a run directory written by `mupfast train`?)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for item in overrides:
-        apply_override(raw, item)
-    cfg = config_from_dict(raw)
+    cfg = config_from_dict(read_raw_config(path, overrides))
     # Validate everything but the training-only paths (checked by `mupfast train`, not needed here).
     validate(
         replace(
@@ -85,15 +76,6 @@ def read_run_config(run_dir: str | Path, config: str | None = None, overrides: l
     return cfg
 
 
-def _safe_classes() -> list[type]:
-    """DeepSpeed's three plain types that its checkpoint files hold (the allowlist of engine.py)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
 def _load_weights_only(path: Path, **kwargs: Any) -> Any:
     """torch.load(weights_only=True); DeepSpeed's allow-listed types are imported only when present."""
     kwargs.pop("weights_only", None)
@@ -101,7 +83,7 @@ def _load_weights_only(path: Path, **kwargs: Any) -> Any:
     try:
         return torch.load(path, weights_only=True, **kwargs)
     except pickle.UnpicklingError:
-        with torch.serialization.safe_globals(_safe_classes()):
+        with torch.serialization.safe_globals(deepspeed_checkpoint_types()):
             return torch.load(path, weights_only=True, **kwargs)
 
 
