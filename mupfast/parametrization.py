@@ -317,6 +317,8 @@ def format_table(cfg: ModelConfig, rules: list[Rule], run: Config | None = None)
         + (
             ""
             if cfg.parametrization == "sp"
+            else f"   (1/√d_head, d_head={cfg.head_dim}: the anchor's √128/d_head at its fixed d_head 128)"
+            if cfg.parametrization == "hyperp"
             else f"   (α_attn={cfg.attention_logits_alpha:g} / "
             + (f"d_head={cfg.head_dim})" if cfg.scale_qk_dot_by_d else f"√d_head, d_head={cfg.head_dim})")
         ),

@@ -102,6 +102,7 @@ def test_explain_shows_the_optimizer_column_and_the_computed_lr():
     text = format_table(cfg.model, rules, cfg)
     assert "optimizer" in text.splitlines()[1] and "muon_sphere" in text
     assert f"= {eta:.6g}" in text and "optim.lr unused" in text
+    assert f"attention logits × {1 / math.sqrt(cfg.model.head_dim):.6g}   (1/√d_head" in text
     table = table_json(cfg.model, rules, cfg)
     assert table["transfer_rule"]["lr"] == pytest.approx(eta)
     assert {r["optimizer"] for r in table["rules"]} == {"adamw", "muon_sphere"}
