@@ -31,6 +31,27 @@ def _parser() -> argparse.ArgumentParser:
     e = verb("explain", "print the parametrization table: init, lr and wd multipliers, forward multipliers")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     verb("prepare-data", "tokenize the corpus into token shards (cached; training does this itself)")
+    c = verb("coord-check", "coordinate check: every layer's output size vs width, SP and μP (JSON + PNG)")
+    c.add_argument(
+        "--widths", default="64,128,256,512,1024", help="comma-separated widths (default %(default)s)"
+    )
+    c.add_argument("--steps", default="5", help="optimizer steps per width (default %(default)s)")
+    c.add_argument("--seeds", default="3", help="seeds averaged per width (default %(default)s)")
+    c.add_argument("--parametrizations", default="sp,mup", help="default %(default)s")
+    c.add_argument("--out", default="runs/coord-check", help="output directory (default %(default)s)")
+    t = verb(
+        "transfer-test", "μTransfer test: lr sweep per width (or depth) through the trainer (JSON + PNG)"
+    )
+    t.add_argument("--widths", help="comma-separated widths (default 64,128,256,512 unless --depths)")
+    t.add_argument("--depths", help="comma-separated num_layers: the depth variant at the config's width")
+    t.add_argument(
+        "--lrs", default="2^-11,2^-10,2^-9,2^-8,2^-7,2^-6,2^-5", help="lr grid (default %(default)s)"
+    )
+    t.add_argument("--steps", default=None, help="steps per run (default: the config's train.steps)")
+    t.add_argument("--seeds", default="1", help="seeds per point, averaged (default %(default)s)")
+    t.add_argument("--parametrizations", help="default sp,mup (widths) or mup,completep (depths)")
+    t.add_argument("--jobs", default=None, help="parallel runs (default: min(2, CPU count))")
+    t.add_argument("--out", default="runs/transfer-test", help="output directory (default %(default)s)")
     w = verb("sweep", "proxy hyperparameter sweep (Optuna; each trial a training run); --report to rank it")
     _study_args(w)
     w.add_argument("--trials", type=int, default=20, help="the study's trial budget (default %(default)s)")
@@ -129,6 +150,48 @@ def run(argv: list[str]) -> int:
                 f"{loss if loss is None else f'{loss:.4f}'}, val loss {val if val is None else f'{val:.4f}'}, "
                 f"{result.tokens_per_s:,.0f} tokens/s)"
             )
+        return 0
+    if args.verb == "coord-check":
+        from mupfast import coord_check as C
+
+        widths = C.parse_int_list(args.widths, "--widths")
+        params = C.parse_parametrizations(args.parametrizations)
+        steps, seeds = (
+            C.parse_positive_int(args.steps, "--steps"),
+            C.parse_positive_int(args.seeds, "--seeds"),
+        )
+        result = C.coord_check(cfg, widths, steps=steps, seeds=seeds, parametrizations=params)
+        js, png = C.write_outputs(result, args.out)
+        print("\n".join(C.verdict_lines(result)))
+        print(f"wrote {js} and {png} ({result['elapsed_s']:.0f} s)")
+        return 0
+    if args.verb == "transfer-test":
+        from mupfast import coord_check as C
+        from mupfast import transfer as X
+
+        if args.widths and args.depths:
+            raise ConfigError("transfer-test: give --widths or --depths, not both")
+        widths = depths = None
+        if args.depths:
+            depths = C.parse_int_list(args.depths, "--depths")
+        else:
+            widths = C.parse_int_list(args.widths or "64,128,256,512", "--widths")
+        params = C.parse_parametrizations(args.parametrizations) if args.parametrizations else None
+        jobs = C.parse_positive_int(args.jobs, "--jobs") if args.jobs else min(2, os.cpu_count() or 1)
+        result = X.transfer_test(
+            cfg,
+            lrs=X.parse_lrs(args.lrs),
+            widths=widths,
+            depths=depths,
+            steps=C.parse_positive_int(args.steps, "--steps") if args.steps else None,
+            seeds=C.parse_positive_int(args.seeds, "--seeds"),
+            parametrizations=params,
+            out=args.out,
+            jobs=jobs,
+        )
+        js, png = X.write_outputs(result, args.out)
+        print("\n".join(X.table_lines(result)))
+        print(f"wrote {js} and {png} ({result['elapsed_s']:.0f} s)")
         return 0
     if args.verb in ("sweep", "transfer"):
         return _sweep_or_transfer(args, cfg, _split_overrides(args, extra))

@@ -1,0 +1,431 @@
+"""Coordinate check: does every layer's output keep its size as the model gets wider?
+
+For each parametrization (SP, μP) and each width, build the model the config describes at that
+width, take a few steps of the real optimizer (ClipAdamW with the μP groups, clipping off, a
+constant lr that is the same for every width) on fixed batches of the corpus, and record the size
+of every layer's output — the embedding, each block's attention and MLP branch outputs, the final
+norm and the logits — at every step: mean |x| and RMS, geometric mean over seeds (one seed's
+SwiGLU spike at a large lr must not decide a slope). Under μP these sizes do not depend on the
+width. Under SP the hidden branches grow like width^2–3 after a few steps (Adam moves every entry
+by ~lr whatever the fan-in, so ΔW·x ∝ width, compounded through the layers) and the logits like
+width^0.5–0.6 (√width from the width-constant readout init, plus updates that grow with width).
+
+This is a measurement of the parametrization, not of the trainer: it runs in-process on the plain
+model and optimizer, without DeepSpeed. Width scaling follows the μP convention of the anchors:
+``mup_base_hidden_size`` is the smallest width, ``filter_size`` keeps its ratio to the width, and
+the number of heads grows with the width so the head dim (the config's) stays fixed.
+
+Steps are counted as updates: ``t = 0`` is the forward pass at initialisation, ``t = k`` the forward
+after k updates. The verdict of a layer is the least-squares slope of log2(mean |x|) against
+log2(width): μP passes where |slope| ≤ ``MUP_TOLERANCE`` at every t from ``JUDGED_FROM`` (2) to
+``steps``. Earlier steps are reported and plotted, not judged: at t = 0 μP's logits shrink like
+width^-½ by design (the readout's init is width-constant and the logits carry the 1/m multiplier,
+so only their learned part is Θ(1); ``readout_zero_init`` removes that term), and after the first
+Adam step (t = 1) that init term still outweighs the learned part at the smallest widths, where
+the hidden branches also still carry an O(1/√width) term of the first update. Both are finite-width
+transients that have faded by t = 2 (see ``docs/results/coord-check.json``: every step's slopes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mupfast.config import Config, ConfigError, config_from_dict, validate
+
+#: μP passes where the log2-log2 slope of every layer's mean |x| against width stays within this at
+#: t = JUDGED_FROM..steps. 0.15 is 1.11× per doubling of the width (microsoft/mup's own test allows
+#: 1.2× between widths). Measured with configs/coord-check.yaml, widths 64–1024, 3 seeds: μP's
+#: largest slope is 0.13 (an MLP branch; seed noise of the large lr), SP's logits 0.6 and its hidden
+#: branches 1.9–3.2. With fewer seeds or an arithmetic mean μP's MLP slopes reach ~0.2–0.25.
+MUP_TOLERANCE = 0.15
+#: First judged step. After one Adam step (t = 1) the learned part of the logits is still smaller
+#: than their width^-½ init term at the smallest widths, so t = 1 shows μP's transient, not its limit.
+JUDGED_FROM = 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags and configs shared with the transfer test
+
+
+def parse_positive_int(text: str | int, flag: str) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{flag}: {text!r} is not a positive integer") from None
+    if value <= 0:
+        raise ConfigError(f"{flag}: {text!r} is not a positive integer")
+    return value
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    """``"64,128,256"`` → ``[64, 128, 256]``: positive, distinct, sorted; ConfigError naming the flag."""
+    values = []
+    for item in str(text).split(","):
+        item = item.strip()
+        try:
+            value = int(item)
+        except ValueError:
+            raise ConfigError(
+                f"{flag}: {item!r} is not a positive integer (expected e.g. 64,128,256)"
+            ) from None
+        if value <= 0:
+            raise ConfigError(f"{flag}: {item!r} is not a positive integer (expected e.g. 64,128,256)")
+        values.append(value)
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{flag}: values repeat ({text})")
+    if len(values) < 2:
+        raise ConfigError(f"{flag}: needs at least two values to compare (got {text!r})")
+    return sorted(values)
+
+
+def parse_parametrizations(text: str, flag: str = "--parametrizations") -> list[str]:
+    names = [s.strip() for s in str(text).split(",") if s.strip()]
+    bad = [n for n in names if n not in ("sp", "mup", "completep")]
+    if bad or not names:
+        raise ConfigError(f"{flag}: {', '.join(bad) or repr(text)} — choose from sp, mup, completep")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{flag}: values repeat ({text})")
+    return names
+
+
+def with_overrides(cfg: Config, values: dict[str, Any]) -> Config:
+    """A copy of ``cfg`` with dotted keys replaced (``{"model.hidden_size": 256}``), validated."""
+    raw = cfg.to_dict()
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        node = raw
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    new = config_from_dict(raw)
+    validate(new)
+    return new
+
+
+def scaled_config(
+    cfg: Config,
+    *,
+    parametrization: str,
+    width: int | None = None,
+    base_width: int | None = None,
+    depth: int | None = None,
+    base_depth: int | None = None,
+) -> Config:
+    """``cfg`` at another width and/or depth, with the μP bases fixed at the proxy's size.
+
+    Width: the head dim and the ratio filter_size/hidden_size of ``cfg`` stay fixed; the number of
+    (query and key/value) heads grows with the width. Depth: ``num_layers`` changes and
+    ``mup_base_num_layers`` is ``base_depth``.
+    """
+    m = cfg.model
+    values: dict[str, Any] = {"model.parametrization": parametrization}
+    if width is not None:
+        base_width = base_width or width
+        head_dim, ratio = m.head_dim, m.filter_size / m.hidden_size
+        group = m.num_heads // m.kv_heads
+        for w in (width, base_width):
+            if w % head_dim or (w // head_dim) % group:
+                raise ConfigError(
+                    f"--widths: {w} is not a multiple of the head dim {head_dim}"
+                    + (f" × {group} query heads per kv head" if group > 1 else "")
+                    + " (model.hidden_size / model.num_heads of the config)"
+                )
+            if (ratio * w) % 1:
+                raise ConfigError(f"--widths: {w} × filter ratio {ratio:g} is not an integer filter_size")
+        values.update(
+            {
+                "model.hidden_size": width,
+                "model.num_heads": width // head_dim,
+                "model.num_kv_heads": None if m.num_kv_heads is None else width // head_dim // group,
+                "model.filter_size": int(ratio * width),
+                "model.mup_base_hidden_size": base_width,
+                "model.mup_base_filter_size": int(ratio * base_width),
+            }
+        )
+    if depth is not None:
+        values.update({"model.num_layers": depth, "model.mup_base_num_layers": base_depth or depth})
+    return with_overrides(cfg, values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement
+
+
+def layer_names(num_layers: int) -> list[str]:
+    """The recorded layers, input to output."""
+    names = ["embedding"]
+    for i in range(num_layers):
+        names += [f"block{i}.attn", f"block{i}.mlp"]
+    return [*names, "final_norm", "logits"]
+
+
+def _sizes(x: torch.Tensor) -> tuple[float, float]:
+    x = x.detach().double()
+    return x.abs().mean().item(), x.square().mean().sqrt().item()
+
+
+def measure_run(cfg: Config, steps: int, seed: int, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """Sizes of every layer's output at t = 0..steps for one model: {layer: {"mean_abs": [...], "rms": [...]}}."""
+    from mupfast.model import build_model
+    from mupfast.optim import build_optimizer
+
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    model.train()
+    opt = build_optimizer(model, cfg)
+    names = layer_names(cfg.model.num_layers)
+    record: dict[str, dict[str, list[float]]] = {n: {"mean_abs": [], "rms": []} for n in names}
+    record["loss"] = {"value": []}
+
+    def keep(name: str, x: torch.Tensor) -> None:
+        a, r = _sizes(x)
+        record[name]["mean_abs"].append(a)
+        record[name]["rms"].append(r)
+
+    def final_norm_hook(_mod, _inp, out):
+        keep("final_norm", out)
+        with torch.no_grad():
+            keep("logits", model.readout.logits(out))
+
+    hooks = [
+        model.tok_emb.register_forward_hook(
+            lambda _m, _i, out: keep("embedding", out * model.embedding_scale)
+        ),
+        model.final_norm.register_forward_hook(final_norm_hook),
+    ]
+    for i, block in enumerate(model.blocks):
+        hooks.append(block.attn.register_forward_hook(lambda _m, _i, out, i=i: keep(f"block{i}.attn", out)))
+        hooks.append(block.mlp.register_forward_hook(lambda _m, _i, out, i=i: keep(f"block{i}.mlp", out)))
+    try:
+        for t in range(steps + 1):
+            x, y = batches[t]
+            if t == steps:  # the last forward only measures
+                with torch.no_grad():
+                    record["loss"]["value"].append(model(x, y).item())
+                break
+            loss = model(x, y)
+            record["loss"]["value"].append(loss.item())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return record
+
+
+def _geomean(values: Sequence[float]) -> float:
+    if any(not v > 0 for v in values):
+        return 0.0 if all(v == 0 for v in values) else float("nan")
+    return 2.0 ** (sum(math.log2(v) for v in values) / len(values))
+
+
+def log2_slope(widths: Sequence[float], sizes: Sequence[float]) -> float:
+    """Least-squares slope of log2(size) against log2(width); nan if a size is 0 or not finite."""
+    if any(not (s > 0 and math.isfinite(s)) for s in sizes):
+        return float("nan")
+    xs = [math.log2(w) for w in widths]
+    ys = [math.log2(s) for s in sizes]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+
+
+def coord_check(
+    cfg: Config,
+    widths: Sequence[int],
+    *,
+    steps: int = 5,
+    seeds: int = 3,
+    parametrizations: Sequence[str] = ("sp", "mup"),
+    tolerance: float = MUP_TOLERANCE,
+    progress: bool = True,
+) -> dict:
+    """Run the coordinate check and return the result dict (what ``coord-check`` writes as JSON)."""
+    from tqdm.auto import tqdm
+
+    from mupfast.data import BatchSampler, TokenShard, prepare_data
+
+    if steps < 1 or seeds < 1:
+        raise ConfigError(f"--steps and --seeds must be positive (got {steps}, {seeds})")
+    widths = sorted(widths)
+    base = with_overrides(
+        cfg, {"clip.max_norm": 0.0, "clip.global_max_norm": 0.0, "clip.component_max_norm": {}}
+    )
+    configs = {
+        (p, w): scaled_config(base, parametrization=p, width=w, base_width=widths[0])
+        for p in parametrizations
+        for w in widths
+    }
+    prepared = prepare_data(cfg.data, progress=progress)
+    shard = TokenShard(prepared.train_path)
+    t = cfg.train
+    batches = {
+        s: [
+            BatchSampler(
+                shard, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size, seed=t.seed + s
+            ).batch(k)
+            for k in range(steps + 1)
+        ]
+        for s in range(seeds)
+    }
+    names = layer_names(cfg.model.num_layers)
+    start = time.perf_counter()
+    raw: dict[str, dict[int, list[dict]]] = {p: {w: [] for w in widths} for p in parametrizations}
+    jobs = [(p, w, s) for p in parametrizations for w in widths for s in range(seeds)]
+    with tqdm(total=len(jobs), desc="coord-check", unit="run", disable=not progress) as bar:
+        for p, w, s in jobs:
+            bar.set_postfix_str(f"{p} width {w} seed {s}")
+            raw[p][w].append(measure_run(configs[p, w], steps, t.seed + s, batches[s]))
+            bar.update(1)
+
+    result: dict[str, Any] = {
+        "widths": widths,
+        "base_width": widths[0],
+        "steps": steps,
+        "seeds": seeds,
+        "lr": cfg.optim.lr,
+        "head_dim": cfg.model.head_dim,
+        "num_layers": cfg.model.num_layers,
+        "tokens_per_step": t.seq_len * t.micro_batch_size,
+        "tolerance": tolerance,
+        "judged_from": min(JUDGED_FROM, steps),
+        "tolerance_note": (
+            "μP passes where |slope of log2(mean |x|) vs log2(width)| <= tolerance for every layer at "
+            f"every t = {min(JUDGED_FROM, steps)}..steps (t counts updates; earlier steps are reported, not judged)"
+        ),
+        "layers": names,
+        "parametrizations": {},
+        "elapsed_s": 0.0,
+    }
+    for p in parametrizations:
+        layers = {}
+        for n in names:
+            entry: dict[str, Any] = {}
+            for metric in ("mean_abs", "rms"):
+                # sizes[t][i]: geometric mean over seeds at step t, width widths[i]
+                sizes = [
+                    [_geomean([run[n][metric][k] for run in raw[p][w]]) for w in widths]
+                    for k in range(steps + 1)
+                ]
+                entry[metric] = sizes
+                entry[f"slope_{metric}"] = [log2_slope(widths, row) for row in sizes]
+            # per_seed[s][t][i]: mean |x| of seed s, to see the spread behind the averages
+            entry["per_seed_mean_abs"] = [
+                [[raw[p][w][s][n]["mean_abs"][k] for w in widths] for k in range(steps + 1)]
+                for s in range(seeds)
+            ]
+            judged = [abs(s) for s in entry["slope_mean_abs"][min(JUDGED_FROM, steps) :]]
+            entry["max_abs_slope"] = max(judged) if all(math.isfinite(s) for s in judged) else float("nan")
+            entry["flat"] = bool(entry["max_abs_slope"] <= tolerance)
+            layers[n] = entry
+        result["parametrizations"][p] = {
+            # loss[t][i]: training loss of the forward at step t, width widths[i], mean over seeds
+            "loss": [
+                [sum(run["loss"]["value"][k] for run in raw[p][w]) / seeds for w in widths]
+                for k in range(steps + 1)
+            ],
+            "layers": layers,
+            "all_flat": all(e["flat"] for e in layers.values()),
+        }
+    result["elapsed_s"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+_LABELS = {"sp": "SP", "mup": "μP", "completep": "CompleteP"}
+
+
+def verdict_lines(result: dict) -> list[str]:
+    """One line per parametrization and layer: the slope at the last step and the verdict."""
+    lines = []
+    tol = result["tolerance"]
+    for p, pr in result["parametrizations"].items():
+        for n, e in pr["layers"].items():
+            last = e["slope_mean_abs"][-1]
+            worst = e["max_abs_slope"]
+            if p == "sp":
+                word = "grows" if last > tol else ("shrinks" if last < -tol else "flat")
+            else:
+                word = "flat" if e["flat"] else "NOT FLAT"
+            lines.append(
+                f"{_LABELS.get(p, p):>9}  {n:<12} slope at t={result['steps']}: {last:+.3f}   "
+                f"max |slope| over t≥{result['judged_from']}: {worst:.3f}   {word}"
+            )
+        if p != "sp":
+            ok = "PASS" if pr["all_flat"] else "FAIL"
+            lines.append(f"{_LABELS.get(p, p):>9}  every layer within |slope| ≤ {tol:g}: {ok}")
+    return lines
+
+
+def plot_coord_check(result: dict, path: str | Path, metric: str = "mean_abs") -> None:
+    """Grid: rows = parametrizations, columns = steps; each panel size vs log2 width, one line per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    params = list(result["parametrizations"])
+    widths, names = result["widths"], result["layers"]
+    ncols = result["steps"] + 1
+    fig, axes = plt.subplots(
+        len(params), ncols, figsize=(2.6 * ncols, 2.8 * len(params)), sharey="row", squeeze=False
+    )
+    cmap = plt.get_cmap("turbo")
+    colors = {n: cmap(0.05 + 0.9 * i / max(1, len(names) - 1)) for i, n in enumerate(names)}
+    xs = [math.log2(w) for w in widths]
+    for r, p in enumerate(params):
+        layers = result["parametrizations"][p]["layers"]
+        for t in range(ncols):
+            ax = axes[r][t]
+            for n in names:
+                ys = layers[n][metric][t]
+                ax.plot(xs, ys, "o-", ms=3, lw=1.2, color=colors[n], label=n)
+            ax.set_yscale("log")
+            ax.set_xticks(xs, [str(w) for w in widths], fontsize=7)
+            ax.grid(alpha=0.3, which="both", lw=0.5)
+            ax.set_title(f"{_LABELS.get(p, p)}  t={t}" + (" (init)" if t == 0 else ""), fontsize=9)
+            if t == 0:
+                ax.set_ylabel({"mean_abs": "mean |x|", "rms": "RMS(x)"}[metric])
+            if r == len(params) - 1:
+                ax.set_xlabel("width (log2 axis)", fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+    fig.suptitle(
+        f"Coordinate check: layer output size vs width, lr {result['lr']:g}, "
+        f"{result['seeds']} seeds, head dim {result['head_dim']}",
+        fontsize=10,
+    )
+    fig.tight_layout(rect=(0, 0, 0.86, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def json_clean(obj: Any) -> Any:
+    """inf/nan → None, so the JSON is standard."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_clean(v) for v in obj]
+    return obj
+
+
+def write_outputs(result: dict, out: str | Path) -> tuple[Path, Path]:
+    """Write ``coord_check.json`` and ``coord_check.png`` into ``out``; return their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    js, png = out / "coord_check.json", out / "coord_check.png"
+    js.write_text(json.dumps(json_clean(result), indent=1) + "\n")
+    plot_coord_check(result, png)
+    return js, png

@@ -1,0 +1,103 @@
+"""The coordinate check at tiny widths: μP keeps every layer's output size flat in width, SP's
+logits and hidden branches grow; plus the slope fit, the width scaling and the CLI's errors."""
+
+import json
+import math
+
+import pytest
+
+import mupfast.coord_check as C
+from mupfast.cli import main as cli_main
+from mupfast.config import ConfigError
+from tests.helpers import tiny_config
+
+WIDTHS = "32,64,128"
+# At widths 32–128 with 2 seeds the finite-width and seed noise is larger than at the CLI's
+# default 64–1024 × 3 seeds, so the test allows 0.25 (still far below SP's slopes).
+TEST_TOLERANCE = 0.25
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("coord")
+    args = [
+        "coord-check",
+        "--widths",
+        WIDTHS,
+        "--steps",
+        "3",
+        "--seeds",
+        "2",
+        "--out",
+        str(out),
+        "model.hidden_size=32",
+        "model.num_heads=2",  # head dim 16 at every width
+        "model.filter_size=128",
+        "model.num_layers=2",
+        "model.max_seq_len=32",
+        "model.attention_logits_alpha=4.0",  # √16: μP at the base width is SP
+        "optim.lr=1e-2",
+        "train.seq_len=32",
+        "train.micro_batch_size=16",
+        "data.max_corpus_bytes=300000",
+        f"data.dir={out}/data",
+    ]
+    assert cli_main(args) == 0
+    assert (out / "coord_check.png").stat().st_size > 20_000
+    return json.loads((out / "coord_check.json").read_text())
+
+
+def test_mup_layer_sizes_do_not_depend_on_width(result):
+    layers = result["parametrizations"]["mup"]["layers"]
+    assert list(layers) == C.layer_names(2)
+    for name, e in layers.items():
+        for t in range(C.JUDGED_FROM, result["steps"] + 1):
+            assert abs(e["slope_mean_abs"][t]) <= TEST_TOLERANCE, (name, t, e["slope_mean_abs"])
+
+
+def test_sp_logits_and_hidden_branches_grow_with_width(result):
+    layers = result["parametrizations"]["sp"]["layers"]
+    for t in range(1, result["steps"] + 1):
+        assert layers["logits"]["slope_mean_abs"][t] > 0.4, layers["logits"]["slope_mean_abs"]
+    assert min(layers["block0.mlp"]["slope_mean_abs"][2:]) > 1.0
+    assert not result["parametrizations"]["sp"]["all_flat"]
+
+
+def test_at_the_base_width_mup_is_sp(result):
+    sp, mup = result["parametrizations"]["sp"], result["parametrizations"]["mup"]
+    for t in range(result["steps"] + 1):
+        assert mup["loss"][t][0] == pytest.approx(sp["loss"][t][0], rel=1e-5)
+        assert mup["layers"]["logits"]["mean_abs"][t][0] == pytest.approx(
+            sp["layers"]["logits"]["mean_abs"][t][0], rel=1e-4
+        )
+
+
+def test_log2_slope_recovers_power_laws():
+    widths = [64, 128, 256, 512]
+    assert C.log2_slope(widths, [3.0 * w for w in widths]) == pytest.approx(1.0)
+    assert C.log2_slope(widths, [5.0 / math.sqrt(w) for w in widths]) == pytest.approx(-0.5)
+    assert C.log2_slope(widths, [0.7] * 4) == pytest.approx(0.0)
+    assert math.isnan(C.log2_slope(widths, [0.0, 1.0, 1.0, 1.0]))
+
+
+def test_scaled_config_keeps_head_dim_and_filter_ratio():
+    cfg = tiny_config("model.hidden_size=64", "model.num_heads=4", "model.filter_size=256")
+    wide = C.scaled_config(cfg, parametrization="mup", width=256, base_width=64)
+    m = wide.model
+    assert (m.hidden_size, m.num_heads, m.head_dim, m.filter_size) == (256, 16, 16, 1024)
+    assert (m.mup_base_hidden_size, m.mup_base_filter_size) == (64, 256)
+    with pytest.raises(ConfigError, match="head dim 16"):
+        C.scaled_config(cfg, parametrization="mup", width=72, base_width=64)
+
+
+def test_bad_flags_print_one_line(capsys):
+    cases = [
+        (["--widths", "64,abc"], "--widths: 'abc' is not a positive integer"),
+        (["--widths", "64"], "--widths: needs at least two values"),
+        (["--steps", "x"], "--steps: 'x' is not a positive integer"),
+        (["--parametrizations", "sp,nope"], "--parametrizations: nope"),
+    ]
+    for args, message in cases:
+        assert cli_main(["coord-check", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (args, err)

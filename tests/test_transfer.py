@@ -1,0 +1,129 @@
+"""The μTransfer test: its optimum finding and drift on curves whose answer is known, and the sweep
+end to end through the real trainer on a tiny grid (resumable, diverged runs counted as +inf)."""
+
+import json
+import math
+
+import pytest
+
+import mupfast.train as T
+import mupfast.transfer as X
+from mupfast.cli import main as cli_main
+from mupfast.config import ConfigError
+from mupfast.train import TrainingError
+from tests.helpers import tiny_config
+
+GRID = [2.0**e for e in range(-12, -4)]  # 2^-12 … 2^-5
+
+
+def _parabola(vertex_log2: float, curvature: float = 0.3, floor: float = 2.0) -> list[float]:
+    return [floor + curvature * (math.log2(lr) - vertex_log2) ** 2 for lr in GRID]
+
+
+@pytest.mark.parametrize("vertex", [-10.0, -9.3, -8.5, -7.75, -6.1])
+def test_optimum_of_a_parabola_is_its_grid_neighbour_and_the_fit_is_exact(vertex):
+    opt = X.find_optimum(GRID, _parabola(vertex))
+    assert opt["log2_lr"] == round(vertex) if vertex != -8.5 else opt["log2_lr"] in (-9, -8)
+    assert opt["lr"] == GRID[opt["index"]] and not opt["at_edge"]
+    assert opt["fit_log2_lr"] == pytest.approx(vertex, abs=1e-9)  # three points determine a parabola
+
+
+def test_optimum_at_the_grid_edge_is_flagged_and_diverged_points_never_win():
+    falling = [3.0 - 0.1 * i for i in range(len(GRID))]  # best lr beyond the largest one
+    opt = X.find_optimum(GRID, falling)
+    assert opt["index"] == len(GRID) - 1 and opt["at_edge"] and opt["fit_log2_lr"] == -5
+    curve = _parabola(-6.2)
+    curve[-2:] = [math.inf, math.nan]  # the two largest lrs diverged
+    opt = X.find_optimum(GRID, curve)
+    assert opt["log2_lr"] == -7 and opt["fit_log2_lr"] == -7  # no fit through a diverged neighbour
+    assert X.find_optimum(GRID, [math.inf] * len(GRID))["index"] is None
+
+
+def test_drift_counts_grid_steps_between_the_extreme_optima():
+    sp_like = [X.find_optimum(GRID, _parabola(v)) for v in (-6.0, -7.0, -8.2, -9.1)]
+    mup_like = [X.find_optimum(GRID, _parabola(v)) for v in (-7.2, -6.9, -7.1, -7.3)]
+    assert X.drift(sp_like)["grid_steps"] == 3
+    assert X.drift(sp_like)["fit_log2"] == pytest.approx(3.1)
+    assert X.drift(mup_like)["grid_steps"] == 0
+    assert X.drift(mup_like)["fit_log2"] == pytest.approx(0.4)
+    assert X.mean_loss([2.0, math.inf]) == math.inf and X.mean_loss([2.0, 3.0]) == 2.5
+
+
+def test_lr_grid_parsing():
+    assert X.parse_lrs("2^-5,2**-7, 1e-3") == sorted([2**-5, 2**-7, 1e-3])
+    for bad in ("2^-5,abc", "2^-5,-1e-3", "2^-5", "1e-3,1e-3"):
+        with pytest.raises(ConfigError, match="--lrs"):
+            X.parse_lrs(bad)
+
+
+def test_bad_flags_print_one_line(capsys):
+    cases = [
+        (["--widths", "64,abc"], "--widths: 'abc' is not a positive integer"),
+        (["--widths", "64,128", "--depths", "2,4"], "not both"),
+        (["--lrs", "fast,slow"], "--lrs: 'fast' is not a number"),
+        (["--jobs", "0"], "--jobs: '0' is not a positive integer"),
+    ]
+    for args, message in cases:
+        assert cli_main(["transfer-test", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (args, err)
+
+
+def test_sweep_runs_end_to_end_resumes_and_counts_divergence_as_inf(tmp_path, monkeypatch):
+    cfg = tiny_config("train.log_every=1", "schedule.kind=constant", tmp_path=tmp_path)
+    trained = []
+    real = T.train
+
+    def train_or_diverge(point_cfg):
+        trained.append(point_cfg.train.run_dir)
+        if point_cfg.optim.lr > 0.01 and point_cfg.model.hidden_size == 64:
+            raise TrainingError("stopping: 5 non-finite losses in a row")  # as the trainer does
+        return real(point_cfg)
+
+    monkeypatch.setattr(T, "train", train_or_diverge)
+    kwargs = dict(lrs=[2**-8, 2**-5], widths=[32, 64], steps=3, out=tmp_path / "tt", jobs=1, progress=False)
+    result = X.transfer_test(cfg, **kwargs)
+    assert len(trained) == 8  # 2 parametrizations × 2 widths × 2 lrs
+    for p in ("sp", "mup"):
+        curves = result["results"][p]["curves"]
+        assert set(curves) == {"32", "64"}
+        assert all(math.isfinite(v) and 1.0 < v < 6.0 for v in curves["32"]["val_loss"])
+        assert curves["64"]["val_loss"][1] == math.inf  # the diverged point
+        assert curves["64"]["optimum"]["index"] == 0
+        assert result["results"][p]["drift"]["grid_steps"] in (0, 1)
+    run = tmp_path / "tt" / "runs" / "mup" / "width64" / "lr2^-8" / "seed0"
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+    assert not (run / "checkpoints").exists()  # the sweep keeps metrics, not weights
+
+    js, png = X.write_outputs(result, tmp_path / "tt")
+    saved = json.loads(js.read_text())
+    assert saved["results"]["sp"]["curves"]["64"]["val_loss"][1] is None  # inf → null in the JSON
+    assert png.stat().st_size > 10_000
+    assert len(X.table_lines(result)) >= 2
+
+    # A second call finds every point done (the diverged one too) and trains nothing.
+    trained.clear()
+    again = X.transfer_test(cfg, **kwargs)
+    assert trained == []
+    assert again["results"]["mup"]["curves"] == result["results"]["mup"]["curves"]
+    # A point whose saved config differs (here: more steps) is run again instead of reused.
+    args = dict(
+        axis="width", sizes=[32, 64], lrs=[2**-8], seeds=1, parametrizations=["mup"], out=tmp_path / "tt"
+    )
+    assert all(X.finished_loss(pt) is not None for pt in X.make_points(cfg, steps=3, **args))
+    assert all(X.finished_loss(pt) is None for pt in X.make_points(cfg, steps=4, **args))
+
+
+def test_depth_variant_and_worker_processes(tmp_path):
+    cfg = tiny_config("schedule.kind=constant", "model.hidden_size=32", tmp_path=tmp_path)
+    result = X.transfer_test(
+        cfg, lrs=[2**-8, 2**-6], depths=[1, 2], steps=2, out=tmp_path / "depth", jobs=2, progress=False
+    )
+    assert result["axis"] == "depth" and result["parametrizations"] == ["mup", "completep"]
+    for p in ("mup", "completep"):
+        for d in ("1", "2"):
+            assert all(math.isfinite(v) for v in result["results"][p]["curves"][d]["val_loss"])
+    saved = (
+        tmp_path / "depth" / "runs" / "completep" / "depth2" / "lr2^-6" / "seed0" / "config.yaml"
+    ).read_text()
+    assert "mup_base_num_layers: 1" in saved and "num_layers: 2" in saved
