@@ -48,6 +48,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -199,7 +200,10 @@ def open_storage(url: str, *, heartbeat: bool = False, must_exist: bool = False)
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}  # a few writers on one host
     elif url.startswith(("postgresql", "postgres")):
         scheme, rest = url.split("://", 1)
-        if scheme in ("postgres", "postgresql"):  # SQLAlchemy 2.1's default driver is psycopg 3; ours is psycopg2
+        if scheme in (
+            "postgres",
+            "postgresql",
+        ):  # SQLAlchemy 2.1's default driver is psycopg 3; ours is psycopg2
             scheme = "postgresql+psycopg2"
             url = f"{scheme}://{rest}"
         if scheme == "postgresql+psycopg2":
@@ -406,7 +410,13 @@ class MetricsTail:
             chunk = f.read()
         end = chunk.rfind(b"\n") + 1
         self.offset += end
-        return [json.loads(line) for line in chunk[:end].splitlines() if line.strip()]
+        out = []
+        for line in chunk[:end].splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:  # a torn or foreign line must not end the study
+                continue
+        return out
 
 
 def _failure_reason(returncode: int, log: Path) -> str:
@@ -505,7 +515,10 @@ class Worker:
 
         from mupfast.metrics import read_metrics
 
-        records = read_metrics(run_dir)
+        try:
+            records = read_metrics(run_dir)
+        except ValueError:  # an unreadable metrics file: judged below as a run without a final val loss
+            records = []
         stability = run_stability(records)
         trial.set_user_attr("stability", stability)
         trial.set_user_attr("elapsed_s", round(time.monotonic() - t0, 1))
@@ -647,10 +660,19 @@ def sweep(
             bar.set_postfix_str("")
             bar.refresh()
 
+    def on_sigterm(signum, frame):  # a batch system's SIGTERM: stop the trial's run, mark it FAIL
+        raise KeyboardInterrupt
+
+    previous = signal.getsignal(signal.SIGTERM)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        signal.signal(signal.SIGTERM, on_sigterm)
     try:
         while _started(study_counts(study)) < n_trials:
             study.optimize(worker.objective, n_trials=1, catch=(TrialFailed,), callbacks=[after_trial])
     finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
         if bar is not None:
             bar.close()
     return study

@@ -81,7 +81,8 @@ def postgres_server() -> Iterator[str]:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
 
     try:
-        run([str(bindir / "initdb"), "-D", str(data), "-U", "mupfast", "--auth=trust", "-E", "UTF8", "--no-locale"])
+        initdb = [str(bindir / "initdb"), "-D", str(data), "-U", "mupfast", "--auth=trust", "-E", "UTF8"]
+        run([*initdb, "--no-locale"])
         opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {sock} -c fsync=off -c max_connections=50"
         run([str(bindir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(log), "-w", "-t", "60", "start"])
         try:

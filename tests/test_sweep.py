@@ -91,7 +91,11 @@ def test_random_draws_depend_on_the_trial_number_not_on_the_worker():
 
     def draws(seed: int, n: int) -> list[dict]:
         study = optuna.create_study(sampler=W.make_sampler("random", seed))
-        study.optimize(lambda t: [t.suggest_float(k, r.low, r.high, log=r.log) for k, r in space.items()][0], n)
+
+        def objective(t):
+            return sum(t.suggest_float(k, r.low, r.high, log=r.log) for k, r in space.items())
+
+        study.optimize(objective, n)
         return [t.params for t in study.trials]
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -101,6 +105,7 @@ def test_random_draws_depend_on_the_trial_number_not_on_the_worker():
     assert draws(8, 1)[0] != a[0]
 
 
+@pytest.mark.slow
 def test_a_sqlite_sweep_runs_end_to_end_then_reports_and_transfers(tmp_path, data_dir, space_file, capsys):
     db = tmp_path / "sweeps" / "e2e.db"
     common = ["--study", "e2e", "--storage", f"sqlite:///{db}"]
@@ -117,7 +122,8 @@ def test_a_sqlite_sweep_runs_end_to_end_then_reports_and_transfers(tmp_path, dat
         run = Path(t.user_attrs["run_dir"])
         assert run == tmp_path / "trials" / f"trial-{t.number:04d}"
         assert read_metrics(run, "eval")[-1]["val_loss"] == pytest.approx(t.value)
-        assert yaml.safe_load((run / "trial.yaml").read_text())["optim"]["lr"] == pytest.approx(t.params["lr"])
+        written = yaml.safe_load((run / "trial.yaml").read_text())
+        assert written["optim"]["lr"] == pytest.approx(t.params["lr"])
         assert not (run / "checkpoints").exists()  # removed unless --keep-checkpoints
         stab = t.user_attrs["stability"]
         assert stab["train_records"] == STEPS and stab["nonfinite_steps"] == 0
@@ -184,10 +190,12 @@ def test_a_crashing_trial_fails_a_pruned_one_stops_and_the_study_goes_on(
     assert done.value == pytest.approx(read_metrics(done.user_attrs["run_dir"], "eval")[-1]["val_loss"])
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_sweep_processes_share_one_study_on_postgresql(tmp_path, data_dir, space_file):
     with postgres_server() as url:
         env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-        common = ["--config", str(PROXY), "--study", "shared", "--storage", url, "--trials", "4"]
+        common = ["--config", str(PROXY), "--study", "shared", "--storage", url, "--trials", "3"]
         common += ["--space", str(space_file), "--sweep-dir", str(tmp_path / "trials"), "--threads", "1"]
         common += ["--pruner", "none", *tiny(data_dir)]
         workers = [  # the second worker takes the GPU path's command: the deepspeed launcher
@@ -207,9 +215,10 @@ def test_two_sweep_processes_share_one_study_on_postgresql(tmp_path, data_dir, s
         study = optuna.load_study(study_name="shared", storage=W.open_storage(url))
         trials = study.trials
     numbers = [t.number for t in trials]
-    assert 4 <= len(trials) <= 5  # the budget is the study's; racing workers may overshoot by one
+    assert 3 <= len(trials) <= 4  # the budget is the study's; racing workers may overshoot by one
     assert sorted(numbers) == list(range(len(trials)))  # distinct, no gaps
-    assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}, [t.user_attrs.get("error") for t in trials]
+    errors = [t.user_attrs.get("error") for t in trials]
+    assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}, errors
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers ran trials of the one study
     for t in trials:
         assert Path(t.user_attrs["run_dir"], "metrics.jsonl").is_file()
