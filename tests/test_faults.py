@@ -38,12 +38,13 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
     while not predicate():
         assert proc.poll() is None, "training ended before the fault could be injected"
         assert time.time() < deadline, "timed out waiting"
-        time.sleep(0.2)
+        time.sleep(0.05)
 
 
 @pytest.mark.slow
 def test_kill_9_then_resume_gives_the_uninterrupted_losses(tmp_path):
-    overrides = [*FAST, "train.steps=12", "train.save_every=3"]
+    # Long enough after the step-6 checkpoint that the kill always lands mid-run, even on a fast machine.
+    overrides = [*FAST, "train.steps=30", "train.save_every=3"]
     full = tiny_config(*overrides, tmp_path=tmp_path / "full")
     subprocess.run(
         _train_cmd(write_config(full, tmp_path / "full.yaml")),
@@ -60,7 +61,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_losses(tmp_path):
     _wait_for(lambda: latest.is_file() and latest.read_text().strip() >= "step00000006", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert max(_losses(cut.train.run_dir)) < 12  # it really was cut short
+    assert max(_losses(cut.train.run_dir)) < 30  # it really was cut short
     subprocess.run(cmd, env=subprocess_env(), check=True, capture_output=True, timeout=600)
     assert _losses(cut.train.run_dir) == _losses(full.train.run_dir)
 
