@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from mupfast.config import Config, ConfigError, apply_override, config_from_dict, validate
+from mupfast.config import Config, ConfigError, config_from_dict, read_raw_config, validate
 from mupfast.stability import Thresholds, TrialRow, collect, rank, space_names
 
 MODEL_KEYS = (
@@ -64,21 +64,6 @@ class Transferred:
     trial: TrialRow
     config: Config
     values: dict[str, Any]
-
-
-def _read_target(path: str | Path, overrides: list[str]) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--target: config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for item in overrides:
-        apply_override(raw, item)
-    return raw
 
 
 def transferred_values(proxy: Config, params: dict[str, float], target: Config) -> dict[str, Any]:
@@ -124,7 +109,7 @@ def write_target_configs(
     if not proxy_raw:
         raise ConfigError(f"--study {study.study_name}: no proxy config stored (not a mupfast sweep?)")
     proxy = config_from_dict(proxy_raw)
-    target_raw = _read_target(target, list(overrides or []))
+    target_raw = read_raw_config(target, list(overrides or []), what="--target: config file")
     target_cfg = config_from_dict(target_raw)
     validate(target_cfg)
 

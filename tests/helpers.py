@@ -76,3 +76,27 @@ def run_bench_smoke(module: str, name: str, out_dir) -> dict:
     (json_path,) = out_dir.glob(f"*-{name}.json")
     assert json_path.with_suffix(".md").is_file()
     return json.loads(json_path.read_text())
+
+
+def crash_after_checkpoint_then_resume(cfg: Config, crash_step: int, monkeypatch):
+    """Train until the checkpoint of ``crash_step`` is written, crash, then run the same config again."""
+    import pytest
+
+    import mupfast.train as T
+
+    real_save = T.E.save_checkpoint
+
+    class Crash(Exception):
+        pass
+
+    def save_then_crash(engine, ckpt_dir, step, rank, client_state):
+        tag = real_save(engine, ckpt_dir, step, rank, client_state)
+        if step == crash_step:
+            raise Crash
+        return tag
+
+    monkeypatch.setattr(T.E, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        T.train(cfg)
+    monkeypatch.setattr(T.E, "save_checkpoint", real_save)
+    return T.train(cfg)  # resumes from crash_step

@@ -22,7 +22,7 @@ from mupfast.parametrization import (
     table_json,
 )
 from mupfast.schedules import build_schedule
-from tests.helpers import tiny_config
+from tests.helpers import crash_after_checkpoint_then_resume, tiny_config
 
 HYPERP = ["model.parametrization=hyperp"]
 
@@ -192,22 +192,7 @@ def test_resume_restores_muon_momentum_and_radius(tmp_path, monkeypatch):
     full = tiny_config(*overrides, tmp_path=tmp_path / "full")
     T.train(full)
     cut = tiny_config(*overrides, tmp_path=tmp_path / "cut")
-    real_save = T.E.save_checkpoint
-
-    class Crash(Exception):
-        pass
-
-    def save_then_crash(engine, ckpt_dir, step, rank, client_state):
-        tag = real_save(engine, ckpt_dir, step, rank, client_state)
-        if step == 3:
-            raise Crash
-        return tag
-
-    monkeypatch.setattr(T.E, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
-        T.train(cut)
-    monkeypatch.setattr(T.E, "save_checkpoint", real_save)
-    T.train(cut)  # resumes from step 3
+    crash_after_checkpoint_then_resume(cut, 3, monkeypatch)
     a = {r["step"]: r["loss"] for r in read_metrics(full.train.run_dir, "train")}
     b = {r["step"]: r["loss"] for r in read_metrics(cut.train.run_dir, "train")}
     assert sorted(b) == list(range(1, 7))

@@ -14,7 +14,13 @@ import yaml
 import mupfast.train as T
 from mupfast.engine import free_port
 from mupfast.metrics import read_metrics
-from tests.helpers import deepspeed_cmd, subprocess_env, tiny_config, write_config
+from tests.helpers import (
+    crash_after_checkpoint_then_resume,
+    deepspeed_cmd,
+    subprocess_env,
+    tiny_config,
+    write_config,
+)
 
 COMMON = ["train.log_every=1", "train.eval_every=0", "optim.lr=3e-3", "schedule.warmup_steps=2"]
 
@@ -49,22 +55,7 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path, monkeypatch):
     T.train(full)
 
     cut = tiny_config(*overrides, tmp_path=tmp_path / "cut")
-    real_save = T.E.save_checkpoint
-
-    class Crash(Exception):
-        pass
-
-    def save_then_crash(engine, ckpt_dir, step, rank, client_state):
-        tag = real_save(engine, ckpt_dir, step, rank, client_state)
-        if step == 3:
-            raise Crash
-        return tag
-
-    monkeypatch.setattr(T.E, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
-        T.train(cut)
-    monkeypatch.setattr(T.E, "save_checkpoint", real_save)
-    T.train(cut)  # resumes from step 3
+    crash_after_checkpoint_then_resume(cut, 3, monkeypatch)
     a, b = _losses(full.train.run_dir), _losses(cut.train.run_dir)
     assert sorted(b) == list(range(1, 9))
     for step in range(1, 9):
