@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", default=None, help="steps per run (default: the config's train.steps)")
     t.add_argument("--seeds", default="1", help="seeds per point, averaged (default %(default)s)")
     t.add_argument("--parametrizations", help="default sp,mup (widths) or mup,completep (depths)")
-    t.add_argument("--jobs", default=None, help="parallel runs (default: min(2, CPU count))")
+    t.add_argument("--jobs", default=None, help="parallel runs (default: one per GPU, else up to 2)")
     t.add_argument("--out", default="runs/transfer-test", help="output directory (default %(default)s)")
     w = verb("sweep", "proxy hyperparameter sweep (Optuna; each trial a training run); --report to rank it")
     _study_args(w)
@@ -177,7 +177,7 @@ def run(argv: list[str]) -> int:
         else:
             widths = C.parse_int_list(args.widths or "64,128,256,512", "--widths")
         params = C.parse_parametrizations(args.parametrizations) if args.parametrizations else None
-        jobs = C.parse_positive_int(args.jobs, "--jobs") if args.jobs else min(2, os.cpu_count() or 1)
+        jobs = C.parse_positive_int(args.jobs, "--jobs") if args.jobs else X.default_jobs()
         result = X.transfer_test(
             cfg,
             lrs=X.parse_lrs(args.lrs),

@@ -18,7 +18,8 @@ Runs go to ``<out>/runs/<parametrization>/<axis><size>/lr<lr>/seed<s>``; a point
 already has a ``summary.json`` for the same config is not run again, so a killed sweep continues
 where it stopped. A run that diverges (the trainer stops on non-finite losses, or ends with a
 non-finite val loss) counts as +inf and is drawn as such. Independent runs go to ``jobs`` worker
-processes (``spawn``), each with ``cpu_count // jobs`` torch threads.
+processes (``spawn``), each with ``cpu_count // jobs`` torch threads and, on a GPU machine, its
+own GPU (round robin over the visible ones; ``default_jobs`` is one per GPU).
 """
 
 from __future__ import annotations
@@ -232,8 +233,13 @@ def run_point(point: Point) -> tuple[float, float, str]:
     return (val if math.isfinite(val) else math.inf), time.perf_counter() - t0, status
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, counter, n_gpus: int) -> None:
     import logging
+
+    if n_gpus:  # one GPU per worker, round robin; set before CUDA is first touched in this process
+        with counter.get_lock():
+            index, counter.value = counter.value, counter.value + 1
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(index % n_gpus)
 
     import torch
 
@@ -265,6 +271,17 @@ def _worker(point: Point) -> tuple[Point, float, float, str]:
     return point, val, secs, status
 
 
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def default_jobs() -> int:
+    """One run per GPU where there are GPUs, else up to 2 CPU runs at a time."""
+    return gpu_count() or min(2, os.cpu_count() or 1)
+
+
 def run_points(points: list[Point], *, jobs: int, progress: bool = True) -> dict[str, float]:
     """Val loss of every point (by run_dir), skipping finished ones; runs the rest on ``jobs`` processes."""
     from tqdm.auto import tqdm
@@ -291,7 +308,9 @@ def run_points(points: list[Point], *, jobs: int, progress: bool = True) -> dict
 
             threads = max(1, (os.cpu_count() or 1) // jobs)
             ctx = mp.get_context("spawn")
-            with ctx.Pool(jobs, initializer=_init_worker, initargs=(threads,), maxtasksperchild=None) as pool:
+            n_gpus = gpu_count()
+            init_args = (threads, ctx.Value("i", 0), n_gpus)
+            with ctx.Pool(jobs, initializer=_init_worker, initargs=init_args) as pool:
                 for pt, val, secs, status in pool.imap_unordered(_worker, todo):
                     values[pt.run_dir] = val
                     bar.set_postfix_str(
@@ -332,6 +351,11 @@ def summarize(
     return result
 
 
+def default_parametrizations(axis: str) -> list[str]:
+    """SP against μP across widths; μP against CompleteP across depths."""
+    return ["sp", "mup"] if axis == "width" else ["mup", "completep"]
+
+
 def transfer_test(
     cfg: Config,
     *,
@@ -355,7 +379,7 @@ def transfer_test(
     axis = "width" if widths is not None else "depth"
     sizes = sorted(widths if widths is not None else depths)
     if parametrizations is None:
-        parametrizations = ["sp", "mup"] if axis == "width" else ["mup", "completep"]
+        parametrizations = default_parametrizations(axis)
     steps = steps or cfg.train.steps
     if steps < 1:
         raise ConfigError(f"--steps: must be positive (got {steps})")
