@@ -5,26 +5,18 @@ import json
 import math
 
 import pytest
-import torch
 
 import mupfast.coord_check as C
 from mupfast.cli import main as cli_main
 from mupfast.config import ConfigError
 from tests.helpers import tiny_config
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 WIDTHS = "32,64,128"
 # At widths 32–128 with 2 seeds the finite-width and seed noise is larger than at the CLI's
 # default 64–1024 × 3 seeds, so the test allows 0.25 (still far below SP's slopes).
 TEST_TOLERANCE = 0.25
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one torch thread is several times faster than two on a shared CPU (no OpenMP spin)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -24,16 +24,9 @@ from mupfast.parametrization import (
 from mupfast.schedules import build_schedule
 from tests.helpers import crash_after_checkpoint_then_resume, tiny_config
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 HYPERP = ["model.parametrization=hyperp"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one intra-op thread avoids spinning against a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_hidden_matrices_take_muon_on_the_sphere_and_everything_one_lr():

@@ -5,7 +5,6 @@ import json
 import math
 
 import pytest
-import torch
 
 import mupfast.train as T
 import mupfast.transfer as X
@@ -14,16 +13,9 @@ from mupfast.config import ConfigError
 from mupfast.train import TrainingError
 from tests.helpers import tiny_config
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 GRID = [2.0**e for e in range(-12, -4)]  # 2^-12 … 2^-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one torch thread is several times faster than two on a shared CPU (no OpenMP spin)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _parabola(vertex_log2: float, curvature: float = 0.3, floor: float = 2.0) -> list[float]:
