@@ -16,7 +16,15 @@ from pathlib import Path
 import torch
 
 from benchmarks.ceiling import copy_bandwidth_gbs
-from benchmarks.common import bench_device, bench_parser, device_name, measure, peak_memory_mb, write_results
+from benchmarks.common import (
+    bench_device,
+    bench_parser,
+    device_name,
+    measure,
+    peak_memory_mb,
+    print_rows,
+    write_results,
+)
 
 COMPONENTS = ["emb", "q", "k", "v", "o", "ffn_gate", "ffn_up", "ffn_down", "norm_attn", "norm_ffn"]
 LR_MULT = {"emb": 1.0, "norm_attn": 1.0, "norm_ffn": 1.0}  # hidden matrices get 1/m (μP-like)
@@ -207,8 +215,7 @@ def main(argv: list[str] | None = None) -> Path:
         + ("; SMOKE RUN (tiny shapes, Triton interpreter): timings meaningless" if args.smoke else "")
     )
     path = write_results("clip_adamw", rows, notes=notes, out_dir=args.out)
-    for r in rows:
-        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+    print_rows(rows)
     print(f"wrote {path}")
     return path
 

@@ -19,7 +19,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import bench_device, bench_parser, device_name, measure, peak_memory_mb, write_results
+from benchmarks.common import (
+    bench_device,
+    bench_parser,
+    device_name,
+    measure,
+    peak_memory_mb,
+    print_rows,
+    write_results,
+)
 
 OURS = "mupfast fused (Triton)"
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -170,8 +178,7 @@ def main(argv: list[str] | None = None) -> Path:
         + ("; SMOKE RUN (tiny fp32 shapes, Triton interpreter): timings meaningless" if args.smoke else "")
     )
     path = write_results("cross_entropy", rows, notes=notes, out_dir=args.out)
-    for r in rows:
-        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+    print_rows(rows)
     print(f"wrote {path}")
     return path
 

@@ -135,6 +135,12 @@ def write_results(name: str, rows: list[dict], *, notes: str = "", out_dir: Path
     return md
 
 
+def print_rows(rows: list[dict]) -> None:
+    """Each result row on one line, floats rounded, for the console of a benchmark run."""
+    for r in rows:
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+
+
 def _fmt(v: object) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
