@@ -92,6 +92,24 @@ class ModelConfig:
     weight_decay_scaling: Literal["independent", "coupled", "none"] = "independent"
     """independent: hidden wd × m so lr·wd is width-invariant; coupled: wd as given; none: no wd."""
 
+    moe_experts: int = 0
+    """Mixture of experts (SqrtGate, mupfast/moe.py): routed experts E per MoE layer; 0 means dense MLPs."""
+    moe_top_k: int = 2
+    """Experts each token is routed to (k ≤ moe_experts)."""
+    moe_granularity: int = 1
+    """Expert hidden size = filter_size / this. Fine-grained MoE scales moe_experts and moe_top_k by the
+    same factor so the active FFN width k·filter_size/granularity stays fixed."""
+    moe_shared_expert: bool = False
+    """Add a shared expert (one routed expert's size) every token passes through."""
+    moe_shared_p: float = 0.5
+    """Shared-expert mix: output = √(1−p)·routed + √p·shared."""
+    moe_aux_loss_coef: float = 0.01
+    """Coefficient of the global load-balancing loss E·Σ f_i·P_i (mean over MoE layers) added in training."""
+    moe_router_z_coef: float = 0.0
+    """Coefficient of the router Z-loss mean(logsumexp(router logits)²); 0 logs it without training on it."""
+    moe_every: int = 1
+    """Block i (from 0) is an MoE block when (i + 1) % moe_every == 0: 1 = every block, 2 = every second."""
+
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     """auto: Triton on CUDA, torch SDPA elsewhere."""
     readout_backend: Literal["auto", "torch", "triton"] = "auto"
@@ -411,6 +429,29 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.position: rope needs an even head dim (got {m.head_dim})")
     if m.depth_alpha not in (0.5, 1.0):
         raise ConfigError(f"model.depth_alpha: must be 0.5 or 1 (got {m.depth_alpha})")
+    if m.moe_experts < 0:
+        raise ConfigError(f"model.moe_experts: must be non-negative, 0 for dense (got {m.moe_experts})")
+    if m.moe_experts:
+        if not 1 <= m.moe_top_k <= m.moe_experts:
+            raise ConfigError(
+                f"model.moe_top_k: must be in [1, moe_experts={m.moe_experts}] (got {m.moe_top_k})"
+            )
+        if m.moe_granularity < 1 or m.filter_size % m.moe_granularity:
+            raise ConfigError(
+                f"model.moe_granularity: must divide model.filter_size ({m.filter_size}) (got {m.moe_granularity})"
+            )
+        if not 0 <= m.moe_shared_p <= 1:
+            raise ConfigError(f"model.moe_shared_p: must be in [0, 1] (got {m.moe_shared_p})")
+        for key, value in [
+            ("model.moe_aux_loss_coef", m.moe_aux_loss_coef),
+            ("model.moe_router_z_coef", m.moe_router_z_coef),
+        ]:
+            if value < 0:
+                raise ConfigError(f"{key}: must be non-negative, 0 disables (got {value})")
+        if not 1 <= m.moe_every <= m.num_layers:
+            raise ConfigError(
+                f"model.moe_every: must be in [1, num_layers={m.num_layers}] (got {m.moe_every})"
+            )
     for key, value in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)]:
         if not 0 <= value < 1:
             raise ConfigError(f"{key}: must be in [0, 1) (got {value})")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mupfast.config import ModelConfig
+from mupfast.moe import SqrtGateMoE
 from mupfast.parametrization import init_parameters, multipliers, rules_for
 
 
@@ -57,7 +58,8 @@ class Attention(nn.Module):
         self.v = nn.Linear(d, self.n_kv * hd, bias=cfg.bias)
         self.o = nn.Linear(self.n_heads * hd, d, bias=cfg.bias)
         self.rotary = Rotary(hd, cfg.max_seq_len, cfg.rope_theta) if cfg.position == "rope" else None
-        self.lse_sq_mean: torch.Tensor | None = None  # attention-Z indicator, when the backend gives it
+        self.lse_sq_mean: torch.Tensor | None = None  # attention-Z indicator (see attention_z())
+        self._z_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -70,12 +72,43 @@ class Attention(nn.Module):
             from mupfast.kernels.attention import mup_attention
 
             y, lse = mup_attention(q, k, v, scale=self.scale, causal=True, return_lse=True)
-            self.lse_sq_mean = lse.detach().square().mean()
+            self.lse_sq_mean, self._z_inputs = lse.detach().square().mean(), None
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, scale=self.scale, enable_gqa=self.n_kv != self.n_heads
             )
+            if self.training:  # SDPA gives no lse: keep q, k (autograd holds them anyway) for attention_z()
+                self.lse_sq_mean, self._z_inputs = None, (q.detach(), k.detach())
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def attention_z(self) -> torch.Tensor | None:
+        """Mean lse² of the attention logits of the last training forward. The Triton kernel returns lse
+        for free; on the torch path it is computed here, on demand, from the kept q and k, so only the
+        steps whose indicators are read pay for it."""
+        if self._z_inputs is not None:
+            self.lse_sq_mean = attention_lse(*self._z_inputs, self.scale).square().mean()
+            self._z_inputs = None
+        return self.lse_sq_mean
+
+
+@torch.no_grad()
+def attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool = True) -> torch.Tensor:
+    """logsumexp over keys of scale·q·kᵀ (causal), (B, Hq, T) in fp32 (fp64 stays fp64); GQA as SDPA's."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    q, k = q.to(dtype), k.to(dtype)
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    B, H, T, _ = q.shape
+    rows = max(1, 2**24 // max(1, B * H * k.shape[2]))  # bound the score block to 64 MiB of fp32
+    cols = torch.arange(k.shape[2], device=q.device)
+    out = []
+    for s in range(0, T, rows):
+        scores = (q[:, :, s : s + rows] @ k.transpose(-1, -2)) * scale
+        if causal:
+            r = torch.arange(s, s + scores.shape[2], device=q.device)
+            scores.masked_fill_(cols[None, :] > r[:, None], float("-inf"))
+        out.append(scores.logsumexp(-1))
+    return torch.cat(out, dim=2)
 
 
 class MLP(nn.Module):
@@ -101,11 +134,18 @@ def outlier_share(x: torch.Tensor, k: float = 5.0) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, attention_scale: float, residual_scale: float):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        attention_scale: float,
+        residual_scale: float,
+        moe_router_scale: float | None = None,
+    ):
         super().__init__()
         self.attn_norm, self.mlp_norm = _norm(cfg), _norm(cfg)
         self.attn = Attention(cfg, attention_scale)
-        self.mlp = MLP(cfg)
+        # An MoE block (moe_router_scale given) keeps the name `mlp`: the branch is the same residual slot.
+        self.mlp = MLP(cfg) if moe_router_scale is None else SqrtGateMoE(cfg, moe_router_scale)
         self.residual_scale = residual_scale  # CompleteP: (L_base / L)^α; hyperp: 1/√(2L); 1 otherwise
         # Instability indicators of the last training forward (detached device scalars, no host sync):
         # RMS of each residual branch's contribution, and the outlier share of the block output.
@@ -164,9 +204,12 @@ class Transformer(nn.Module):
         self.embedding_scale = mult.embedding_scale
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.hidden_size) if cfg.position == "learned" else None
+        moe = [cfg.moe_experts > 0 and (i + 1) % cfg.moe_every == 0 for i in range(cfg.num_layers)]
         self.blocks = nn.ModuleList(
-            Block(cfg, mult.attention_scale, mult.residual_scale) for _ in range(cfg.num_layers)
+            Block(cfg, mult.attention_scale, mult.residual_scale, mult.router_scale if moe[i] else None)
+            for i in range(cfg.num_layers)
         )
+        self.lm_loss: torch.Tensor | None = None  # MoE: the LM loss without the auxiliary losses (detached)
         self.final_norm = _norm(cfg)
         self.readout = Readout(cfg, mult.logit_scale, self.tok_emb if cfg.tie_embeddings else None)
 
@@ -187,20 +230,41 @@ class Transformer(nn.Module):
         h = self.hidden(tokens)
         if targets is None:
             return self.readout.logits(h)
-        return self.readout.loss(h, targets)
+        loss = self.readout.loss(h, targets)
+        moe = [b.mlp for b in self.blocks if isinstance(b.mlp, SqrtGateMoE) and b.mlp.aux_loss is not None]
+        if not moe:
+            return loss
+        # Training with MoE: the auxiliary losses, averaged over MoE blocks so the coefficients do not
+        # change meaning with depth (a perfectly balanced router adds exactly moe_aux_loss_coef).
+        self.lm_loss = loss.detach()
+        c = self.cfg
+        loss = loss + c.moe_aux_loss_coef * torch.stack([m.aux_loss for m in moe]).mean()
+        if c.moe_router_z_coef:
+            loss = loss + c.moe_router_z_coef * torch.stack([m.router_z for m in moe]).mean()
+        for m in moe:  # the graph-holding tensors are used once
+            m.aux_loss = m.router_z = None
+        return loss
 
     def stability_stats(self) -> dict[str, torch.Tensor]:
-        """Detached device tensors from the last forward: readout max |logit| and mean lse², attention Z;
-        from the last training forward, averaged over blocks: attention and MLP branch-output RMS and
-        the outlier share (|x − μ_token| > 5σ_token) of the residual stream after each block."""
+        """Detached device tensors from the last forward: readout max |logit| and mean lse²;
+        from the last training forward, averaged over blocks: attention Z (mean lse², computed here on
+        the torch backend), attention and MLP branch-output RMS and the outlier share
+        (|x − μ_token| > 5σ_token) of the residual stream after each block; with MoE, averaged over
+        MoE blocks, the balance loss, router Z and MaxVio, and the LM loss without them (lm_loss)."""
         stats = dict(self.readout.stats)
-        attn_z = [b.attn.lse_sq_mean for b in self.blocks if b.attn.lse_sq_mean is not None]
+        attn_z = [z for b in self.blocks if (z := b.attn.attention_z()) is not None]
         if attn_z:
             stats["attn_lse_sq_mean"] = torch.stack(attn_z).mean()
         for key in ("attn_branch_rms", "mlp_branch_rms", "outlier_share"):
             per_block = [b.stats[key] for b in self.blocks if key in b.stats]
             if per_block:
                 stats[key] = torch.stack(per_block).mean()
+        for key in ("moe_aux_loss", "router_z", "moe_max_vio"):
+            per_block = [b.mlp.stats[key] for b in self.blocks if key in getattr(b.mlp, "stats", {})]
+            if per_block:
+                stats[key] = torch.stack(per_block).mean()
+        if self.lm_loss is not None:
+            stats["lm_loss"] = self.lm_loss
         return stats
 
 

@@ -12,6 +12,18 @@ L = num_layers, m_L = L / mup_base_num_layers. Under AdamW (the project's conven
     norms / biases         1 / 0                  1 (no wd)
     readout (untied)       σ_out (or 0)           1                  logits × α_out/m (or /√m)
     attention logits                                                 × α_attn/d_head (or /√d_head)
+    MoE expert_in          σ/√m                   1/m                (mupfast/moe.py)
+    MoE expert_out         σ/√m_e · 1/√(2L)       1/m_e              m_e = expert fan-in / base filter
+    MoE router             σ                      1                  router logits × 1/m
+
+MoE experts are the FFN matrices they replace, with the expert's own fan-in: m_e = (filter_size /
+moe_granularity) / mup_base_filter_size, so finer experts get a larger init and lr exactly as μP's
+1/fan_in asks, and every expert's output RMS is the same at any granularity (SqrtGate relies on it).
+The router maps width d to a fixed E logits that feed a softmax: like the readout it is an output
+layer (fan-out fixed, fan-in growing), so it gets the readout's treatment — constant init σ, Adam lr
+× 1, logits × 1/m — which keeps both the init logits and their per-step change width-invariant
+(ArchScale's μP++ scales router logits like the output logits). Hyperp trains router and experts by
+Muon on the sphere like every hidden matrix, router logits × 1 (as the anchor does).
 
 SP uses m = m_f = 1, every forward multiplier 1 and 1/√d_head attention. CompleteP drops the
 1/√(2L) init factor and multiplies the lr of everything inside the blocks by m_L^(α−1).
@@ -50,6 +62,9 @@ COMPONENTS = (
     "o",
     "ffn_in",
     "ffn_out",
+    "router",
+    "expert_in",
+    "expert_out",
     "norm",
     "bias",
     "final_norm",
@@ -57,7 +72,9 @@ COMPONENTS = (
 )
 
 #: Components whose parameters live inside a transformer block (CompleteP scales their lr by depth).
-BLOCK_COMPONENTS = frozenset({"q", "k", "v", "o", "ffn_in", "ffn_out", "norm", "bias"})
+BLOCK_COMPONENTS = frozenset(
+    {"q", "k", "v", "o", "ffn_in", "ffn_out", "router", "expert_in", "expert_out", "norm", "bias"}
+)
 
 
 class ParametrizationError(ValueError):
@@ -94,6 +111,7 @@ class Multipliers:
     logit_scale: float
     embedding_scale: float
     residual_scale: float
+    router_scale: float = 1.0  # MoE router logits: 1/m under μP (an output-like layer), 1 otherwise
 
 
 def multipliers(cfg: ModelConfig) -> Multipliers:
@@ -113,7 +131,7 @@ def multipliers(cfg: ModelConfig) -> Multipliers:
     attn = cfg.attention_logits_alpha / (d_head if cfg.scale_qk_dot_by_d else math.sqrt(d_head))
     logit = cfg.output_logits_alpha / (m if cfg.scale_output_logits_by_d else math.sqrt(m))
     residual = m_depth**-cfg.depth_alpha if cfg.parametrization == "completep" else 1.0
-    return Multipliers(m, m_f, m_depth, attn, logit, cfg.embeddings_scale, residual)
+    return Multipliers(m, m_f, m_depth, attn, logit, cfg.embeddings_scale, residual, 1.0 / m)
 
 
 # (regex on the parameter name, component). The first group of a block pattern is the layer index.
@@ -126,6 +144,10 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
     (r"blocks\.(\d+)\.attn\.o\.weight", "o"),
     (r"blocks\.(\d+)\.mlp\.(gate|up)\.weight", "ffn_in"),
     (r"blocks\.(\d+)\.mlp\.down\.weight", "ffn_out"),
+    (r"blocks\.(\d+)\.mlp\.router\.weight", "router"),
+    (r"blocks\.(\d+)\.mlp\.(experts\.\d+|shared)\.(gate|up)\.weight", "expert_in"),
+    (r"blocks\.(\d+)\.mlp\.(experts\.\d+|shared)\.down\.weight", "expert_out"),
+    (r"blocks\.(\d+)\.mlp\.(experts\.\d+|shared)\.\w+\.bias", "bias"),
     (r"blocks\.(\d+)\.(attn_norm|mlp_norm)\.(weight|bias)", "norm"),
     (r"blocks\.(\d+)\.(attn|mlp)\.\w+\.bias", "bias"),
     (r"final_norm\.(weight|bias)", "final_norm"),
@@ -134,7 +156,7 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
 
 
 #: Components HyperP trains with Muon on the sphere.
-MUON_COMPONENTS = frozenset({"q", "k", "v", "o", "ffn_in", "ffn_out"})
+MUON_COMPONENTS = frozenset({"q", "k", "v", "o", "ffn_in", "ffn_out", "router", "expert_in", "expert_out"})
 
 
 def _hyperp_rule(
@@ -143,7 +165,7 @@ def _hyperp_rule(
     wd = 0.0 if cfg.weight_decay_scaling == "none" else 1.0  # AdamW groups: wd as given (coupled)
     if component in MUON_COMPONENTS:
         fan_in = shape[-1]
-        fwd = mult.residual_scale if component in ("o", "ffn_out") else 1.0
+        fwd = mult.residual_scale if component in ("o", "ffn_out", "expert_out") else 1.0
         std = 1.0 / math.sqrt(3 * fan_in)
         return Rule(name, shape, component, layer, "normal", std, 1.0, 0.0, fwd, "muon_sphere")
     if component in ("embedding", "pos_embedding"):
@@ -185,7 +207,7 @@ def _rule(
         # Tied: the logit multiplier is applied on the readout path, not to the shared weight.
         wd = 1.0 if wd_scaling is None else wd_scaling
         return Rule(name, shape, component, layer, "normal", sigma_emb, 1.0, wd, mult.embedding_scale)
-    if component in ("q", "k", "v", "ffn_in"):
+    if component in ("q", "k", "v", "ffn_in", "expert_in"):
         return hidden(mult.m, sigma / math.sqrt(mult.m))
     if component == "o":
         rule = hidden(mult.m, sigma / math.sqrt(mult.m) * out_factor)
@@ -193,6 +215,15 @@ def _rule(
     if component == "ffn_out":
         rule = hidden(mult.m_f, sigma / math.sqrt(mult.m_f) * out_factor)
         return Rule(**{**rule.to_dict(), "forward_mult": mult.residual_scale})
+    if component == "expert_out":  # width multiplier from the expert's own fan-in (module docstring)
+        m_e = (
+            1.0 if cfg.parametrization == "sp" else shape[-1] / (cfg.mup_base_filter_size or cfg.filter_size)
+        )
+        rule = hidden(m_e, sigma / math.sqrt(m_e) * out_factor)
+        return Rule(**{**rule.to_dict(), "forward_mult": mult.residual_scale})
+    if component == "router":  # output-like: constant init, lr × 1, logits × 1/m (module docstring)
+        wd = 1.0 if wd_scaling is None else wd_scaling
+        return Rule(name, shape, component, layer, "normal", sigma, depth_lr, wd, mult.router_scale)
     if component in ("norm", "bias", "final_norm"):
         init = "ones" if component != "bias" and name.endswith("weight") else "zeros"
         return Rule(name, shape, component, layer, init, 0.0, depth_lr, 0.0, 1.0)
