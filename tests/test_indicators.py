@@ -1,5 +1,6 @@
 """Stability indicators (issue 10, point 5) for every parametrization: branch-output RMS and the
-outlier share of the residual stream, computed on device during the training forward."""
+outlier share of the residual stream, computed on device during the training forward, and attention Z
+(mean lse² of the attention logits) on both attention backends. Router Z: tests/test_moe.py."""
 
 import pytest
 import torch
@@ -38,3 +39,55 @@ def test_branch_rms_and_outlier_share_are_logged_for_every_parametrization(param
         assert got.item() == pytest.approx(torch.stack(branch_ms[name]).mean().item(), rel=1e-5)
     assert 0.0 <= stats["outlier_share"].item() < 0.05
     assert "max_abs_logit" in stats
+
+
+def _attention_z_reference(model, tokens) -> torch.Tensor:
+    """Mean lse² of every block's causal attention logits, from explicit float64 scores."""
+    lse_sq = []
+    for block in model.blocks:
+        a = block.attn
+        a.register_forward_hook(lambda mod, inp, out: lse_sq.append(_lse_sq_mean_f64(mod, inp[0])))
+    model(tokens[:, :-1], tokens[:, 1:])
+    return torch.stack(lse_sq).mean()
+
+
+def _lse_sq_mean_f64(a, x):
+    B, T, _ = x.shape
+    x = x.detach().double()
+    q = (x @ a.q.weight.double().t()).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
+    k = (x @ a.k.weight.double().t()).view(B, T, a.n_kv, a.head_dim).transpose(1, 2)
+    q, k = a.rotary(q), a.rotary(k)
+    k = k.repeat_interleave(a.n_heads // a.n_kv, dim=1)
+    scores = a.scale * q @ k.transpose(-1, -2)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return scores.logsumexp(-1).square().mean()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_attention_z_matches_a_float64_reference_on_both_backends(backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    opts = ["model.num_heads=4", "model.num_kv_heads=2", f"model.attention_backend={backend}"]
+    cfg = tiny_config(*opts, "model.attention_logits_alpha=8.0")  # livelier logits than at α = 1
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    tokens = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(1))
+    expected = _attention_z_reference(model, tokens)
+    got = model.stability_stats()["attn_lse_sq_mean"]
+    assert not got.requires_grad
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_torch_attention_z_is_computed_only_when_the_indicators_are_read():
+    torch.manual_seed(0)
+    model = build_model(tiny_config("model.attention_backend=torch").model)
+    tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(1))
+    attn = model.blocks[0].attn
+    model(tokens[:, :-1], tokens[:, 1:]).backward()
+    assert attn.lse_sq_mean is None and attn._z_inputs is not None  # deferred: nothing computed yet
+    z = model.stability_stats()["attn_lse_sq_mean"]
+    assert attn._z_inputs is None and torch.isfinite(z)  # computed once, q and k released
+    model.eval()
+    with torch.no_grad():
+        model(tokens[:, :-1], tokens[:, 1:])
+    assert attn._z_inputs is None  # evaluation and generation keep nothing
