@@ -60,7 +60,7 @@ class ModelConfig:
     parametrization: Literal["sp", "mup", "completep", "hyperp"] = "mup"
     """sp: standard (no width scaling); mup: μP; completep: μP plus depth transfer (CompleteP);
     hyperp: hidden matrices trained by Muon on their init Frobenius sphere, one lr from the
-    HyperP transfer rule (optim.hyperp_*; needs zero.stage 0)."""
+    HyperP transfer rule (optim.hyperp_*)."""
     mup_base_hidden_size: int | None = None
     """Proxy width the μP multipliers are relative to (m = hidden_size / this). None: hidden_size."""
     mup_base_filter_size: int | None = None
@@ -474,11 +474,6 @@ def validate(cfg: Config) -> None:
     if cfg.zero.stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero.stage: must be 0, 1, 2 or 3 (got {cfg.zero.stage})")
     if m.parametrization == "hyperp":
-        if cfg.zero.stage >= 1:
-            raise ConfigError(
-                f"zero.stage: hyperp needs 0 (got {cfg.zero.stage}): Muon orthogonalises whole matrices and "
-                "ZeRO hands the optimizer flat partitions; gathering per matrix is the planned design"
-            )
         for key, value in [
             ("model.hyperp_base_depth", m.hyperp_base_depth),
             ("optim.hyperp_base_lr", o.hyperp_base_lr),

@@ -6,10 +6,11 @@ from those keys (never stored state), so μP ratios survive schedules, DeepSpeed
 
 :class:`ClipAdamW` clips each group's gradient norm to its own ``max_grad_norm`` and applies
 AdamW in one fused pass (``mupfast.kernels.clip_adamw``). Under ZeRO 1–3 each rank holds a
-partition of every group, so the per-group squared norms are all-reduced first (one collective).
+partition of every group, so the per-group squared norms are all-reduced first, all groups in one
+collective (``mupfast.zero_shards.attach`` computes them before DeepSpeed's per-group loop).
 Groups whose rule says ``optimizer = "muon_sphere"`` (hyperp's hidden matrices) take the
-Muon-on-the-sphere update of ``mupfast.muon`` instead, with the same per-group clipping; they need
-whole matrices, so hyperp runs at ZeRO stage 0 (config.validate says so).
+Muon-on-the-sphere update of ``mupfast.muon`` instead, with the same per-group clipping; under ZeRO
+their flat partitions go through ``mupfast.muon_sharded``, which gathers whole matrices.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 from mupfast.config import Config
 from mupfast.kernels import clip_adamw as K
 from mupfast.muon import muon_sphere_update
+from mupfast.muon_sharded import muon_sphere_update_sharded
 from mupfast.parametrization import COMPONENTS, hyperp_transfer, rules_for
 
 
@@ -104,6 +106,13 @@ class ClipAdamW(torch.optim.Optimizer):
         self.process_group = process_group
         self.last_grad_norms: dict[str, torch.Tensor] = {}
         self.last_clip_coefs: dict[str, torch.Tensor] = {}
+        # DeepSpeed may show us one group per call: slots and thresholds of all groups, by name.
+        self._slot = {g["name"]: i for i, g in enumerate(self.param_groups)}
+        self._max_norms = [g["max_grad_norm"] for g in self.param_groups]
+        # Set by mupfast.zero_shards.attach under ZeRO: every group's all-reduced squared norm for
+        # the step in progress, and the layout of each flat partition (for Muon).
+        self.pending_sq_norms: torch.Tensor | None = None
+        self.shards: dict = {}
         # Set by the trainer when the loss was non-finite on some rank: the update is skipped whole
         # (no parameter, moment or step-count changes), on every rank alike.
         self.skip_next_step = False
@@ -129,7 +138,7 @@ class ClipAdamW(torch.optim.Optimizer):
                 if p.grad is None or p.numel() == 0:
                     continue
                 if group["optimizer"] == "muon_sphere":
-                    if p.ndim != 2:
+                    if p.ndim != 2 and id(p) not in self.shards:
                         raise ValueError(
                             f"group {group['name']}: Muon needs whole matrices, got {tuple(p.shape)}"
                         )
@@ -155,18 +164,30 @@ class ClipAdamW(torch.optim.Optimizer):
                 v.append(st["exp_avg_sq"])
                 ids.append(gi)
         groups = self.param_groups
-        device = all_grads[0].device if all_grads else groups[0]["params"][0].device
+        device = all_grads[0].device if all_grads else self._device(groups)
         sq_norms_fn, update_fn = self._fns(device)
-        sq = (
-            sq_norms_fn(all_grads, all_ids, len(groups))
-            if all_grads
-            else torch.zeros(len(groups), device=device)
-        )
-        if self.reduce_norms and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(sq, group=self.process_group)
         f32 = dict(dtype=torch.float32, device=device)
-        max_norms = torch.tensor([g["max_grad_norm"] for g in groups], **f32)
-        coef = K.clip_coefficients(sq, max_norms, self.global_max_norm)
+        slots = torch.tensor([self._slot[g["name"]] for g in groups], dtype=torch.long, device=device)
+        if self.pending_sq_norms is not None:  # ZeRO: all groups' norms, reduced in one collective
+            sq_all = self.pending_sq_norms.to(device)
+            logged = slots.new_tensor(range(len(self._slot)))
+        else:
+            sq = (
+                sq_norms_fn(all_grads, all_ids, len(groups))
+                if all_grads
+                else torch.zeros(len(groups), device=device)
+            )
+            if self.reduce_norms and dist.is_available() and dist.is_initialized():
+                dist.all_reduce(sq, group=self.process_group)
+            if len(groups) < len(self._slot) and self.global_max_norm > 0:
+                raise RuntimeError(
+                    "clip.global_max_norm needs every group's norm in one step (not under ZeRO offload)"
+                )
+            sq_all = torch.zeros(len(self._slot), **f32).index_copy_(0, slots, sq)
+            logged = slots[[gi for gi, g in enumerate(groups) if g["params"]]]
+        max_norms = torch.tensor(self._max_norms, **f32)
+        coef_all = K.clip_coefficients(sq_all, max_norms, self.global_max_norm)
+        coef = coef_all[slots]
         if params:
             lrs = torch.tensor([g["lr"] for g in groups], **f32)
             wds = torch.tensor([g["weight_decay"] for g in groups], **f32)
@@ -187,14 +208,25 @@ class ClipAdamW(torch.optim.Optimizer):
                 step=step,
             )
         for p, gi in muon:
-            muon_sphere_update(
-                p, p.grad, self.state[p], lr=groups[gi]["lr"], coef=coef[gi], beta=self.muon_momentum
-            )
-        norms = sq.sqrt()
-        for i, g in enumerate(groups):
-            self.last_grad_norms[g["name"]] = norms[i]
-            self.last_clip_coefs[g["name"]] = coef[i]
+            kw = dict(lr=groups[gi]["lr"], coef=coef[gi], beta=self.muon_momentum)
+            if id(p) in self.shards:
+                muon_sphere_update_sharded(
+                    p, p.grad, self.state[p], self.shards[id(p)][1], process_group=self.process_group, **kw
+                )
+            else:
+                muon_sphere_update(p, p.grad, self.state[p], **kw)
+        norms = sq_all.sqrt()
+        names = list(self._slot)
+        for i in logged.tolist():
+            self.last_grad_norms[names[i]] = norms[i]
+            self.last_clip_coefs[names[i]] = coef_all[i]
         return loss
+
+    def _device(self, groups) -> torch.device:
+        for g in groups:
+            if g["params"]:
+                return g["params"][0].device
+        return torch.device("cpu")
 
 
 def build_optimizer(

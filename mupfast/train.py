@@ -24,6 +24,7 @@ from mupfast.metrics import MetricsWriter, read_metrics
 from mupfast.model import build_model
 from mupfast.optim import base_lr, build_optimizer
 from mupfast.schedules import GroupLR, build_schedule
+from mupfast.zero_shards import attach as attach_to_zero
 
 
 class TrainingError(RuntimeError):
@@ -104,10 +105,6 @@ def train(cfg: Config) -> TrainResult:
     # Model, optimizer and schedule: every lr is optim.lr · schedule(t) · lr_mult of its group.
     torch.manual_seed(t.seed)
     model = build_model(cfg.model)
-    if cfg.zero.stage in (1, 2) and cfg.clip.global_max_norm > 0:
-        raise TrainingError(
-            "clip.global_max_norm: not available under ZeRO 1/2 (DeepSpeed steps one group at a time)"
-        )
     optimizer = build_optimizer(model, cfg, reduce_norms=cfg.zero.stage >= 1)
     # base_lr: optim.lr, or hyperp's transfer-rule η (its batch B counts every rank's tokens)
     scheduler = GroupLR(optimizer, base_lr(cfg, world), build_schedule(cfg.schedule, t.steps))
@@ -117,6 +114,7 @@ def train(cfg: Config) -> TrainResult:
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=E.ds_config(cfg, world)
     )
     client_opt = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
+    attach_to_zero(engine, client_opt)  # ZeRO: one collective for all groups' norms; Muon's matrix layout
 
     start = 0
     tag = E.latest_tag(ckpt_dir) if t.resume else None

@@ -47,8 +47,8 @@ def write_config(cfg: Config, path) -> str:
     return str(path)
 
 
-def deepspeed_cmd(cfg_file: str, *launcher_args: str) -> list[str]:
-    """The deepspeed launcher running ``mupfast.train`` on a config file."""
+def deepspeed_cmd(cfg_file: str, *launcher_args: str, module: str = "mupfast.train") -> list[str]:
+    """The deepspeed launcher running ``mupfast.train`` (or a wrapper ``module``) on a config file."""
     import sys
 
     return [
@@ -57,7 +57,7 @@ def deepspeed_cmd(cfg_file: str, *launcher_args: str) -> list[str]:
         "deepspeed.launcher.runner",
         *launcher_args,
         "--module",
-        "mupfast.train",
+        module,
         "--config",
         cfg_file,
     ]

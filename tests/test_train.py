@@ -97,7 +97,9 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     assert (Path(cfg.train.run_dir) / "checkpoints" / "latest").read_text().strip() == "step00000004"
 
 
-def _deepspeed_run(tmp_path: Path, name: str, overrides: list[str], ranks: int) -> dict[int, float]:
+def _deepspeed_run(
+    tmp_path: Path, name: str, overrides: list[str], ranks: int, module: str = "mupfast.train"
+) -> dict[int, float]:
     cfg = tiny_config(*overrides, tmp_path=tmp_path / name)
     cmd = deepspeed_cmd(
         write_config(cfg, tmp_path / f"{name}.yaml"),
@@ -105,6 +107,7 @@ def _deepspeed_run(tmp_path: Path, name: str, overrides: list[str], ranks: int) 
         str(ranks),
         "--master_port",
         str(free_port()),
+        module=module,
     )
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

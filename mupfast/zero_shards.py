@@ -1,0 +1,240 @@
+"""What DeepSpeed's ZeRO optimizers hand our optimizer, read once so the optimizer needn't know.
+
+Under ZeRO 1–3 (and DeepSpeed's bf16 ZeRO-1 optimizer) our optimizer never sees a model
+parameter: each group is one flat fp32 partition per rank, and at stages 1–3 DeepSpeed calls our
+``step`` once per group. Two things need more than that, and both come from here:
+
+- **Per-group clipping in one collective.** Before DeepSpeed's per-group loop, every group's
+  gradient partition already sits in the ZeRO optimizer (``averaged_gradients``). ``attach`` wraps
+  the ZeRO optimizer's ``step`` so that the squared norms of all groups are summed locally and
+  all-reduced once, then handed to our optimizer, which uses them in each per-group call.
+- **Muon on whole matrices.** A flat partition holds slices of several matrices. ``GroupShards``
+  records, for every rank, which slice of which matrix sits where in its partition, so the sharded
+  Muon update can gather whole matrices (``mupfast.muon_sharded``).
+
+DeepSpeed's internals read here (checked against 0.19): stages 1/2 flatten a group's parameters in
+``round_robin_bit16_groups`` order at ``round_robin_bit16_offsets`` and give rank r the elements
+[r·P, (r+1)·P); stage 3 partitions every parameter on its own (``ds_tensor``: P_p elements each) and
+concatenates a sub-group's partitions; bf16 ZeRO-1 flattens ``bf16_groups`` contiguously. Each
+layout is checked against the partition DeepSpeed built, so another layout fails loudly at start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+class ZeroLayoutError(RuntimeError):
+    """DeepSpeed's partition layout is not the one this module knows (another DeepSpeed version)."""
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """Elements [start, start + length) of matrix ``matrix`` (flattened), at ``offset`` in a partition."""
+
+    matrix: int
+    offset: int
+    start: int
+    length: int
+
+
+@dataclass
+class GroupShards:
+    """Where every rank's flat partition of one group keeps the pieces of the group's matrices."""
+
+    shapes: list[torch.Size]
+    partition_numel: int
+    ranks: list[list[Fragment]]  # ranks[r]: rank r's fragments, in partition order
+    rank: int
+    by_matrix: list[list[tuple[int, Fragment]]] = field(init=False)
+    _segment_ids: tuple[str, torch.Tensor] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        self.by_matrix = [[] for _ in self.shapes]
+        for r, frags in enumerate(self.ranks):
+            for f in frags:
+                self.by_matrix[f.matrix].append((r, f))
+        for k, pieces in enumerate(self.by_matrix):
+            pieces.sort(key=lambda rf: rf[1].start)
+            covered = sum(f.length for _, f in pieces)
+            if covered != self.shapes[k].numel():
+                raise ZeroLayoutError(
+                    f"matrix {k}: partitions cover {covered} of {self.shapes[k].numel()} elements"
+                )
+
+    @property
+    def local(self) -> list[Fragment]:
+        return self.ranks[self.rank]
+
+    def segment_ids(self, device) -> torch.Tensor:
+        """For each element of this rank's partition, the index of its matrix (padding: len(shapes))."""
+        key = str(device)
+        if self._segment_ids is None or self._segment_ids[0] != key:
+            ids = torch.full((self.partition_numel,), len(self.shapes), dtype=torch.long)
+            for f in self.local:
+                ids[f.offset : f.offset + f.length] = f.matrix
+            self._segment_ids = (key, ids.to(device))
+        return self._segment_ids[1]
+
+
+def contiguous_fragments(
+    offsets: list[int], numels: list[int], partition_numel: int, world: int
+) -> list[list[Fragment]]:
+    """Fragments of tensors laid at ``offsets`` in one flat buffer cut into ``world`` equal partitions."""
+    ranks: list[list[Fragment]] = []
+    for r in range(world):
+        lo, hi = r * partition_numel, (r + 1) * partition_numel
+        frags = []
+        for k, (off, n) in enumerate(zip(offsets, numels)):
+            a, b = max(lo, off), min(hi, off + n)
+            if a < b:
+                frags.append(Fragment(k, a - lo, a - off, b - a))
+        ranks.append(frags)
+    return ranks
+
+
+def per_tensor_fragments(numels: list[int], partition_numels: list[int], world: int) -> list[list[Fragment]]:
+    """Fragments when each tensor is split on its own into ``world`` parts and the parts concatenated."""
+    ranks: list[list[Fragment]] = []
+    for r in range(world):
+        frags, offset = [], 0
+        for k, (n, pn) in enumerate(zip(numels, partition_numels)):
+            length = max(0, min(pn, n - r * pn))
+            if length:
+                frags.append(Fragment(k, offset, r * pn, length))
+            offset += pn
+        ranks.append(frags)
+    return ranks
+
+
+def _kind(zero_optimizer) -> str | None:
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    for cls, kind in [(DeepSpeedZeroOptimizer_Stage3, "stage3"), (DeepSpeedZeroOptimizer, "stage12"),
+                      (BF16_Optimizer, "bf16")]:  # fmt: skip
+        if isinstance(zero_optimizer, cls):
+            return kind
+    return None
+
+
+def _partitions(zero_optimizer, kind: str) -> list[tuple[int, torch.Tensor, list, GroupShards]]:
+    """(client group index, flat fp32 partition, its model parameters, shards) per partition."""
+    rank_world = dist.get_rank(), dist.get_world_size()
+    out = []
+    if kind == "stage12":
+        zo = zero_optimizer
+        for i, params in enumerate(zo.round_robin_bit16_groups):
+            part = zo.single_partition_of_fp32_groups[i]
+            shapes = [m.shape for m in zo.round_robin_bit16_meta[i]]
+            frags = contiguous_fragments(
+                zo.round_robin_bit16_offsets[i], [s.numel() for s in shapes], part.numel(), rank_world[1]
+            )
+            out.append((i, part, params, GroupShards(shapes, part.numel(), frags, rank_world[0])))
+    elif kind == "stage3":
+        zo = zero_optimizer
+        for s, params in enumerate(zo.fp16_groups):
+            part = zo.fp32_partitioned_groups_flat[s]
+            shapes = [p.ds_shape for p in params]
+            pns = [p.partition_numel() for p in params]
+            frags = per_tensor_fragments([p.ds_numel for p in params], pns, rank_world[1])
+            out.append(
+                (
+                    zo.sub_group_to_group_id[s],
+                    part,
+                    params,
+                    GroupShards(shapes, sum(pns), frags, rank_world[0]),
+                )
+            )
+    else:  # bf16 ZeRO-1: contiguous, padded only at the end
+        zo = zero_optimizer
+        for i, params in enumerate(zo.bf16_groups):
+            part = zo.fp32_groups_flat_partition[i]
+            shapes = [p.shape for p in params]
+            numels = [s.numel() for s in shapes]
+            offsets = [sum(numels[:k]) for k in range(len(numels))]
+            frags = contiguous_fragments(offsets, numels, part.numel(), rank_world[1])
+            out.append((i, part, params, GroupShards(shapes, part.numel(), frags, rank_world[0])))
+    for _, part, _, shards in out:
+        if part.numel() != shards.partition_numel:
+            raise ZeroLayoutError(
+                f"partition has {part.numel()} elements, layout expects {shards.partition_numel}"
+            )
+    return out
+
+
+def _check_against_local_weights(part: torch.Tensor, params: list, shards: GroupShards, kind: str) -> None:
+    """The fp32 partition must hold exactly the model weights the layout says it holds."""
+    for f in shards.local:
+        p = params[f.matrix]
+        full = p.ds_tensor if kind == "stage3" else p.detach().reshape(-1)
+        got = part[f.offset : f.offset + f.length]
+        want = full[: f.length] if kind == "stage3" else full[f.start : f.start + f.length]
+        if not torch.equal(got.to(want.dtype), want):
+            raise ZeroLayoutError(
+                f"partition layout mismatch at matrix {f.matrix} (DeepSpeed's layout changed?)"
+            )
+
+
+def local_group_sq_norms(zero_optimizer, kind: str, num_groups: int, device) -> torch.Tensor:
+    """This rank's squared gradient norm of every client group (sub-groups summed into their group)."""
+    sq = torch.zeros(num_groups, dtype=torch.float32, device=device)
+    zo = zero_optimizer
+    if kind == "stage12":
+        items = [(i, zo.averaged_gradients.get(i)) for i in range(len(zo.round_robin_bit16_groups))]
+    else:
+        items = [
+            (zo.sub_group_to_group_id[s], zo.averaged_gradients.get(s)) for s in range(len(zo.fp16_groups))
+        ]
+    for gi, grads in items:
+        if grads is None:
+            continue
+        flat = getattr(grads, "flat_partition", None)  # stage 1/2 may keep one pre-flattened buffer
+        tensors = [flat] if flat is not None else [g for g in grads if g is not None]
+        for g in tensors:
+            sq[gi] += g.float().pow(2).sum()
+    return sq
+
+
+def attach(engine, client_optimizer) -> None:
+    """Connect our optimizer to the ZeRO optimizer wrapping it (no-op at stage 0).
+
+    Gives it the shards of every flat partition (for Muon), and at stages 1–3 wraps the ZeRO
+    optimizer's ``step`` so that all groups' squared norms are all-reduced in one collective first.
+    """
+    zo = engine.optimizer
+    kind = _kind(zo)
+    if kind is None:
+        return
+    if getattr(zo, "cpu_offload", False) or getattr(zo, "offload_optimizer", False):
+        # Offloaded partitions live elsewhere: norms fall back to one collective per group call.
+        if any(g.get("optimizer") == "muon_sphere" for g in client_optimizer.param_groups):
+            raise ZeroLayoutError("Muon (hyperp) does not support ZeRO optimizer offload")
+        return
+    shards = {}
+    for gi, part, params, gs in _partitions(zo, kind):
+        if client_optimizer.param_groups[gi].get("optimizer") == "muon_sphere":
+            _check_against_local_weights(part, params, gs, kind)
+        shards[id(part)] = (part, gs)
+    client_optimizer.shards = shards
+    if kind == "bf16":  # DeepSpeed's bf16 ZeRO-1 steps all groups in one call: norms reduce there
+        return
+    original_step = zo.step
+    n = len(client_optimizer.param_groups)
+    device = next(iter(shards.values()))[0].device
+
+    def step(*args, **kwargs):
+        if not client_optimizer.skip_next_step:
+            sq = local_group_sq_norms(zo, kind, n, device)
+            dist.all_reduce(sq, group=client_optimizer.process_group)
+            client_optimizer.pending_sq_norms = sq
+        try:
+            return original_step(*args, **kwargs)
+        finally:
+            client_optimizer.pending_sq_norms = None
+
+    zo.step = step
