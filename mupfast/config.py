@@ -229,6 +229,8 @@ class TrainConfig:
     """Write metrics every N steps."""
     save_every: int = 0
     """Checkpoint every N steps (and at the end); 0 only at the end."""
+    save_final: bool = True
+    """Checkpoint at the end; off for runs whose metrics are all that is wanted (sweeps, grids)."""
     run_dir: str = "runs/latest"
     """Run directory: resolved config, metrics.jsonl, TensorBoard events, checkpoints."""
     resume: bool = True

@@ -205,7 +205,7 @@ def train(cfg: Config) -> TrainResult:
             result.val_losses[step + 1] = val
             if bar is not None:
                 bar.write(f"step {step + 1}: val loss {val:.4f}")
-        if (t.save_every and (step + 1) % t.save_every == 0) or last:
+        if (t.save_every and (step + 1) % t.save_every == 0) or (last and t.save_final):
             E.save_checkpoint(engine, ckpt_dir, step + 1, rank, {"config": cfg.to_dict()})
             last_saved = step + 1
 

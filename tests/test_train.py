@@ -198,3 +198,15 @@ def test_bf16_runs_through_deepspeeds_wrappers(tmp_path, stage):
     assert all(math.isfinite(v) for v in result.train_losses.values()) and len(result.train_losses) == 4
     rec = read_metrics(cfg.train.run_dir, "train")[-1]
     assert rec["lr/q"] == pytest.approx(rec["lr/embedding"] / 2)  # m = 32/16
+
+
+def test_save_final_false_keeps_only_the_periodic_checkpoints(tmp_path):
+    cfg = tiny_config(
+        *COMMON, "train.steps=3", "train.save_every=2", "train.save_final=false", tmp_path=tmp_path
+    )
+    T.train(cfg)
+    ckpts = Path(cfg.train.run_dir) / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step00000002"]
+    assert (ckpts / "latest").read_text().strip() == "step00000002"
+    summary = json.loads((Path(cfg.train.run_dir) / "summary.json").read_text())
+    assert summary["last_checkpoint_step"] == 2 and summary["steps"] == 3
