@@ -277,3 +277,26 @@ def test_hyperp_moe_trains_experts_and_router_on_their_spheres():
     for n, p in moe_params.items():
         assert p.detach().norm().item() == pytest.approx(radii[n], rel=1e-6), n
         assert not torch.equal(p.detach(), before[n]), n  # it moved, along the sphere
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("parametrization", ["mup", "hyperp"])
+def test_two_rank_zero2_moe_matches_single_process(tmp_path, parametrization):
+    """Every expert runs (possibly on zero tokens) on every rank, so ZeRO's partitions line up."""
+    from tests.test_train import _deepspeed_run
+
+    base = [
+        *MOE,
+        f"model.parametrization={parametrization}",
+        "model.moe_shared_expert=true",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "train.steps=4",
+        "train.micro_batch_size=2",
+    ]
+    single = T.train(tiny_config(*base, "train.grad_accum_steps=2", tmp_path=tmp_path / "single"))
+    two = _deepspeed_run(tmp_path, "zero2", [*base, "zero.stage=2"], ranks=2)
+    assert sorted(two) == list(range(1, 5))
+    for step, loss in single.train_losses.items():
+        assert two[step] == pytest.approx(loss, rel=2e-5), step
