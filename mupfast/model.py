@@ -77,7 +77,9 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, scale=self.scale, enable_gqa=self.n_kv != self.n_heads
             )
-            if self.training:  # SDPA gives no lse: keep q, k (autograd holds them anyway) for attention_z()
+            # SDPA gives no lse: keep q, k for attention_z() (autograd holds them until the backward; we hold
+            # them until they are read or the next training forward replaces them)
+            if self.training:
                 self.lse_sq_mean, self._z_inputs = None, (q.detach(), k.detach())
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
