@@ -12,40 +12,42 @@ first-order effect on the sphere and is not applied. ``newton_schulz`` is the qu
 with the coefficients (3.4445, −4.7750, 2.0315) the anchors use: it maps every singular value of
 the normalised input into a band around 1 (not exactly 1: tests/test_muon.py pins the band),
 working in fp32 on CPU and bf16 on GPU, on the wide orientation (tall inputs are transposed).
+Its two implementations (plain torch matmuls, and a Triton one that computes only half of the
+symmetric products) live in ``mupfast.kernels.newton_schulz``; ``optim.newton_schulz_backend`` picks.
 """
 
 from __future__ import annotations
 
 import torch
 
-#: Quintic Newton–Schulz coefficients (a, b, c): X ← a·X + (b·A + c·A²)·X with A = X·Xᵀ.
-NS_COEFFS = (3.4445, -4.7750, 2.0315)
-NS_STEPS = 5
+from mupfast.kernels.newton_schulz import NS_COEFFS, NS_STEPS, newton_schulz_reference, newton_schulz_triton
+
+__all__ = ["NS_COEFFS", "NS_STEPS", "MOMENTUM", "AUTO_NS_BACKEND", "newton_schulz", "muon_sphere_update"]
+
 MOMENTUM = 0.95
+#: The implementation ``backend="auto"`` picks: plain torch matmuls everywhere, until
+#: benchmarks/bench_newton_schulz.py, run on a GPU, shows the symmetric Triton kernel faster on the
+#: hidden-matrix shapes (no GPU measurement has been recorded yet).
+AUTO_NS_BACKEND = "torch"
+NS_BACKENDS = ("auto", "torch", "triton")
 
 
-def newton_schulz(g: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype | None = None) -> torch.Tensor:
+def newton_schulz(
+    g: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype | None = None, backend: str = "auto"
+) -> torch.Tensor:
     """Approximately orthogonalise a matrix (or a batch of them): U·Vᵀ of its SVD, same shape.
 
     ``dtype`` defaults to bf16 on CUDA and fp32 elsewhere; the result is returned in g's dtype.
+    ``backend``: ``torch`` (plain matmuls), ``triton`` (mupfast.kernels.newton_schulz: symmetric
+    matmuls for X·Xᵀ and A·A, a one-line error where Triton cannot run) or ``auto`` (AUTO_NS_BACKEND).
     """
-    if g.ndim < 2:
-        raise ValueError(f"newton_schulz needs a matrix, got shape {tuple(g.shape)}")
-    if dtype is None:
-        dtype = torch.bfloat16 if g.is_cuda else torch.float32
-    a, b, c = NS_COEFFS
-    x = g.to(dtype)
-    tall = x.shape[-2] > x.shape[-1]
-    if tall:  # iterate on the wide orientation: X·Xᵀ is the smaller Gram matrix
-        x = x.mT
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm ≤ Frobenius norm ≤ 1
-    for _ in range(steps):
-        A = x @ x.mT
-        B = b * A + c * (A @ A)
-        x = a * x + B @ x
-    if tall:
-        x = x.mT
-    return x.to(g.dtype)
+    if backend == "auto":
+        backend = AUTO_NS_BACKEND
+    if backend == "torch":
+        return newton_schulz_reference(g, steps, dtype)
+    if backend == "triton":
+        return newton_schulz_triton(g, steps, dtype)
+    raise ValueError(f"newton_schulz backend must be one of {', '.join(NS_BACKENDS)} (got {backend!r})")
 
 
 @torch.no_grad()
@@ -57,6 +59,7 @@ def muon_sphere_update(
     lr: float,
     coef: torch.Tensor | float = 1.0,
     beta: float = MOMENTUM,
+    ns_backend: str = "auto",
 ) -> None:
     """One MuonH step of ``p`` in place; ``state`` holds its momentum buffer and sphere radius.
 
@@ -70,7 +73,7 @@ def muon_sphere_update(
         state["radius"] = w.norm()
     buf = state["momentum_buffer"]
     buf.lerp_(g, 1 - beta)
-    u = newton_schulz(g.lerp(buf, beta))
+    u = newton_schulz(g.lerp(buf, beta), backend=ns_backend)
     u_norm = u.norm()
     # ‖W‖_F/‖U‖_F, guarded: a zero update (all-zero grad and momentum) leaves W where it is.
     scale = torch.where(u_norm > 0, w.norm() / u_norm.clamp_min(1e-30), torch.zeros_like(u_norm))

@@ -54,6 +54,7 @@ def muon_sphere_update_sharded(
     coef: torch.Tensor | float = 1.0,
     beta: float = MOMENTUM,
     process_group=None,
+    ns_backend: str = "auto",
 ) -> None:
     """One MuonH step of the flat fp32 partition ``p`` in place (every rank calls it together)."""
     n = len(shards.shapes)
@@ -70,7 +71,7 @@ def muon_sphere_update_sharded(
     held = {f.matrix for f in shards.local}
     for k in sorted(held):
         pieces = [gathered[r, f.offset : f.offset + f.length] for r, f in shards.by_matrix[k]]
-        u = newton_schulz(torch.cat(pieces).view(shards.shapes[k])).reshape(-1)
+        u = newton_schulz(torch.cat(pieces).view(shards.shapes[k]), backend=ns_backend).reshape(-1)
         u_norm[k] = u.norm()
         for f in shards.local:
             if f.matrix == k:

@@ -77,6 +77,7 @@ class ClipAdamW(torch.optim.Optimizer):
 
     ``reduce_norms`` all-reduces the per-group squared norms over ``process_group`` (ZeRO ≥ 1, where
     each rank holds a partition of every group); leave it off when gradients are replicated.
+    ``newton_schulz_backend`` (auto | torch | triton) is how Muon groups orthogonalise (mupfast.muon).
     After each step ``last_grad_norms`` and ``last_clip_coefs`` hold the pre-clip norm and the
     coefficient of every group (device tensors, keyed by group name).
     """
@@ -94,12 +95,14 @@ class ClipAdamW(torch.optim.Optimizer):
         reduce_norms: bool = False,
         process_group=None,
         muon_momentum: float = 0.95,
+        newton_schulz_backend: str = "auto",
     ):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=0.0, optimizer="adamw"
         )
         super().__init__(param_groups, defaults)
         self.muon_momentum = muon_momentum
+        self.newton_schulz_backend = newton_schulz_backend
         self.global_max_norm = global_max_norm
         self.backend = backend
         self.reduce_norms = reduce_norms
@@ -209,6 +212,7 @@ class ClipAdamW(torch.optim.Optimizer):
             )
         for p, gi in muon:
             kw = dict(lr=groups[gi]["lr"], coef=coef[gi], beta=self.muon_momentum)
+            kw["ns_backend"] = self.newton_schulz_backend
             if id(p) in self.shards:
                 muon_sphere_update_sharded(
                     p, p.grad, self.state[p], self.shards[id(p)][1], process_group=self.process_group, **kw
@@ -245,4 +249,5 @@ def build_optimizer(
         reduce_norms=reduce_norms,
         process_group=process_group,
         muon_momentum=o.muon_momentum,
+        newton_schulz_backend=o.newton_schulz_backend,
     )
