@@ -149,6 +149,11 @@ class OptimConfig:
     """HyperP: T0, training tokens at which η0 was tuned (η ∝ (T/T0)^-0.32)."""
     muon_momentum: float = 0.95
     """HyperP: Nesterov momentum β of Muon on the hidden matrices."""
+    newton_schulz_backend: Literal["auto", "torch", "triton"] = "auto"
+    """HyperP: Muon's Newton–Schulz implementation. torch: plain matmuls (bf16 on CUDA); triton:
+    mupfast.kernels.newton_schulz, symmetric matmuls computing half of X·Xᵀ and A·A (CUDA, or CPU
+    under TRITON_INTERPRET=1); auto: torch everywhere, until a GPU measurement
+    (benchmarks/bench_newton_schulz.py) shows the Triton kernel faster."""
 
 
 @dataclass
@@ -486,6 +491,11 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"{key}: must be positive (got {value})")
         if not 0 <= o.muon_momentum < 1:
             raise ConfigError(f"optim.muon_momentum: must be in [0, 1) (got {o.muon_momentum})")
+        if o.newton_schulz_backend == "triton":
+            from importlib.util import find_spec  # only this choice needs it
+
+            if find_spec("triton") is None:
+                raise ConfigError("optim.newton_schulz_backend: triton is not installed (use auto or torch)")
     if cfg.zero.ds_config:
         from mupfast.engine import read_ds_overrides  # imports this module: keep the import local
 
