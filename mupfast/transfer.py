@@ -14,6 +14,12 @@ and filter ratio stay fixed and ``mup_base_hidden_size`` is the smallest width. 
 sweeps ``num_layers`` at the config's width with ``mup_base_num_layers`` the smallest depth
 (typically ``mup`` against ``completep``).
 
+HyperP (``hyperp``) has one lr from its transfer rule η = η0·√(B/B0)·√(d0/L)·(T/T0)^-0.32, so its
+grid (``hyperp_lrs``, default the common one) is over the base η0, with the smallest model's own
+batch, depth and horizon as the base values: η = η0 at every width (the rule has no width term),
+η = η0·√(d0/L) across depths. The test then asks whether η0's optimum stays put, i.e. whether the
+rule's width and depth parts hold. The table and the picture are in :mod:`mupfast.transfer_plot`.
+
 Runs go to ``<out>/runs/<parametrization>/<axis><size>/lr<lr>/seed<s>``; a point whose directory
 already has a ``summary.json`` for the same config is not run again, so a killed sweep continues
 where it stopped. A run that diverges (the trainer stops on non-finite losses, or ends with a
@@ -36,10 +42,31 @@ from typing import Any
 
 import yaml
 
-from mupfast.config import Config, ConfigError
+from mupfast.config import Config, ConfigError, config_from_dict
 from mupfast.coord_check import json_clean, scaled_config, with_overrides
+from mupfast.transfer_plot import LABELS, plot_transfer, table_lines  # noqa: F401  (re-exported)
 
-_LABELS = {"sp": "SP", "mup": "μP", "completep": "CompleteP"}
+
+def hyperp_base_values(cfg: Config, *, axis: str, sizes: Sequence[int], steps: int) -> dict[str, Any]:
+    """HyperP's base values for a transfer-test grid: the smallest model's own batch, depth and horizon.
+
+    With them the rule η = η0·√(B/B0)·√(d0/L)·(T/T0)^-0.32 gives η = η0 at the smallest size, so the
+    grid over η0 is the grid of lrs the smallest model trains with; across widths η = η0 at every
+    width (the rule has no width term: Muon on the sphere is meant to need none), across depths
+    η = η0·√(d0/L).
+    """
+    t = cfg.train
+    batch = t.seq_len * t.micro_batch_size * t.grad_accum_steps
+    return {
+        "optim.hyperp_base_batch_tokens": batch,
+        "optim.hyperp_base_tokens": float(batch * steps),
+        "model.hyperp_base_depth": min(sizes) if axis == "depth" else cfg.model.num_layers,
+    }
+
+
+def lr_grids(parametrizations: Sequence[str], lrs: Sequence[float], hyperp_lrs: Sequence[float] | None):
+    """Parametrization → its lr grid: ``lrs`` for all, or ``hyperp_lrs`` (grid of η0) for hyperp."""
+    return {p: list(hyperp_lrs if p == "hyperp" and hyperp_lrs else lrs) for p in parametrizations}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,6 +96,22 @@ def parse_lrs(text: str, flag: str = "--lrs") -> list[float]:
     if len(values) < 2:
         raise ConfigError(f"{flag}: needs at least two learning rates (got {text!r})")
     return sorted(values)
+
+
+PARAMETRIZATIONS = ("sp", "mup", "completep", "hyperp")
+
+
+def parse_parametrizations(text: str, flag: str = "--parametrizations") -> list[str]:
+    """``"mup,hyperp"`` → names; a ConfigError naming the flag for an unknown or repeated one."""
+    names = [s.strip() for s in str(text).split(",") if s.strip()]
+    bad = [n for n in names if n not in PARAMETRIZATIONS]
+    if bad or not names:
+        raise ConfigError(
+            f"{flag}: {', '.join(bad) or repr(text)} — choose from {', '.join(PARAMETRIZATIONS)}"
+        )
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{flag}: values repeat ({text})")
+    return names
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,12 +204,18 @@ def make_points(
     *,
     axis: str,
     sizes: Sequence[int],
-    lrs: Sequence[float],
+    lrs: Sequence[float] | dict[str, Sequence[float]],
     seeds: int,
     parametrizations: Sequence[str],
     steps: int,
     out: Path,
 ) -> list[Point]:
+    """Every (parametrization, size, lr, seed) run; ``lrs`` is one grid or a grid per parametrization.
+
+    Under hyperp the lr of a point is the base η0 (``optim.hyperp_base_lr``) with the base values of
+    :func:`hyperp_base_values`; ``optim.lr`` is set too but unused there.
+    """
+    grids = lrs if isinstance(lrs, dict) else {p: lrs for p in parametrizations}
     points = []
     for p in parametrizations:
         for size in sizes:
@@ -174,13 +223,16 @@ def make_points(
                 scaled = scaled_config(cfg, parametrization=p, width=size, base_width=min(sizes))
             else:
                 scaled = scaled_config(cfg, parametrization=p, depth=size, base_depth=min(sizes))
-            for lr in lrs:
+            if p == "hyperp":
+                scaled = with_overrides(scaled, hyperp_base_values(cfg, axis=axis, sizes=sizes, steps=steps))
+            for lr in grids[p]:
                 for s in range(seeds):
                     run_dir = out / "runs" / p / f"{axis}{size}" / f"lr{_lr_tag(lr)}" / f"seed{s}"
                     point_cfg = with_overrides(
                         scaled,
                         {
                             "optim.lr": lr,
+                            **({"optim.hyperp_base_lr": lr} if p == "hyperp" else {}),
                             "train.seed": cfg.train.seed + s,
                             "train.steps": steps,
                             "train.run_dir": str(run_dir),
@@ -202,7 +254,11 @@ def finished_loss(point: Point) -> float | None:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, ValueError, yaml.YAMLError):
         return None
-    if saved != point.cfg.to_dict():
+    # Keys added to the config since the run was made compare at their defaults (config_from_dict).
+    try:
+        if saved != point.cfg.to_dict() and config_from_dict(saved).to_dict() != point.cfg.to_dict():
+            return None
+    except (ConfigError, TypeError, AttributeError):
         return None
     val = summary.get("final_val_loss")
     return float(val) if val is not None and math.isfinite(val) else math.inf
@@ -329,16 +385,22 @@ def run_points(points: list[Point], *, jobs: int, progress: bool = True) -> dict
 
 
 def summarize(
-    points: list[Point], values: dict[str, float], *, axis: str, sizes: Sequence[int], lrs: Sequence[float]
+    points: list[Point],
+    values: dict[str, float],
+    *,
+    axis: str,
+    sizes: Sequence[int],
+    lrs: Sequence[float] | dict[str, Sequence[float]],
 ) -> dict[str, Any]:
-    """Per parametrization and size: the val-loss curve over lrs, its optimum; and the drift."""
+    """Per parametrization and size: the val-loss curve over its lrs, its optimum; and the drift."""
     params = list(dict.fromkeys(pt.parametrization for pt in points))
+    grids = lrs if isinstance(lrs, dict) else {p: lrs for p in params}
     by_key: dict[tuple, list[float]] = {}
     for pt in points:
         by_key.setdefault((pt.parametrization, pt.size, pt.lr), []).append(values[pt.run_dir])
     result: dict[str, Any] = {}
     for p in params:
-        curves = {}
+        curves, lrs = {}, grids[p]
         for size in sizes:
             per_seed = [by_key[p, size, lr] for lr in lrs]
             losses = [mean_loss(v) for v in per_seed]
@@ -347,12 +409,18 @@ def summarize(
                 "val_loss_per_seed": per_seed,
                 "optimum": find_optimum(lrs, losses),
             }
-        result[p] = {"curves": curves, "drift": drift([curves[str(s)]["optimum"] for s in sizes])}
+        result[p] = {
+            "lrs": list(lrs),
+            "log2_lrs": [math.log2(lr) for lr in lrs],
+            "lr_is": "optim.hyperp_base_lr (η0)" if p == "hyperp" else "optim.lr",
+            "curves": curves,
+            "drift": drift([curves[str(s)]["optimum"] for s in sizes]),
+        }
     return result
 
 
 def default_parametrizations(axis: str) -> list[str]:
-    """SP against μP across widths; μP against CompleteP across depths."""
+    """SP against μP across widths; μP against CompleteP across depths (hyperp on request)."""
     return ["sp", "mup"] if axis == "width" else ["mup", "completep"]
 
 
@@ -360,6 +428,7 @@ def transfer_test(
     cfg: Config,
     *,
     lrs: Sequence[float],
+    hyperp_lrs: Sequence[float] | None = None,
     widths: Sequence[int] | None = None,
     depths: Sequence[int] | None = None,
     steps: int | None = None,
@@ -369,7 +438,10 @@ def transfer_test(
     jobs: int = 1,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run (or finish) the sweep and return the result dict that ``transfer-test`` writes as JSON."""
+    """Run (or finish) the sweep and return the result dict that ``transfer-test`` writes as JSON.
+
+    ``hyperp_lrs``: the grid of η0 for hyperp (its lrs sit higher than AdamW's); default ``lrs``.
+    """
     from mupfast.data import prepare_data
 
     if (widths is None) == (depths is None):
@@ -388,7 +460,7 @@ def transfer_test(
         cfg,
         axis=axis,
         sizes=sizes,
-        lrs=lrs,
+        lrs=lr_grids(parametrizations, lrs, hyperp_lrs),
         seeds=seeds,
         parametrizations=parametrizations,
         steps=steps,
@@ -403,6 +475,7 @@ def transfer_test(
         "sizes": sizes,
         "lrs": list(lrs),
         "log2_lrs": [math.log2(lr) for lr in lrs],
+        "hyperp_lrs": list(hyperp_lrs) if hyperp_lrs and "hyperp" in parametrizations else None,
         "steps": steps,
         "seeds": seeds,
         "tokens_per_step": t.seq_len * t.micro_batch_size * t.grad_accum_steps,
@@ -413,7 +486,9 @@ def transfer_test(
             "head_dim": cfg.model.head_dim,
             "base_size": sizes[0],
         },
-        "results": summarize(points, values, axis=axis, sizes=sizes, lrs=lrs),
+        "results": summarize(
+            points, values, axis=axis, sizes=sizes, lrs=lr_grids(parametrizations, lrs, hyperp_lrs)
+        ),
         "elapsed_s": round(time.perf_counter() - t0, 1),
         "jobs": jobs,
     }
@@ -421,96 +496,6 @@ def transfer_test(
 
 # ----------------------------------------------------------------------------------------------
 # Output
-
-
-def _fmt_lr(log2_lr: float | None) -> str:
-    return "—" if log2_lr is None else f"2^{log2_lr:g}"
-
-
-def table_lines(result: dict) -> list[str]:
-    """One line per parametrization: the optimum at each size and the drift."""
-    lines = []
-    axis = result["axis"]
-    for p, r in result["results"].items():
-        cells = []
-        for size in result["sizes"]:
-            o = r["curves"][str(size)]["optimum"]
-            edge = "*" if o["at_edge"] else ""
-            cells.append(f"{size}: {_fmt_lr(o['log2_lr'])}{edge}")
-        d = r["drift"]
-        drift_s = (
-            "—" if d["grid_steps"] is None else f"{d['grid_steps']} grid steps (fit {d['fit_log2']:.2f})"
-        )
-        lines.append(
-            f"{_LABELS.get(p, p):>9}  optimum lr by {axis}  " + "  ".join(cells) + f"   drift {drift_s}"
-        )
-    if any(
-        r["curves"][str(s)]["optimum"]["at_edge"] for r in result["results"].values() for s in result["sizes"]
-    ):
-        lines.append("          * optimum at the edge of the lr grid: widen --lrs to be sure")
-    return lines
-
-
-def plot_transfer(result: dict, path: str | Path) -> None:
-    """Val loss vs log2 lr, one curve per size, parametrizations side by side; a star on each optimum."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    params = list(result["results"])
-    sizes, xs = result["sizes"], result["log2_lrs"]
-    finite = [
-        v
-        for r in result["results"].values()
-        for c in r["curves"].values()
-        for v in c["val_loss"]
-        if math.isfinite(v)
-    ]
-    lo = min(finite) if finite else 0.0
-    best_per_curve = [
-        c["optimum"]["loss"]
-        for r in result["results"].values()
-        for c in r["curves"].values()
-        if c["optimum"]["loss"]
-    ]
-    hi = min(max(finite) if finite else 1.0, (max(best_per_curve) if best_per_curve else lo) + 1.0)
-    pad = 0.04 * max(hi - lo, 1e-3)
-    top = hi + pad
-    fig, axes = plt.subplots(1, len(params), figsize=(5.2 * len(params), 4.2), sharey=True, squeeze=False)
-    cmap = plt.get_cmap("viridis")
-    colors = {s: cmap(0.9 * i / max(1, len(sizes) - 1)) for i, s in enumerate(sizes)}
-    for ax, p in zip(axes[0], params):
-        r = result["results"][p]
-        for s in sizes:
-            c = r["curves"][str(s)]
-            ys = [min(v, top) if math.isfinite(v) else top for v in c["val_loss"]]
-            ax.plot(xs, ys, "-", color=colors[s], lw=1.6, label=f"{result['axis']} {s}")
-            ok = [(x, y) for x, y, v in zip(xs, ys, c["val_loss"]) if math.isfinite(v) and v <= top]
-            bad = [(x, top) for x, v in zip(xs, c["val_loss"]) if not (math.isfinite(v) and v <= top)]
-            if ok:
-                ax.plot(*zip(*ok), "o", color=colors[s], ms=3.5)
-            if bad:
-                ax.plot(*zip(*bad), "x", color=colors[s], ms=6, mew=1.5)
-            o = c["optimum"]
-            if o["index"] is not None:
-                ax.plot(o["log2_lr"], o["loss"], "*", color=colors[s], ms=14, mec="black", mew=0.7, zorder=5)
-        d = r["drift"]
-        drift_s = "—" if d["grid_steps"] is None else f"{d['grid_steps']}"
-        ax.set_title(f"{_LABELS.get(p, p)}: optimum drift {drift_s} grid step(s)", fontsize=11)
-        ax.set_xlabel("log2 learning rate")
-        ax.grid(alpha=0.3, lw=0.5)
-        ax.set_ylim(lo - pad, top + pad)
-    axes[0][0].set_ylabel(f"val loss after {result['steps']} steps")
-    axes[0][-1].legend(fontsize=8, loc="upper right")
-    fig.suptitle(
-        f"μTransfer test over {result['axis']}: {result['seeds']} seed(s), "
-        f"{result['tokens_per_step'] * result['steps']:,} training tokens per run (× = diverged or off the chart)",
-        fontsize=10,
-    )
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_outputs(result: dict, out: str | Path, name: str = "transfer_test") -> tuple[Path, Path]:

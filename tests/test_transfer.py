@@ -136,3 +136,30 @@ def test_depth_variant_in_worker_processes(tmp_path):
     saved = (run / "config.yaml").read_text()
     assert "mup_base_num_layers: 1" in saved and "num_layers: 2" in saved
     assert (run.parent / "seed0.log").is_file()  # the worker's DeepSpeed output, off the terminal
+
+
+def test_hyperp_points_grid_the_base_lr_at_the_smallest_models_own_batch_depth_and_horizon(tmp_path):
+    from mupfast.parametrization import hyperp_transfer
+
+    cfg = tiny_config(tmp_path=tmp_path)
+    assert X.parse_parametrizations("mup, hyperp") == ["mup", "hyperp"]
+    with pytest.raises(ConfigError, match="choose from sp, mup, completep, hyperp"):
+        X.parse_parametrizations("mup,muon")
+    grids = X.lr_grids(["mup", "hyperp"], [2**-9, 2**-8], [2**-5, 2**-4, 2**-3])
+    assert grids == {"mup": [2**-9, 2**-8], "hyperp": [2**-5, 2**-4, 2**-3]}
+    common = dict(seeds=1, parametrizations=["mup", "hyperp"], steps=7, out=tmp_path)
+    by_depth = X.make_points(cfg, axis="depth", sizes=[1, 4], lrs=grids, **common)
+    hyperp = [pt for pt in by_depth if pt.parametrization == "hyperp"]
+    assert len(by_depth) == 2 * 2 + 2 * 3 and len(hyperp) == 6
+    for pt in hyperp:
+        c = cfg.train
+        batch = c.seq_len * c.micro_batch_size * c.grad_accum_steps
+        assert pt.cfg.optim.hyperp_base_lr == pt.lr and pt.cfg.optim.hyperp_base_batch_tokens == batch
+        assert pt.cfg.optim.hyperp_base_tokens == 7 * batch and pt.cfg.model.hyperp_base_depth == 1
+        # η = η0 at the smallest depth, η0·√(1/L) deeper; the token and batch factors are 1.
+        assert hyperp_transfer(pt.cfg)["lr"] == pytest.approx(pt.lr * math.sqrt(1 / pt.size), rel=1e-12)
+    by_width = X.make_points(cfg, axis="width", sizes=[32, 64], lrs=grids, **common)
+    for pt in by_width:
+        if pt.parametrization == "hyperp":  # no width term in the rule: η = η0 at every width
+            assert hyperp_transfer(pt.cfg)["lr"] == pytest.approx(pt.lr, rel=1e-12)
+            assert pt.cfg.model.hyperp_base_depth == cfg.model.num_layers
