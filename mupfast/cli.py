@@ -47,9 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--lrs", default="2^-11,2^-10,2^-9,2^-8,2^-7,2^-6,2^-5", help="lr grid (default %(default)s)"
     )
+    t.add_argument(
+        "--hyperp-lrs", help="hyperp's grid of base lrs η0 (default: --lrs); η = η0 at the smallest size"
+    )
     t.add_argument("--steps", default=None, help="steps per run (default: the config's train.steps)")
     t.add_argument("--seeds", default="1", help="seeds per point, averaged (default %(default)s)")
-    t.add_argument("--parametrizations", help="default sp,mup (widths) or mup,completep (depths)")
+    t.add_argument(
+        "--parametrizations",
+        help="sp, mup, completep, hyperp; default sp,mup (widths) or mup,completep (depths)",
+    )
     t.add_argument("--jobs", default=None, help="parallel runs (default: one per GPU, else up to 2)")
     t.add_argument("--out", default="runs/transfer-test", help="output directory (default %(default)s)")
     w = verb("sweep", "proxy hyperparameter sweep (Optuna; each trial a training run); --report to rank it")
@@ -71,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     _study_args(x)
     x.add_argument("--target", help="the target model's YAML config (or --config)")
     x.add_argument("--out", help="directory of the written configs (default runs/transfer/<study>)")
+    x.add_argument(
+        "--proxy-world-size", default="1", help="hyperp: ranks of each proxy trial (default %(default)s)"
+    )
+    x.add_argument(
+        "--target-world-size", default="1", help="hyperp: ranks the target trains on (default %(default)s)"
+    )
     # export / generate read RUN/config.yaml; --config (optional) replaces it, overrides apply on top.
     o = verb("export", "fold every μP multiplier into the weights; write a Hugging Face model (Llama/GPT-2)")
     o.add_argument("--run", help="run directory (config.yaml + checkpoints/)")
@@ -176,11 +188,12 @@ def run(argv: list[str]) -> int:
             depths = C.parse_int_list(args.depths, "--depths")
         else:
             widths = C.parse_int_list(args.widths or "64,128,256,512", "--widths")
-        params = C.parse_parametrizations(args.parametrizations) if args.parametrizations else None
+        params = X.parse_parametrizations(args.parametrizations) if args.parametrizations else None
         jobs = C.parse_positive_int(args.jobs, "--jobs") if args.jobs else X.default_jobs()
         result = X.transfer_test(
             cfg,
             lrs=X.parse_lrs(args.lrs),
+            hyperp_lrs=X.parse_lrs(args.hyperp_lrs, "--hyperp-lrs") if args.hyperp_lrs else None,
             widths=widths,
             depths=depths,
             steps=C.parse_positive_int(args.steps, "--steps") if args.steps else None,
@@ -212,6 +225,7 @@ def _sweep_or_transfer(args: argparse.Namespace, cfg, overrides: list[str]) -> i
         spike_factor=args.spike_factor, max_grad_ratio=args.max_grad_ratio, max_abs_logit=args.max_logit
     )
     if args.verb == "transfer":
+        from mupfast import coord_check as C
         from mupfast import transfer_config as T
 
         target = args.target or args.config
@@ -226,6 +240,8 @@ def _sweep_or_transfer(args: argparse.Namespace, cfg, overrides: list[str]) -> i
             out=out,
             overrides=overrides,
             th=th,
+            proxy_world_size=C.parse_positive_int(args.proxy_world_size, "--proxy-world-size"),
+            target_world_size=C.parse_positive_int(args.target_world_size, "--target-world-size"),
         )
         print(T.summary(st, written))
         return 0

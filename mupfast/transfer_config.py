@@ -19,6 +19,18 @@ What each written config gets (the Cerebras guide's table of what is μTransfera
 - the schedule's shape: its kind, floor and decay settings, with ``warmup_steps`` and
   ``cycle_steps`` rescaled to the same fraction of the target's ``train.steps``.
 
+HyperP (``parametrization: hyperp`` in proxy and target): its one lr comes from the transfer rule
+η = η0·√(B/B0)·√(d0/L)·(T/T0)^-0.32, so the target is *rebased on the proxy*:
+``optim.hyperp_base_lr`` ← the η the proxy trained with, ``hyperp_base_batch_tokens`` ← the proxy's
+tokens per step, ``model.hyperp_base_depth`` ← its depth and ``hyperp_base_tokens`` ← its training
+tokens. The target's η then follows from the rule at its own B, L and T:
+η_target = η_proxy·√(B_t/B_p)·√(L_p/L_t)·(T_t/T_p)^-0.32. The sweep's ``lr`` is hyperp's tuned η0
+(``optim.hyperp_base_lr``; optim.lr is unused under hyperp), which the proxy's own base values turn
+into η_proxy; because the rule is a product of powers, rebasing gives the target the same η as
+keeping the proxy's base values would, and its base values now name the scale η0 was tuned at.
+``optim.muon_momentum`` travels with the other optimizer settings. B counts every rank's tokens:
+``proxy_world_size`` / ``target_world_size`` (1: a CPU sweep trial is one process) say how many.
+
 Not transferred — the target keeps its own: regularisation (``optim.weight_decay``,
 ``model.weight_decay_scaling``), clipping thresholds, and everything that defines the scale
 (width, depth, heads, batch, steps, sequence length, data).
@@ -30,6 +42,7 @@ size, and carry the best (again looking at its stability, not only its loss) to 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +64,7 @@ MODEL_KEYS = (
     "scale_output_logits_by_d",
 )
 OPTIM_KEYS = ("lr", "beta1", "beta2", "eps")
+HYPERP_OPTIM_KEYS = ("muon_momentum",)
 SCHEDULE_KEYS = ("kind", "min_lr_ratio", "decay_fraction", "decay_shape", "cycle_peak_decay")
 SCHEDULE_STEP_KEYS = ("warmup_steps", "cycle_steps")
 NOT_TRANSFERRED = (
@@ -64,17 +78,77 @@ class Transferred:
     trial: TrialRow
     config: Config
     values: dict[str, Any]
+    hyperp: dict[str, Any] | None = None  # hyperp: proxy η, target η and the rule's factors
 
 
-def transferred_values(proxy: Config, params: dict[str, float], target: Config) -> dict[str, Any]:
-    """Dotted key → value for the target: the trial's values, the proxy's base dims and settings."""
+def space_key(name: str, proxy: Config) -> str:
+    """The config key a sweep-space name tuned in ``proxy``: ``lr`` is hyperp's η0 under hyperp."""
     from mupfast.sweep import SPACE_KEYS
 
+    if name == "lr" and proxy.model.parametrization == "hyperp":
+        return "optim.hyperp_base_lr"
+    return SPACE_KEYS[name]
+
+
+def with_values(cfg: Config, values: dict[str, Any]) -> Config:
+    """``cfg`` with dotted keys replaced (no validation: a building block of the checks below)."""
+    raw = cfg.to_dict()
+    for key, value in values.items():
+        section, field = key.split(".")
+        raw[section][field] = value
+    return config_from_dict(raw)
+
+
+def hyperp_rebase(
+    proxy: Config, target: Config, *, proxy_world_size: int = 1, target_world_size: int = 1
+) -> dict[str, Any]:
+    """HyperP's transfer from a (trial-valued) proxy to a target: the target's base values, both ηs.
+
+    Returns ``values`` (the dotted keys the target gets), ``proxy`` and ``target`` (each
+    :func:`~mupfast.parametrization.hyperp_transfer` of the run, the target's after rebasing) and
+    ``factors``: √(B/B0), √(d0/L), (T/T0)^-0.32 and their product, the target over the proxy.
+    """
+    from mupfast.parametrization import HYPERP_TOKEN_EXPONENT, hyperp_transfer
+
+    p = hyperp_transfer(proxy, proxy_world_size)
+    values = {
+        "optim.hyperp_base_lr": p["lr"],
+        "optim.hyperp_base_batch_tokens": int(p["batch_tokens"]),
+        "optim.hyperp_base_tokens": float(p["tokens"]),
+        "model.hyperp_base_depth": int(p["num_layers"]),
+    }
+    t = hyperp_transfer(with_values(target, values), target_world_size)
+    factors = {
+        "batch": math.sqrt(t["batch_tokens"] / p["batch_tokens"]),
+        "depth": math.sqrt(p["num_layers"] / t["num_layers"]),
+        "tokens": (t["tokens"] / p["tokens"]) ** HYPERP_TOKEN_EXPONENT,
+    }
+    factors["total"] = factors["batch"] * factors["depth"] * factors["tokens"]
+    return {"values": values, "proxy": p, "target": t, "factors": factors}
+
+
+def transferred_values(
+    proxy: Config,
+    params: dict[str, float],
+    target: Config,
+    *,
+    proxy_world_size: int = 1,
+    target_world_size: int = 1,
+) -> dict[str, Any]:
+    """Dotted key → value for the target: the trial's values, the proxy's base dims and settings.
+
+    Under hyperp also ``"hyperp"`` → :func:`hyperp_rebase`'s report (not a config key).
+    """
     pm, tm = proxy.model, target.model
+    if (pm.parametrization == "hyperp") != (tm.parametrization == "hyperp"):
+        raise ConfigError(
+            f"--target: model.parametrization is {tm.parametrization} and the proxy's {pm.parametrization}; "
+            "a hyperp lr (Muon on the sphere, η from its transfer rule) only transfers to hyperp"
+        )
     if pm.parametrization == "sp":
         raise ConfigError("the proxy of this study is sp: μTransfer needs a mup or completep proxy")
     if tm.parametrization == "sp":
-        raise ConfigError("--target: model.parametrization is sp; μTransfer needs mup or completep")
+        raise ConfigError("--target: model.parametrization is sp; μTransfer needs mup, completep or hyperp")
     values: dict[str, Any] = {
         "model.mup_base_hidden_size": pm.mup_base_hidden_size or pm.hidden_size,
         "model.mup_base_filter_size": pm.mup_base_filter_size or pm.filter_size,
@@ -88,8 +162,20 @@ def transferred_values(proxy: Config, params: dict[str, float], target: Config) 
     ratio = target.train.steps / proxy.train.steps
     for k in SCHEDULE_STEP_KEYS:
         values[f"schedule.{k}"] = round(getattr(proxy.schedule, k) * ratio)
-    for name, value in params.items():
-        values[SPACE_KEYS[name]] = float(value)
+    tuned = {space_key(name, proxy): float(value) for name, value in params.items()}
+    if pm.parametrization == "hyperp":
+        values.update({f"optim.{k}": getattr(proxy.optim, k) for k in HYPERP_OPTIM_KEYS})
+        values.update(tuned)
+        rebase = hyperp_rebase(
+            with_values(proxy, tuned),
+            target,
+            proxy_world_size=proxy_world_size,
+            target_world_size=target_world_size,
+        )
+        values.update(rebase["values"])
+        values["hyperp"] = rebase
+        return values
+    values.update(tuned)
     return values
 
 
@@ -101,8 +187,13 @@ def write_target_configs(
     out: str | Path,
     overrides: list[str] | None = None,
     th: Thresholds | None = None,
+    proxy_world_size: int = 1,
+    target_world_size: int = 1,
 ) -> list[Transferred]:
-    """Write one target config per selected trial under ``out``; return what was written."""
+    """Write one target config per selected trial under ``out``; return what was written.
+
+    The world sizes matter under hyperp only (its B counts every rank's tokens).
+    """
     if top_k <= 0:
         raise ConfigError(f"--top-k: must be positive (got {top_k})")
     proxy_raw = study.user_attrs.get("proxy_config")
@@ -124,7 +215,14 @@ def write_target_configs(
     base_run_dir = target_cfg.train.run_dir.rstrip("/")
     written = []
     for i, row in enumerate(top, 1):
-        values = transferred_values(proxy, row.params, target_cfg)
+        values = transferred_values(
+            proxy,
+            row.params,
+            target_cfg,
+            proxy_world_size=proxy_world_size,
+            target_world_size=target_world_size,
+        )
+        hyperp = values.pop("hyperp", None)
         raw = copy.deepcopy(target_raw)
         for key, value in values.items():
             section, field = key.split(".")
@@ -141,11 +239,26 @@ def write_target_configs(
             f" → target d={cfg.model.hidden_size} d_ff={cfg.model.filter_size}).",
             "# Transferred:",
             *_wrap([f"{k}={_short(v)}" for k, v in values.items()]),
+            *(["# " + line for line in hyperp_lines(hyperp)] if hyperp else []),
             f"# Kept from the target: {NOT_TRANSFERRED}.",
         ]
         path.write_text("\n".join(header) + "\n" + yaml.safe_dump(raw, sort_keys=False))
-        written.append(Transferred(path, row, cfg, values))
+        written.append(Transferred(path, row, cfg, values, hyperp))
     return written
+
+
+def hyperp_lines(h: dict[str, Any]) -> list[str]:
+    """HyperP's transfer in three lines: proxy η, the factors, target η."""
+    p, t, f = h["proxy"], h["target"], h["factors"]
+    return [
+        f"HyperP rule η = η0·√(B/B0)·√(d0/L)·(T/T0)^{t['token_exponent']:g}, rebased on the proxy"
+        f" (B0={t['base_batch_tokens']:g}, d0={t['base_depth']}, T0={t['base_tokens']:g}):",
+        f"  proxy  η = {p['lr']:.6g}  (η0={p['base_lr']:.6g} at B={p['batch_tokens']:g}, L={p['num_layers']},"
+        f" T={p['tokens']:g}, world size {p['world_size']})",
+        f"  target η = {t['lr']:.6g} = proxy η × √(B/B0) {f['batch']:.4g} × √(d0/L) {f['depth']:.4g}"
+        f" × (T/T0)^-0.32 {f['tokens']:.4g} = × {f['total']:.4g}"
+        f"  (B={t['batch_tokens']:g}, L={t['num_layers']}, T={t['tokens']:g}, world size {t['world_size']})",
+    ]
 
 
 def _wrap(items: list[str], width: int = 96) -> list[str]:
@@ -180,6 +293,8 @@ def summary(study, written: list[Transferred]) -> str:
             + f"  {w.path}"
         )
     best = written[0].config
+    if written[0].hyperp:
+        lines += ["", *hyperp_lines(written[0].hyperp)]
     lines += [
         "",
         f"target rules table ({written[0].path.name}):",

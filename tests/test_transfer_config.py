@@ -1,6 +1,7 @@
 """μTransfer configs from a study: the target gets the proxy's base dims and tuned values, keeps its
 own regularisation, and its hidden lr multipliers are the proxy's × d_proxy/d_target exactly."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 
 from mupfast.cli import main
 from mupfast.config import load_config
-from mupfast.parametrization import rules_table
+from mupfast.parametrization import hyperp_transfer, rules_table
 from mupfast.stability import run_stability
 from tests.test_stability import SMOOTH, records
 
@@ -129,3 +130,72 @@ def test_bad_transfer_arguments_are_one_line_errors(tmp_path, capsys, argv, mess
     assert main(["transfer", *[x for kv in base.items() for x in kv]]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# HyperP: the target is rebased on the proxy and its η follows from the rule at its own B, L, T
+
+HYPERP_PROXY = [
+    "model.parametrization=hyperp",
+    "model.hyperp_base_depth=3",
+    "optim.hyperp_base_batch_tokens=3000",
+    "optim.hyperp_base_tokens=7.5e5",
+    "optim.hyperp_base_lr=0.5",  # what the sweep's lr replaces: never the transferred value
+]
+
+
+def test_hyperp_target_is_rebased_on_the_proxy_and_its_lr_follows_the_rule_by_hand(tmp_path, capsys):
+    url, proxy = make_study(tmp_path, proxy_overrides=HYPERP_PROXY)
+    # proxy-cpu: seq 128 × micro 16 = 2048 tokens/step, 100 steps (make_study), 2 layers
+    assert (proxy.train.seq_len * proxy.train.micro_batch_size, proxy.train.steps) == (2048, 100)
+    target_args = ["model.parametrization=hyperp", "model.num_layers=6", "train.steps=700"]
+    target_args += ["train.micro_batch_size=40", "train.seq_len=96"]  # 3840 tokens/step
+    assert transfer(url, tmp_path / "out", *target_args) == 0
+    printed = capsys.readouterr().out
+    (path,) = (tmp_path / "out").glob("*.yaml")
+    target = load_config(path)
+
+    # The proxy trained with η = η0·√(B/B0)·√(d0/L)·(T/T0)^-0.32, η0 = the best trial's lr (2e-2).
+    eta_proxy = 2e-2 * math.sqrt(2048 / 3000) * math.sqrt(3 / 2) * (2048 * 100 / 7.5e5) ** -0.32
+    o = target.optim
+    assert o.hyperp_base_lr == pytest.approx(eta_proxy, rel=1e-12)
+    assert (o.hyperp_base_batch_tokens, o.hyperp_base_tokens) == (2048, 204800.0)
+    assert target.model.hyperp_base_depth == 2
+    # The target's η from the rule at its B = 3840, L = 6, T = 700 · 3840, by hand …
+    eta_target = eta_proxy * math.sqrt(3840 / 2048) * math.sqrt(2 / 6) * (700 * 3840 / 204800) ** -0.32
+    assert hyperp_transfer(target)["lr"] == pytest.approx(eta_target, rel=1e-12)
+    # … which is what the proxy's own base values would have given it (the rule is a product of powers).
+    unrebased = 2e-2 * math.sqrt(3840 / 3000) * math.sqrt(3 / 6) * (700 * 3840 / 7.5e5) ** -0.32
+    assert eta_target == pytest.approx(unrebased, rel=1e-12)
+    assert eta_target / eta_proxy == pytest.approx(0.34686, abs=1e-5)  # a real change, not a factor 1
+
+    for text in (printed, path.read_text()):
+        assert f"proxy  η = {eta_proxy:.6g}" in text
+        assert f"target η = {eta_target:.6g}" in text
+        assert "√(B/B0) 1.369 × √(d0/L) 0.5774 × (T/T0)^-0.32 0.4387 = × 0.3469" in text
+        assert "B=3840, L=6, T=2.688e+06" in text
+
+
+def test_hyperp_target_world_size_counts_in_its_batch_and_base_batch_is_the_proxys_global(tmp_path, capsys):
+    url, _ = make_study(tmp_path, proxy_overrides=HYPERP_PROXY)
+    args = ["model.parametrization=hyperp", "--proxy-world-size", "2", "--target-world-size", "8"]
+    assert transfer(url, tmp_path / "out", *args) == 0
+    printed = capsys.readouterr().out
+    target = load_config(next((tmp_path / "out").glob("*.yaml")))
+    assert target.optim.hyperp_base_batch_tokens == 2 * 2048  # both of the proxy's ranks
+    eta_proxy = 2e-2 * math.sqrt(4096 / 3000) * math.sqrt(3 / 2) * (4096 * 100 / 7.5e5) ** -0.32
+    assert target.optim.hyperp_base_lr == pytest.approx(eta_proxy, rel=1e-12)
+    # target-cpu: 2048 tokens/step per rank, 200 steps, 2 layers → at 8 ranks B = 16384, T = 200·B
+    expected = eta_proxy * math.sqrt(16384 / 4096) * (200 * 16384 / (100 * 4096)) ** -0.32
+    assert hyperp_transfer(target, 8)["lr"] == pytest.approx(expected, rel=1e-12)
+    assert f"target η = {expected:.6g}" in printed and "world size 8" in printed
+
+
+def test_hyperp_lr_does_not_transfer_to_an_adamw_target_or_back(tmp_path, capsys):
+    url, _ = make_study(tmp_path, proxy_overrides=HYPERP_PROXY)
+    assert transfer(url, tmp_path / "out") == 2  # target-cpu is mup
+    assert "only transfers to hyperp" in capsys.readouterr().err
+    (tmp_path / "mup").mkdir()
+    url, _ = make_study(tmp_path / "mup")
+    assert transfer(url, tmp_path / "out2", "model.parametrization=hyperp") == 2
+    assert "only transfers to hyperp" in capsys.readouterr().err
