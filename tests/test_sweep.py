@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 import mupfast.sweep as W
+import mupfast.sweep_trial as WT
 from mupfast.cli import main
 from mupfast.config import ConfigError, load_config
 from mupfast.metrics import read_metrics
@@ -79,7 +80,7 @@ def test_trial_config_sets_the_swept_keys_and_its_own_run_dir(tmp_path):
     base = load_config(PROXY)
     params = {"lr": 2e-3, "init_std": 0.03, "embeddings_scale": 4.0, "output_logits_alpha": 2.0}
     params["attention_logits_alpha"] = 0.5
-    cfg = W.trial_config(base, params, tmp_path / "trial-0003")
+    cfg = WT.trial_config(base, params, tmp_path / "trial-0003")
     assert cfg.optim.lr == 2e-3 and cfg.model.init_std == 0.03 and cfg.model.embeddings_scale == 4.0
     assert cfg.model.output_logits_alpha == 2.0 and cfg.model.attention_logits_alpha == 0.5
     assert cfg.train.run_dir == str(tmp_path / "trial-0003") and not cfg.train.resume
@@ -154,7 +155,7 @@ def _crash_or_train(config_path, launcher, gpus):
     return REAL_COMMAND(config_path, launcher, gpus)
 
 
-REAL_COMMAND = W.trial_command
+REAL_COMMAND = WT.trial_command
 
 
 class PruneTrialOne(optuna.pruners.BasePruner):
@@ -165,7 +166,7 @@ class PruneTrialOne(optuna.pruners.BasePruner):
 def test_a_crashing_trial_fails_a_pruned_one_stops_and_the_study_goes_on(
     tmp_path, data_dir, space_file, monkeypatch
 ):
-    monkeypatch.setattr(W, "trial_command", _crash_or_train)
+    monkeypatch.setattr(WT, "trial_command", _crash_or_train)
     steps = 60  # long enough that the driver sees the first eval before the run ends
     study = W.sweep(
         load_config(PROXY, [*tiny(data_dir), f"train.steps={steps}"]),
