@@ -105,6 +105,10 @@ class ModelConfig:
     """Shared-expert mix: output = √(1−p)·routed + √p·shared."""
     moe_aux_loss_coef: float = 0.01
     """Coefficient of the global load-balancing loss E·Σ f_i·P_i (mean over MoE layers) added in training."""
+    moe_balance_scope: Literal["data_parallel", "micro_batch"] = "data_parallel"
+    """Tokens the expert loads f_i are counted over: every data-parallel rank's micro-batch (one small
+    all-reduce per MoE layer; balance is judged on the global batch, not on each rank's sample), or
+    this rank's micro-batch alone."""
     moe_router_z_coef: float = 0.0
     """Coefficient of the router Z-loss mean(logsumexp(router logits)²); 0 logs it without training on it."""
     moe_every: int = 1

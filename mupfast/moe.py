@@ -15,8 +15,11 @@ projection's init follows its own fan-in (parametrization.py), so each expert's 
 granularity — together the output RMS stays constant across granularities (tests/test_moe.py).
 
 Training also records, per forward, on device:
-  aux_loss = E · Σ_i f_i · P_i  (Switch-style global balance loss over all tokens of the micro-batch;
-             f_i = share of the N·k assignments that went to expert i, P_i = mean full-softmax prob)
+  aux_loss = E · Σ_i f_i · P_i  (Switch-style balance loss; f_i = share of the N·k assignments that
+             went to expert i, counted over every data-parallel rank's micro-batch (moe_balance_scope),
+             P_i = this rank's mean full-softmax prob. DeepSpeed averages gradients over ranks, so
+             the update is that of E·Σ f_i·P_i over the global micro-step: a global-batch balance
+             loss, which lets each rank's sample be unbalanced as long as the whole batch is not)
   router_z = mean over tokens of logsumexp(z)²  (stability indicator; a loss only if its coef > 0)
 The Transformer adds coef·aux_loss (+ coef_z·router_z) to the LM loss.
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -70,6 +74,7 @@ class SqrtGateMoE(nn.Module):
         self.experts = nn.ModuleList(Expert(d, h, swiglu, cfg.bias) for _ in range(self.num_experts))
         self.shared = Expert(d, h, swiglu, cfg.bias) if cfg.moe_shared_expert else None
         self.shared_p = cfg.moe_shared_p
+        self.global_balance = cfg.moe_balance_scope == "data_parallel"
         # From the last training forward: the balance loss and router Z with their graphs (read by the
         # Transformer), and detached indicators for stability_stats().
         self.aux_loss: torch.Tensor | None = None
@@ -123,14 +128,18 @@ class SqrtGateMoE(nn.Module):
         E = self.num_experts
         probs = logits.softmax(-1)
         counts = torch.bincount(idx.reshape(-1), minlength=E).to(probs.dtype)
-        f = counts / idx.numel()  # share of assignments per expert (no gradient, as in Switch)
+        assignments = idx.numel()
+        if self.global_balance and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts)  # every rank routes the same number of tokens
+            assignments *= dist.get_world_size()
+        f = counts / assignments  # share of assignments per expert (no gradient, as in Switch)
         self.aux_loss = E * (f * probs.mean(0)).sum()
         self.router_z = logits.logsumexp(-1).square().mean()
         self.stats = {
             "moe_aux_loss": self.aux_loss.detach(),
             "router_z": self.router_z.detach(),
             # MaxVio: how far the busiest expert is above the balanced load, relative to it.
-            "moe_max_vio": (counts.max() * E / idx.numel() - 1).detach(),
+            "moe_max_vio": (counts.max() * E / assignments - 1).detach(),
         }
 
 

@@ -294,9 +294,53 @@ def test_two_rank_zero2_moe_matches_single_process(tmp_path, parametrization):
         "train.eval_every=0",
         "train.steps=4",
         "train.micro_batch_size=2",
+        # one process with 2 accumulation steps sees one micro-batch at a time: count loads the same way
+        "model.moe_balance_scope=micro_batch",
     ]
     single = T.train(tiny_config(*base, "train.grad_accum_steps=2", tmp_path=tmp_path / "single"))
     two = _deepspeed_run(tmp_path, "zero2", [*base, "zero.stage=2"], ranks=2)
     assert sorted(two) == list(range(1, 5))
     for step, loss in single.train_losses.items():
         assert two[step] == pytest.approx(loss, rel=2e-5), step
+
+
+def _balance_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    moe, _ = _moe_layer()
+    torch.manual_seed(1)
+    x = torch.randn(world, 6, moe.router.in_features, dtype=torch.float64)
+    moe.train()
+    moe(x[rank : rank + 1])
+    moe.aux_loss.backward()
+    grad = moe.router.weight.grad.clone()
+    dist.all_reduce(grad)  # what DeepSpeed's gradient averaging does
+    torch.save({"aux": moe.aux_loss.detach(), "grad": grad / world}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_balance_loss_counts_loads_over_every_data_parallel_rank(tmp_path):
+    """Two ranks with half the tokens each: loads counted over both, gradient equal to the whole batch's."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_balance_rank, args=(2, str(tmp_path / "rdzv"), str(tmp_path)), nprocs=2)
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    torch.manual_seed(0)
+    moe, _ = _moe_layer()  # same seed, same weights as each rank's
+    torch.manual_seed(1)
+    x = torch.randn(2, 6, moe.router.in_features, dtype=torch.float64)
+    moe.train()
+    moe(x.reshape(1, 12, -1))
+    moe.aux_loss.backward()
+    torch.testing.assert_close(got[0]["grad"], moe.router.weight.grad)
+    torch.testing.assert_close(got[1]["grad"], moe.router.weight.grad)
+    assert (got[0]["aux"] + got[1]["aux"]) / 2 == pytest.approx(moe.aux_loss.item(), rel=1e-12)
+    # per-rank counting would differ: each rank's own loads against its own probabilities
+    torch.manual_seed(0)
+    local = _moe_layer("model.moe_balance_scope=micro_batch")[0]
+    local.train()
+    local(x[0:1])
+    assert local.aux_loss.item() != pytest.approx(got[0]["aux"].item(), rel=1e-6)
