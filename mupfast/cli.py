@@ -58,6 +58,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--jobs", default=None, help="parallel runs (default: one per GPU, else up to 2)")
     t.add_argument("--out", default="runs/transfer-test", help="output directory (default %(default)s)")
+    h = verb(
+        "horizon-test", "token-horizon check: optimal lr vs training tokens, fitted exponent (JSON + PNG)"
+    )
+    h.add_argument("--steps", default="100,200,400,800", help="horizons in steps (default %(default)s)")
+    h.add_argument(
+        "--lrs",
+        default="2^-6,2^-5.5,2^-5,2^-4.5,2^-4,2^-3.5,2^-3",
+        help="lr grid; under hyperp η0 = η (default %(default)s)",
+    )
+    h.add_argument("--seeds", default="3", help="seeds per point (default %(default)s)")
+    h.add_argument("--parametrization", default="hyperp", help="default %(default)s")
+    h.add_argument(
+        "--bootstrap", default="2000", help="bootstrap replicates over seeds (default %(default)s)"
+    )
+    h.add_argument("--jobs", default="1", help="parallel runs (default %(default)s)")
+    h.add_argument("--out", default="runs/horizon-test", help="output directory (default %(default)s)")
     w = verb("sweep", "proxy hyperparameter sweep (Optuna; each trial a training run); --report to rank it")
     _study_args(w)
     w.add_argument("--trials", type=int, default=20, help="the study's trial budget (default %(default)s)")
@@ -204,6 +220,25 @@ def run(argv: list[str]) -> int:
         )
         js, png = X.write_outputs(result, args.out)
         print("\n".join(X.table_lines(result)))
+        print(f"wrote {js} and {png} ({result['elapsed_s']:.0f} s)")
+        return 0
+    if args.verb == "horizon-test":
+        from mupfast import coord_check as C
+        from mupfast import horizon as H
+        from mupfast import transfer as X
+
+        result = H.horizon_test(
+            cfg,
+            horizons=C.parse_int_list(args.steps, "--steps"),
+            lrs=X.parse_lrs(args.lrs),
+            seeds=C.parse_positive_int(args.seeds, "--seeds"),
+            parametrization=args.parametrization,
+            out=args.out,
+            jobs=C.parse_positive_int(args.jobs, "--jobs"),
+            n_boot=C.parse_positive_int(args.bootstrap, "--bootstrap"),
+        )
+        js, png = H.write_outputs(result, args.out)
+        print("\n".join(H.summary_lines(result)))
         print(f"wrote {js} and {png} ({result['elapsed_s']:.0f} s)")
         return 0
     if args.verb in ("sweep", "transfer"):

@@ -338,7 +338,9 @@ def default_jobs() -> int:
     return gpu_count() or min(2, os.cpu_count() or 1)
 
 
-def run_points(points: list[Point], *, jobs: int, progress: bool = True) -> dict[str, float]:
+def run_points(
+    points: list[Point], *, jobs: int, progress: bool = True, desc: str = "transfer-test"
+) -> dict[str, float]:
     """Val loss of every point (by run_dir), skipping finished ones; runs the rest on ``jobs`` processes."""
     from tqdm.auto import tqdm
 
@@ -352,7 +354,7 @@ def run_points(points: list[Point], *, jobs: int, progress: bool = True) -> dict
             values[pt.run_dir] = done
     # Largest models first, so the last runs to finish are short ones.
     todo.sort(key=lambda pt: -(pt.cfg.model.hidden_size**2 * pt.cfg.model.num_layers))
-    bar = tqdm(total=len(points), initial=len(values), desc="transfer-test", unit="run", disable=not progress)
+    bar = tqdm(total=len(points), initial=len(values), desc=desc, unit="run", disable=not progress)
     try:
         if jobs <= 1:
             for pt in todo:
