@@ -3,6 +3,7 @@ end to end through the real trainer on a tiny grid (resumable, diverged runs cou
 
 import json
 import math
+import statistics
 
 import pytest
 
@@ -163,3 +164,49 @@ def test_hyperp_points_grid_the_base_lr_at_the_smallest_models_own_batch_depth_a
         if pt.parametrization == "hyperp":  # no width term in the rule: η = η0 at every width
             assert hyperp_transfer(pt.cfg)["lr"] == pytest.approx(pt.lr, rel=1e-12)
             assert pt.cfg.model.hyperp_base_depth == cfg.model.num_layers
+
+
+def test_equal_compute_comparison_takes_each_parametrizations_own_optimum_and_its_seed_spread(tmp_path):
+    from mupfast.transfer_compare import best_per_size, markdown_table
+
+    def curve(losses_per_seed, lrs):
+        means = [sum(v) / len(v) for v in losses_per_seed]
+        return {
+            "val_loss": means,
+            "val_loss_per_seed": losses_per_seed,
+            "optimum": X.find_optimum(lrs, means),
+        }
+
+    mup_lrs, hyp_lrs = [2**-9, 2**-8, 2**-7], [2**-5, 2**-4, 2**-3]
+    result = {
+        "axis": "width",
+        "sizes": [64],
+        "lrs": mup_lrs,
+        "steps": 10,
+        "tokens_per_step": 512,
+        "seeds": 2,
+        "results": {
+            "mup": {
+                "lrs": mup_lrs,
+                "curves": {"64": curve([[2.5, 2.6], [2.40, 2.42], [2.45, 2.5]], mup_lrs)},
+            },
+            "hyperp": {
+                "lrs": hyp_lrs,
+                "curves": {"64": curve([[2.3, 2.3], [2.2, 2.24], [2.6, 2.7]], hyp_lrs)},
+            },
+        },
+    }
+    run = tmp_path / "runs" / "hyperp" / "width64" / "lr2^-4"
+    for s, speed in enumerate((1000.0, 3000.0)):
+        (run / f"seed{s}").mkdir(parents=True)
+        (run / f"seed{s}" / "summary.json").write_text(json.dumps({"tokens_per_s": speed}))
+    cmp = best_per_size(result, tmp_path)
+    mup, hyp = cmp["best"]["64"]["mup"], cmp["best"]["64"]["hyperp"]
+    assert (mup["lr"], hyp["lr"]) == (2**-8, 2**-4)  # each at its own best lr
+    assert hyp["val_loss"] == pytest.approx(2.22) and hyp["per_seed"] == [2.2, 2.24]
+    assert hyp["gap"] == 0 and mup["gap"] == pytest.approx(0.19)
+    assert mup["gap_in_seed_std"] == pytest.approx(0.19 / statistics.stdev([2.2, 2.24]))
+    assert hyp["tokens_per_s"] == 2000.0 and mup["tokens_per_s"] is None  # mup's runs are not on disk
+    assert cmp["tokens"] == 5120
+    table = markdown_table(cmp)
+    assert "| 64 | 2.410 ± 0.014 (2^-8) | 2.220 ± 0.028 (2^-4, 2,000 tok/s) |" in table
