@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import bench_parser, measure, peak_memory_mb, write_results
+from benchmarks.common import bench_parser, measure, peak_memory_mb, publish
 from mupfast.kernels.attention import mup_attention
 
 Attn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
@@ -173,11 +173,8 @@ def main(argv: list[str] | None = None) -> Path:
         f"scale = {args.alpha}/d_head; batch·T ≈ {args.tokens}, heads = {args.hidden}/d_head; "
         "FLOPs fwd = 4·B·H·T²·D (/2 causal), fwd+bwd = 3.5×fwd; ours_speedup = peer ms / ours ms"
         + (f"; not available: {', '.join(missing)}" if missing and not args.smoke else "")
-        + ("; SMOKE run on CPU under the Triton interpreter: timings are meaningless" if args.smoke else "")
     )
-    path = write_results("attention", rows, notes=notes, out_dir=args.out)
-    print(f"wrote {path}")
-    return path
+    return publish("attention", rows, notes, args, smoke="CPU, Triton interpreter")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,7 @@ from benchmarks.common import (
     device_name,
     measure,
     peak_memory_mb,
-    print_rows,
-    write_results,
+    publish,
 )
 
 COMPONENTS = ["emb", "q", "k", "v", "o", "ffn_gate", "ffn_up", "ffn_down", "norm_attn", "norm_ffn"]
@@ -212,12 +211,8 @@ def main(argv: list[str] | None = None) -> Path:
         f"copy, read+write); effective_GBps credits every method with {BYTES_PER_PARAM} B/param "
         "(read p,m,v,g + write p,m,v + norm read of g); per-group clip_grad_norm_(foreach=True) for peers; "
         f"max rel diff ours vs torch AdamW(foreach=False) after one clipped step: {agreement:.2e}"
-        + ("; SMOKE RUN (tiny shapes, Triton interpreter): timings meaningless" if args.smoke else "")
     )
-    path = write_results("clip_adamw", rows, notes=notes, out_dir=args.out)
-    print_rows(rows)
-    print(f"wrote {path}")
-    return path
+    return publish("clip_adamw", rows, notes, args)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,7 @@ from benchmarks.common import (
     device_name,
     measure,
     peak_memory_mb,
-    print_rows,
-    write_results,
+    publish,
 )
 
 OURS = "mupfast fused (Triton)"
@@ -175,12 +174,8 @@ def main(argv: list[str] | None = None) -> Path:
         f"z_loss {args.z_loss}, ignore_frac {args.ignore_frac}; gemm_TFLOPs credits 6·N·d·V FLOPs; "
         "ours_over_peer_* < 1 means ours is faster / smaller; peak_extra_MB is CUDA memory above the inputs; "
         "Liger gets h·scale as input (no logit multiplier of its own)"
-        + ("; SMOKE RUN (tiny fp32 shapes, Triton interpreter): timings meaningless" if args.smoke else "")
     )
-    path = write_results("cross_entropy", rows, notes=notes, out_dir=args.out)
-    print_rows(rows)
-    print(f"wrote {path}")
-    return path
+    return publish("cross_entropy", rows, notes, args, smoke="tiny fp32 shapes, Triton interpreter")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.ceiling import probe
-from benchmarks.common import write_results
+from benchmarks.common import publish
 from mupfast.config import load_config
 from mupfast.metrics import read_metrics
 from mupfast.train import train
@@ -110,11 +110,8 @@ def main(argv: list[str] | None = None) -> Path:
         f"ceiling today: {ceiling['matmul_tflops']:.1f} TFLOP/s {ceiling['matmul_dtype']} matmul, "
         f"{ceiling['copy_gbs']:.0f} GB/s copy; mfu_measured divides by the former"
         + (f", mfu_nominal by {nominal} TFLOP/s" if nominal else "")
-        + ("; SMOKE RUN (CPU, not a measurement)" if args.smoke else "")
     )
-    path = write_results("e2e", rows, notes=notes, out_dir=args.out)
-    print(path.read_text())
-    return path
+    return publish("e2e", rows, notes, args, smoke="CPU, not a measurement")
 
 
 if __name__ == "__main__":

@@ -31,8 +31,7 @@ from benchmarks.common import (
     device_name,
     measure,
     peak_memory_mb,
-    print_rows,
-    write_results,
+    publish,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,12 +146,8 @@ def main(argv: list[str] | None = None) -> Path:
         "effective_TFLOPs credits every method with the torch path's 5·(4m²n + 2m³) flops (the symmetric "
         "kernel does m²n + m³ fewer per step); speedup_vs_torch = torch ms / method ms; rel_err_vs_fp64 "
         "against the same iteration in float64"
-        + ("; SMOKE RUN (tiny fp32 shapes, Triton interpreter): timings meaningless" if args.smoke else "")
     )
-    path = write_results("newton_schulz", rows, notes=notes, out_dir=args.out)
-    print_rows(rows)
-    print(f"wrote {path}")
-    return path
+    return publish("newton_schulz", rows, notes, args, smoke="tiny fp32 shapes, Triton interpreter")
 
 
 if __name__ == "__main__":

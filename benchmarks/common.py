@@ -135,6 +135,18 @@ def write_results(name: str, rows: list[dict], *, notes: str = "", out_dir: Path
     return md
 
 
+def publish(
+    name: str, rows: list[dict], notes: str, args, *, smoke: str = "tiny shapes, Triton interpreter"
+) -> Path:
+    """Write a benchmark's results (marked as a smoke run where it was one), print them; return the path."""
+    if args.smoke:
+        notes += f"; SMOKE RUN ({smoke}): timings meaningless"
+    path = write_results(name, rows, notes=notes, out_dir=args.out)
+    print_rows(rows)
+    print(f"wrote {path}")
+    return path
+
+
 def print_rows(rows: list[dict]) -> None:
     """Each result row on one line, floats rounded, for the console of a benchmark run."""
     for r in rows:
