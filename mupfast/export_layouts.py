@@ -18,6 +18,11 @@ from mupfast.export_fold import Folded
 
 def layout_for(cfg: ModelConfig) -> str:
     """``llama`` (RMSNorm/RoPE/SwiGLU) or ``gpt2`` (LayerNorm/learned/GELU); anything else is an error."""
+    if cfg.moe_experts:
+        raise ConfigError(
+            f"model.moe_experts: {cfg.moe_experts} — a SqrtGate MoE has no Llama or GPT-2 layout to export to "
+            "(√g gates, shared-expert mix); sample it with `mupfast generate --run DIR` instead"
+        )
     if cfg.position == "rope":
         layout, need = "llama", {"norm": "rmsnorm", "mlp": "swiglu"}
     else:

@@ -170,6 +170,7 @@ UNSUPPORTED = [
     (["model.position=learned", "model.norm=rmsnorm", "model.mlp=gelu"], "model.norm"),
     (["model.position=learned", "model.norm=layernorm", "model.mlp=swiglu"], "model.mlp"),
     ([*GPT2, "model.num_kv_heads=1"], "model.num_kv_heads"),
+    (["model.moe_experts=4", "model.moe_top_k=2"], "model.moe_experts"),
 ]
 
 
