@@ -100,3 +100,22 @@ def crash_after_checkpoint_then_resume(cfg: Config, crash_step: int, monkeypatch
         T.train(cfg)
     monkeypatch.setattr(T.E, "save_checkpoint", real_save)
     return T.train(cfg)  # resumes from crash_step
+
+
+def assert_resume_is_bitwise(
+    overrides: list[str], tmp_path, monkeypatch, *, steps: int, crash_step: int
+) -> None:
+    """A run cut after the checkpoint of ``crash_step`` and resumed logs the uninterrupted run's losses bit for bit."""
+    from mupfast.metrics import read_metrics
+
+    full = tiny_config(*overrides, tmp_path=tmp_path / "full")
+    import mupfast.train as T
+
+    T.train(full)
+    cut = tiny_config(*overrides, tmp_path=tmp_path / "cut")
+    crash_after_checkpoint_then_resume(cut, crash_step, monkeypatch)
+    a = {r["step"]: r["loss"] for r in read_metrics(full.train.run_dir, "train")}
+    b = {r["step"]: r["loss"] for r in read_metrics(cut.train.run_dir, "train")}
+    assert sorted(b) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert b[step] == a[step], step

@@ -22,7 +22,7 @@ from mupfast.parametrization import (
     table_json,
 )
 from mupfast.schedules import build_schedule
-from tests.helpers import crash_after_checkpoint_then_resume, tiny_config
+from tests.helpers import assert_resume_is_bitwise, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -180,12 +180,5 @@ def test_two_rank_stage0_hyperp_matches_single_process(tmp_path):
 
 def test_resume_restores_muon_momentum_and_radius(tmp_path, monkeypatch):
     overrides = [*HYPERP, "train.log_every=1", "train.eval_every=0", "train.steps=6", "train.save_every=3"]
-    full = tiny_config(*overrides, tmp_path=tmp_path / "full")
-    T.train(full)
-    cut = tiny_config(*overrides, tmp_path=tmp_path / "cut")
-    crash_after_checkpoint_then_resume(cut, 3, monkeypatch)
-    a = {r["step"]: r["loss"] for r in read_metrics(full.train.run_dir, "train")}
-    b = {r["step"]: r["loss"] for r in read_metrics(cut.train.run_dir, "train")}
-    assert sorted(b) == list(range(1, 7))
-    for step in range(1, 7):
-        assert b[step] == a[step], step  # bitwise: momentum buffers and radii came back with the checkpoint
+    # bitwise: momentum buffers and radii came back with the checkpoint
+    assert_resume_is_bitwise(overrides, tmp_path, monkeypatch, steps=6, crash_step=3)
