@@ -335,15 +335,14 @@ def plot_horizon(result: dict, path: str | Path) -> None:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.3))
     cmap = plt.get_cmap("viridis")
     n = len(result["horizons_steps"])
-    finite = [mean_loss(v) for curve in result["val_loss"] for v in curve]
-    best = min(v for v in finite if math.isfinite(v))
-    top = min(max(v for v in finite if math.isfinite(v)), best + 0.6)
+    top = 0.3  # Δ loss shown; the horizons' levels differ by far more than their curves' depth
     for k, (h, curve, o) in enumerate(zip(result["horizons_steps"], result["val_loss"], f["optima"])):
         color = cmap(0.9 * k / max(1, n - 1))
         ys = [mean_loss(v) for v in curve]
-        shown = [(x, min(y, top)) for x, y in zip(xs, ys) if math.isfinite(y)]
-        ax.plot(*zip(*shown), "o-", color=color, ms=3.5, lw=1.4, label=f"{h} steps")
-        dots = [(x, min(y, top)) for x, v in zip(xs, curve) for y in v if math.isfinite(y)]
+        best = min(y for y in ys if math.isfinite(y))
+        shown = [(x, min(y - best, top)) for x, y in zip(xs, ys) if math.isfinite(y)]
+        ax.plot(*zip(*shown), "o-", color=color, ms=3.5, lw=1.4, label=f"{h} steps (best {best:.3f})")
+        dots = [(x, min(y - best, top)) for x, v in zip(xs, curve) for y in v if math.isfinite(y)]
         if dots:
             ax.plot(*zip(*dots), ".", color=color, ms=2, alpha=0.5)
         ax.axvline(o["log2_lr"], color=color, lw=0.8, ls=":")
@@ -351,11 +350,11 @@ def plot_horizon(result: dict, path: str | Path) -> None:
         "log2 lr"
         + ("  (hyperp: η = η0, base = own B, L, T)" if result["parametrization"] == "hyperp" else "")
     )
-    ax.set_ylabel("final val loss (mean over seeds; dots: seeds)")
-    ax.set_ylim(best - 0.03, top + 0.03)
+    ax.set_ylabel("val loss − the horizon's best (mean; dots: seeds)")
+    ax.set_ylim(-0.05, top + 0.02)
     ax.grid(alpha=0.3, lw=0.5)
     ax.legend(fontsize=8)
-    ax.set_title("loss vs lr per horizon (dotted: fitted optimum)", fontsize=10)
+    ax.set_title("loss vs lr per horizon (dotted: fitted optimum; capped at +0.3)", fontsize=10)
 
     lx = np.asarray(f["log2_tokens"])
     ly = [o["log2_lr"] for o in f["optima"]]
