@@ -298,7 +298,7 @@ def summary(study, written: list[Transferred]) -> str:
     lines += [
         "",
         f"target rules table ({written[0].path.name}):",
-        format_table(best.model, rules_table(best.model)),
+        format_table(best.model, rules_table(best.model), best),
     ]
     lines.append("")
     if len(written) > 1:
