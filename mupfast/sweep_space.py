@@ -26,6 +26,14 @@ SPACE_KEYS = {
     "attention_logits_alpha": "model.attention_logits_alpha",
 }
 
+
+def space_key(name: str, cfg) -> str:
+    """The config key a space name sets in ``cfg``: ``lr`` is hyperp's η0 (optim.lr is unused there)."""
+    if name == "lr" and cfg.model.parametrization == "hyperp":
+        return "optim.hyperp_base_lr"
+    return SPACE_KEYS[name]
+
+
 #: The built-in space (configs/sweep-space.yaml holds the same ranges).
 DEFAULT_SPACE: dict[str, dict[str, Any]] = {
     "lr": {"low": 1e-4, "high": 1e-1, "log": True},

@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 from mupfast.config import Config, ConfigError, config_from_dict, validate
-from mupfast.sweep_space import SPACE_KEYS, Range
+from mupfast.sweep_space import Range, space_key
 
 _DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -47,7 +47,7 @@ def trial_config(base: Config, params: dict[str, float], run_dir: str | Path) ->
     """The proxy config with the trial's values, writing to ``run_dir``, starting fresh."""
     raw = base.to_dict()
     for name, value in params.items():
-        section, key = SPACE_KEYS[name].split(".")
+        section, key = space_key(name, base).split(".")
         raw[section][key] = float(value)
     raw["train"].update(run_dir=str(run_dir), progress=False, resume=False)
     cfg = config_from_dict(raw)

@@ -51,6 +51,7 @@ import yaml
 
 from mupfast.config import Config, ConfigError, config_from_dict, read_raw_config, validate
 from mupfast.stability import Thresholds, TrialRow, collect, rank, space_names
+from mupfast.sweep_space import space_key
 
 MODEL_KEYS = (
     "init_std",
@@ -79,15 +80,6 @@ class Transferred:
     config: Config
     values: dict[str, Any]
     hyperp: dict[str, Any] | None = None  # hyperp: proxy η, target η and the rule's factors
-
-
-def space_key(name: str, proxy: Config) -> str:
-    """The config key a sweep-space name tuned in ``proxy``: ``lr`` is hyperp's η0 under hyperp."""
-    from mupfast.sweep import SPACE_KEYS
-
-    if name == "lr" and proxy.model.parametrization == "hyperp":
-        return "optim.hyperp_base_lr"
-    return SPACE_KEYS[name]
 
 
 def with_values(cfg: Config, values: dict[str, Any]) -> Config:

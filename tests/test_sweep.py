@@ -87,6 +87,12 @@ def test_trial_config_sets_the_swept_keys_and_its_own_run_dir(tmp_path):
     assert cfg.model.hidden_size == base.model.hidden_size and cfg.optim.beta2 == base.optim.beta2
 
 
+def test_under_hyperp_the_swept_lr_is_the_base_eta0_the_transfer_rule_scales(tmp_path):
+    base = load_config(PROXY, ["model.parametrization=hyperp"])
+    cfg = WT.trial_config(base, {"lr": 0.037}, tmp_path / "trial-0000")
+    assert cfg.optim.hyperp_base_lr == 0.037 and cfg.optim.lr == base.optim.lr
+
+
 def test_random_draws_depend_on_the_trial_number_not_on_the_worker():
     space = W.load_space(None)
 
