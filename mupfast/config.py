@@ -67,6 +67,9 @@ class ModelConfig:
     """Proxy MLP width (m_f = filter_size / this). None: filter_size."""
     mup_base_num_layers: int | None = None
     """Proxy depth for completep (m_L = num_layers / this). None: num_layers."""
+    hyperp_readout_sphere: bool = True
+    """HyperP: train an untied readout by AdamW on the sphere of its init norm (AdamH, as the anchor
+    does) rather than by plain AdamW. The sphere keeps the logit scale from growing with width."""
     hyperp_base_depth: int = 8
     """HyperP: base depth d0 of the transfer rule η = η0·√(B/B0)·√(d0/L)·(T/T0)^-0.32 (ArchScale: 8)."""
     depth_alpha: float = 1.0
@@ -485,6 +488,10 @@ def validate(cfg: Config) -> None:
     if cfg.zero.stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero.stage: must be 0, 1, 2 or 3 (got {cfg.zero.stage})")
     if m.parametrization == "hyperp":
+        if m.readout_zero_init and not m.tie_embeddings and m.hyperp_readout_sphere:
+            raise ConfigError(
+                "model.readout_zero_init: not with hyperp's readout sphere (set model.hyperp_readout_sphere=false)"
+            )
         for key, value in [
             ("model.hyperp_base_depth", m.hyperp_base_depth),
             ("optim.hyperp_base_lr", o.hyperp_base_lr),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from mupfast.kernels.newton_schulz import NS_COEFFS, NS_STEPS, newton_schulz_reference, newton_schulz_triton
+from mupfast.sphere import sphere_step
 
 __all__ = ["NS_COEFFS", "NS_STEPS", "MOMENTUM", "AUTO_NS_BACKEND", "newton_schulz", "muon_sphere_update"]
 
@@ -66,18 +67,9 @@ def muon_sphere_update(
     ``coef`` is the group's clip coefficient (a device tensor: no host sync). The radius is
     ‖p‖_F at the first call. A matrix with a zero gradient (or zero radius) is left unchanged.
     """
-    w = p.float()
     g = grad.float() * coef
-    if not state:
-        state["momentum_buffer"] = torch.zeros_like(w)
-        state["radius"] = w.norm()
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(g)
     buf = state["momentum_buffer"]
     buf.lerp_(g, 1 - beta)
-    u = newton_schulz(g.lerp(buf, beta), backend=ns_backend)
-    u_norm = u.norm()
-    # ‖W‖_F/‖U‖_F, guarded: a zero update (all-zero grad and momentum) leaves W where it is.
-    scale = torch.where(u_norm > 0, w.norm() / u_norm.clamp_min(1e-30), torch.zeros_like(u_norm))
-    w = w - (lr * scale) * u
-    radius = state["radius"]
-    w = w * (radius / w.norm().clamp_min(1e-30))
-    p.copy_(w)
+    sphere_step(p, newton_schulz(g.lerp(buf, beta), backend=ns_backend), state, lr=lr)

@@ -12,8 +12,8 @@ re-partitioning by matrix would mean owning ZeRO's memory layout. The price is r
 Newton–Schulz work where a matrix spans several ranks (all of them at stage 3), and a transient
 buffer of the group's full size.
 
-‖W‖_F is summed over ranks (one all-reduce before the step, one after for the sphere projection);
-the radius is recorded at the first step as in the unsharded update.
+The relative step and the projection back onto the sphere are ``mupfast.sphere.sphere_step``, which
+sums the Frobenius norms of ‖W‖ and ‖U‖ over the ranks' slices (two all-reduces).
 """
 
 from __future__ import annotations
@@ -22,17 +22,8 @@ import torch
 import torch.distributed as dist
 
 from mupfast.muon import MOMENTUM, newton_schulz
+from mupfast.sphere import sphere_step
 from mupfast.zero_shards import GroupShards
-
-
-def _matrix_sq_norms(flat: torch.Tensor, seg: torch.Tensor, n: int, group) -> torch.Tensor:
-    """Squared Frobenius norm of each of the ``n`` matrices, over every rank's slice."""
-    sq = torch.zeros(n + 1, dtype=torch.float32, device=flat.device)
-    sq.index_add_(0, seg, flat.float().pow(2))
-    sq = sq[:n].contiguous()
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(sq, group=group)
-    return sq
 
 
 def _gather(local: torch.Tensor, world: int, group) -> torch.Tensor:
@@ -60,30 +51,18 @@ def muon_sphere_update_sharded(
     n = len(shards.shapes)
     seg = shards.segment_ids(p.device)
     g = grad.float() * coef
-    if not state:
+    if "momentum_buffer" not in state:
         state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
     buf = state["momentum_buffer"]
     buf.lerp_(g, 1 - beta)
     gathered = _gather(g.lerp(buf, beta), len(shards.ranks), process_group)
 
     u_local = torch.zeros_like(buf)
-    u_norm = torch.zeros(n + 1, dtype=torch.float32, device=p.device)
     held = {f.matrix for f in shards.local}
     for k in sorted(held):
         pieces = [gathered[r, f.offset : f.offset + f.length] for r, f in shards.by_matrix[k]]
         u = newton_schulz(torch.cat(pieces).view(shards.shapes[k]), backend=ns_backend).reshape(-1)
-        u_norm[k] = u.norm()
         for f in shards.local:
             if f.matrix == k:
                 u_local[f.offset : f.offset + f.length] = u[f.start : f.start + f.length]
-
-    w_sq = _matrix_sq_norms(p, seg, n, process_group)
-    if "radius" not in state:
-        state["radius"] = w_sq.sqrt()
-    # ‖W‖/‖U‖ per matrix; a zero update (or the padding slot n) leaves W where it is.
-    w_norm = torch.cat([w_sq.sqrt(), w_sq.new_zeros(1)])
-    scale = torch.where(u_norm > 0, w_norm / u_norm.clamp_min(1e-30), torch.zeros_like(u_norm))
-    p.sub_((lr * scale)[seg] * u_local)
-    new_norm = _matrix_sq_norms(p, seg, n, process_group).sqrt()
-    factor = torch.cat([state["radius"] / new_norm.clamp_min(1e-30), new_norm.new_ones(1)])
-    p.mul_(factor[seg])
+    sphere_step(p, u_local, state, lr=lr, seg=seg, n=n, process_group=process_group)

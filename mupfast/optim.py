@@ -25,7 +25,8 @@ from mupfast.config import Config
 from mupfast.kernels import clip_adamw as K
 from mupfast.muon import muon_sphere_update
 from mupfast.muon_sharded import muon_sphere_update_sharded
-from mupfast.parametrization import COMPONENTS, hyperp_transfer, rules_for
+from mupfast.parametrization import COMPONENTS, SPHERE_OPTIMIZERS, hyperp_transfer, rules_for
+from mupfast.sphere import adam_sphere_update
 
 
 def base_lr(cfg: Config, world_size: int = 1) -> float:
@@ -134,18 +135,18 @@ class ClipAdamW(torch.optim.Optimizer):
         # Every group keeps its slot (zero norm when it has no gradient here), so the norm vector
         # has the same length on every rank and the all-reduce lines up.
         params, grads, m, v, ids = [], [], [], [], []
-        muon = []  # (param, group index): Muon-on-the-sphere groups, updated after the clip coefficients
+        sphere = []  # (param, group index): MuonH / AdamH groups, updated after the clip coefficients
         all_grads, all_ids = [], []
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.grad is None or p.numel() == 0:
                     continue
-                if group["optimizer"] == "muon_sphere":
+                if group["optimizer"] in SPHERE_OPTIMIZERS:
                     if p.ndim != 2 and id(p) not in self.shards:
                         raise ValueError(
-                            f"group {group['name']}: Muon needs whole matrices, got {tuple(p.shape)}"
+                            f"group {group['name']}: {group['optimizer']} needs whole matrices, got {tuple(p.shape)}"
                         )
-                    muon.append((p, gi))
+                    sphere.append((p, gi))
                     all_grads.append(p.grad)
                     all_ids.append(gi)
                     continue
@@ -210,21 +211,44 @@ class ClipAdamW(torch.optim.Optimizer):
                 eps=groups[0]["eps"],
                 step=step,
             )
-        for p, gi in muon:
-            kw = dict(lr=groups[gi]["lr"], coef=coef[gi], beta=self.muon_momentum)
-            kw["ns_backend"] = self.newton_schulz_backend
-            if id(p) in self.shards:
-                muon_sphere_update_sharded(
-                    p, p.grad, self.state[p], self.shards[id(p)][1], process_group=self.process_group, **kw
-                )
-            else:
-                muon_sphere_update(p, p.grad, self.state[p], **kw)
+        for p, gi in sphere:
+            self._sphere_update(p, groups[gi], coef[gi])
         norms = sq_all.sqrt()
         names = list(self._slot)
         for i in logged.tolist():
             self.last_grad_norms[names[i]] = norms[i]
             self.last_clip_coefs[names[i]] = coef_all[i]
         return loss
+
+    def _sphere_update(self, p: torch.Tensor, group: dict, coef: torch.Tensor) -> None:
+        """MuonH (hidden matrices) or AdamH (hyperp's readout): whole matrices, or a ZeRO partition."""
+        shards = self.shards[id(p)][1] if id(p) in self.shards else None
+        if group["optimizer"] == "muon_sphere":
+            kw = dict(
+                lr=group["lr"], coef=coef, beta=self.muon_momentum, ns_backend=self.newton_schulz_backend
+            )
+            if shards is not None:
+                muon_sphere_update_sharded(
+                    p, p.grad, self.state[p], shards, process_group=self.process_group, **kw
+                )
+            else:
+                muon_sphere_update(p, p.grad, self.state[p], **kw)
+            return
+        where = {}
+        if shards is not None:
+            where = dict(
+                seg=shards.segment_ids(p.device), n=len(shards.shapes), process_group=self.process_group
+            )
+        adam_sphere_update(
+            p,
+            p.grad,
+            self.state[p],
+            lr=group["lr"],
+            coef=coef,
+            betas=group["betas"],
+            eps=group["eps"],
+            **where,
+        )
 
     def _device(self, groups) -> torch.device:
         for g in groups:

@@ -30,7 +30,8 @@ SP uses m = m_f = 1, every forward multiplier 1 and 1/√d_head attention. Compl
 
 HyperP (ArchScale's MuonH, research/mup-anchors.md §B): the hidden matrices (q, k, v, o, ffn_in,
 ffn_out) are trained by Muon on the Frobenius sphere of their init (``optimizer = "muon_sphere"``,
-mupfast/muon.py), weight decay 0; embedding, norms and readout by AdamW. Every lr_mult is 1: one
+mupfast/muon.py), weight decay 0; the untied readout by AdamW on its sphere (``adamw_sphere``,
+mupfast/sphere.py), weight decay 0; embedding and norms by AdamW. Every lr_mult is 1: one
 lr η = η0·√(B/B0)·√(d0/L)·(T/T0)^-0.32 (:func:`hyperp_transfer`) for every group. Init: hidden
 matrices N(0, 1/(3·fan_in)) (the std of the anchor's kaiming-uniform, which fixes the radius at
 √(fan_out/3)); embedding σ_emb or 1e-4 (0.02 tied); readout σ_out or 0.02. Forward: residual
@@ -94,7 +95,9 @@ class Rule:
     lr_mult: float
     wd_mult: float
     forward_mult: float
-    optimizer: str = "adamw"  # "adamw" | "muon_sphere" (hyperp hidden matrices, mupfast/muon.py)
+    optimizer: str = (
+        "adamw"  # "adamw" | "muon_sphere" (hyperp hidden matrices) | "adamw_sphere" (its readout)
+    )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,6 +158,9 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
 )
 
 
+#: Optimizers that keep each matrix on the Frobenius sphere of its init (mupfast/sphere.py).
+SPHERE_OPTIMIZERS = frozenset({"muon_sphere", "adamw_sphere"})
+
 #: Components HyperP trains with Muon on the sphere.
 MUON_COMPONENTS = frozenset({"q", "k", "v", "o", "ffn_in", "ffn_out", "router", "expert_in", "expert_out"})
 
@@ -176,11 +182,12 @@ def _hyperp_rule(
         init = "ones" if component != "bias" and name.endswith("weight") else "zeros"
         return Rule(name, shape, component, layer, init, 0.0, 1.0, 0.0, 1.0)
     if component == "readout":
-        std = (
-            0.0
-            if cfg.readout_zero_init
-            else (cfg.output_init_std if cfg.output_init_std is not None else 0.02)
-        )
+        std = cfg.output_init_std if cfg.output_init_std is not None else 0.02
+        if cfg.hyperp_readout_sphere:  # zero init is refused with it (config.validate)
+            # AdamH, as the anchor trains its untied lm_head: Adam's direction as a relative step on
+            # the sphere, which keeps the logit scale from growing with width under one width-free lr.
+            return Rule(name, shape, component, layer, "normal", std, 1.0, 0.0, 1.0, "adamw_sphere")
+        std = 0.0 if cfg.readout_zero_init else std
         return Rule(name, shape, component, layer, "zeros" if std == 0 else "normal", std, 1.0, wd, 1.0)
     raise AssertionError(component)
 

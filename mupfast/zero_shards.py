@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from mupfast.parametrization import SPHERE_OPTIMIZERS
+
 
 class ZeroLayoutError(RuntimeError):
     """DeepSpeed's partition layout is not the one this module knows (another DeepSpeed version)."""
@@ -212,12 +214,12 @@ def attach(engine, client_optimizer) -> None:
         return
     if getattr(zo, "cpu_offload", False) or getattr(zo, "offload_optimizer", False):
         # Offloaded partitions live elsewhere: norms fall back to one collective per group call.
-        if any(g.get("optimizer") == "muon_sphere" for g in client_optimizer.param_groups):
-            raise ZeroLayoutError("Muon (hyperp) does not support ZeRO optimizer offload")
+        if any(g.get("optimizer") in SPHERE_OPTIMIZERS for g in client_optimizer.param_groups):
+            raise ZeroLayoutError("hyperp (MuonH, AdamH) does not support ZeRO optimizer offload")
         return
     shards = {}
     for gi, part, params, gs in _partitions(zo, kind):
-        if client_optimizer.param_groups[gi].get("optimizer") == "muon_sphere":
+        if client_optimizer.param_groups[gi].get("optimizer") in SPHERE_OPTIMIZERS:
             _check_against_local_weights(part, params, gs, kind)
         shards[id(part)] = (part, gs)
     client_optimizer.shards = shards

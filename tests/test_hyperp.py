@@ -39,6 +39,8 @@ def test_hidden_matrices_take_muon_on_the_sphere_and_everything_one_lr():
         if r.component in MUON_COMPONENTS:
             assert (r.optimizer, r.wd_mult) == ("muon_sphere", 0.0), r.name
             assert r.init_std == pytest.approx(1 / math.sqrt(3 * r.shape[1])), r.name  # kaiming-uniform std
+        elif r.component == "readout":  # untied: AdamH, Adam's direction on its own sphere
+            assert (r.optimizer, r.wd_mult) == ("adamw_sphere", 0.0), r.name
         else:
             assert r.optimizer == "adamw", r.name
     by = {r.name: r for r in rules}
@@ -81,7 +83,13 @@ def test_transfer_rule_scales_with_batch_depth_and_tokens():
     assert base_lr(cfg) == pytest.approx(longer) and base_lr(tiny_config(*base)) == cfg.optim.lr
 
 
-def test_hyperp_base_values_must_be_positive():
+def test_hyperp_base_values_must_be_positive_and_its_readout_not_zero():
+    with pytest.raises(ConfigError, match="model.readout_zero_init: not with hyperp's readout sphere"):
+        tiny_config(*HYPERP, "model.readout_zero_init=true")
+    free = rules_table(
+        tiny_config(*HYPERP, "model.readout_zero_init=true", "model.hyperp_readout_sphere=false").model
+    )
+    assert [(r.optimizer, r.init) for r in free if r.component == "readout"] == [("adamw", "zeros")]
     with pytest.raises(ConfigError, match="optim.hyperp_base_lr"):
         tiny_config(*HYPERP, "optim.hyperp_base_lr=0")
 
@@ -96,7 +104,7 @@ def test_explain_shows_the_optimizer_column_and_the_computed_lr():
     assert f"attention logits × {1 / math.sqrt(cfg.model.head_dim):.6g}   (1/√d_head" in text
     table = table_json(cfg.model, rules, cfg)
     assert table["transfer_rule"]["lr"] == pytest.approx(eta)
-    assert {r["optimizer"] for r in table["rules"]} == {"adamw", "muon_sphere"}
+    assert {r["optimizer"] for r in table["rules"]} == {"adamw", "muon_sphere", "adamw_sphere"}
     proc = subprocess.run(
         [sys.executable, "-m", "mupfast.cli", "explain", "--json", *HYPERP],
         capture_output=True,
@@ -137,7 +145,10 @@ def _train_capturing_model(cfg, monkeypatch):
 
 
 def test_a_tiny_hyperp_model_learns_while_every_hidden_matrix_keeps_its_init_norm(tmp_path, monkeypatch):
-    cfg = tiny_config(*HYPERP, "train.steps=20", "train.log_every=1", "train.eval_every=0", tmp_path=tmp_path)
+    # At d=32 the default readout sphere (radius 0.02·√(V·d) ≈ 1.8) caps the logits near 1; a wider one
+    # lets 20 steps show the learning.
+    overrides = ["train.steps=20", "train.log_every=1", "train.eval_every=0", "model.output_init_std=0.1"]
+    cfg = tiny_config(*HYPERP, *overrides, tmp_path=tmp_path)
     torch.manual_seed(cfg.train.seed)  # the trainer seeds the same way before building the model
     init = {n: p.detach().norm().item() for n, p in T.build_model(cfg.model).named_parameters()}
     result, model = _train_capturing_model(cfg, monkeypatch)
@@ -148,6 +159,7 @@ def test_a_tiny_hyperp_model_learns_while_every_hidden_matrix_keeps_its_init_nor
     assert rec["lr/embedding"] == rec["lr/q"]  # one lr for every group
     hidden = [n for n, p in model.named_parameters() if ".attn." in n or ".mlp." in n]
     assert len(hidden) == 2 * 7  # q, k, v, o, gate, up, down per layer
+    hidden.append("readout.weight")  # AdamH keeps it on its sphere too
     for n, p in model.named_parameters():
         if n in hidden:
             assert p.detach().norm().item() == pytest.approx(init[n], rel=1e-5), n

@@ -12,6 +12,7 @@ import mupfast.train as T
 from mupfast.metrics import read_metrics
 from mupfast.muon import muon_sphere_update
 from mupfast.muon_sharded import muon_sphere_update_sharded
+from mupfast.sphere import adam_sphere_update
 from mupfast.zero_shards import GroupShards, ZeroLayoutError, contiguous_fragments, per_tensor_fragments
 from tests.helpers import tiny_config
 
@@ -94,6 +95,43 @@ def test_muon_on_a_partition_equals_muon_on_each_whole_matrix():
     assert torch.all(flat[~covered] == 0)
 
 
+def test_adamh_on_a_partition_equals_adamh_on_each_whole_matrix_and_a_float64_reference():
+    rng = random.Random(11)
+    shapes = _random_shapes(rng, 4)
+    offsets, partition, ranks = _contiguous(shapes, 1, rng)
+    shards = GroupShards(shapes, partition, ranks, rank=0)
+    seg = shards.segment_ids("cpu")
+    mats = [torch.randn(s) for s in shapes]
+    ref = [m.double() for m in mats]
+    flat = torch.zeros(partition)
+    for off, m in zip(offsets, mats):
+        flat[off : off + m.numel()] = m.reshape(-1)
+    state_flat, states = {}, [{} for _ in mats]
+    m1 = [torch.zeros_like(r) for r in ref]
+    m2 = [torch.zeros_like(r) for r in ref]
+    b1, b2, eps, lr = 0.9, 0.95, 1e-8, 0.05
+    for t in range(1, 4):
+        grads = [torch.randn(s) for s in shapes]
+        gflat = torch.zeros(partition)
+        for off, g in zip(offsets, grads):
+            gflat[off : off + g.numel()] = g.reshape(-1)
+        adam_sphere_update(flat, gflat, state_flat, lr=lr, coef=0.5, seg=seg, n=len(shapes))
+        for k, (m, g, st) in enumerate(zip(mats, grads, states)):
+            adam_sphere_update(m, g, st, lr=lr, coef=0.5)
+            g64 = g.double() * 0.5  # float64 AdamH by hand
+            m1[k] = b1 * m1[k] + (1 - b1) * g64
+            m2[k] = b2 * m2[k] + (1 - b2) * g64 * g64
+            u = (m1[k] / (1 - b1**t)) / ((m2[k] / (1 - b2**t)).sqrt() + eps)
+            r0 = ref[k].norm() if t == 1 else states[k]["radius"].double()
+            w = ref[k] - lr * ref[k].norm() / u.norm() * u
+            ref[k] = w * r0 / w.norm()
+        for off, m, r in zip(offsets, mats, ref):
+            torch.testing.assert_close(flat[off : off + m.numel()].view(m.shape), m, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(m.double(), r, rtol=1e-5, atol=1e-6)
+    for m, st in zip(mats, states):
+        assert m.norm().item() == pytest.approx(st["radius"].item(), rel=1e-6)
+
+
 HYPERP_BASE = [
     "model.parametrization=hyperp",
     "train.log_every=1",
@@ -129,14 +167,15 @@ def test_two_rank_zero_hyperp_matches_single_process_with_one_norm_collective(tm
             assert b[key] == pytest.approx(a[key], rel=1e-4), key
     assert min(v for k, v in a.items() if k.startswith("clip_coef/")) < 0.5
     muon_groups = 6  # q, k, v, o, ffn_in, ffn_out
+    sphere_groups = muon_groups + 1  # and the readout (AdamH)
     for r in (0, 1):
         counts = json.loads((run / f"collectives_rank{r}.json").read_text())
         # the clip norms of every group: one all-reduce per step, issued before DeepSpeed's group loop
         assert counts.get("mupfast.zero_shards.all_reduce") == 4, counts
         assert "mupfast.optim.all_reduce" not in counts, counts
-        # Muon: one gather of whole matrices and two ‖W‖ reductions per Muon group and step
+        # Muon: one gather of whole matrices per group and step; every sphere group: two norm reductions
         assert counts.get("mupfast.muon_sharded.all_gather") == 4 * muon_groups, counts
-        assert counts.get("mupfast.muon_sharded.all_reduce") == 2 * 4 * muon_groups, counts
+        assert counts.get("mupfast.sphere.all_reduce") == 2 * 4 * sphere_groups, counts
 
 
 @pytest.mark.parametrize("stage", [1, 3])
@@ -156,8 +195,10 @@ def test_bf16_hyperp_keeps_every_fp32_master_matrix_on_its_sphere(tmp_path, monk
     monkeypatch.setattr(T, "build_model", lambda mc: models.append(real_build(mc)) or models[-1])
     result = T.train(cfg)
     assert result.train_losses[4] < result.train_losses[1]
-    hidden = [(n, p) for n, p in models[0].named_parameters() if ".attn." in n or ".mlp." in n]
-    assert len(hidden) == 14
+    hidden = [
+        (n, p) for n, p in models[0].named_parameters() if ".attn." in n or ".mlp." in n or "readout" in n
+    ]
+    assert len(hidden) == 15
     for n, p in hidden:
         master = safe_get_full_fp32_param(p)
         assert master.norm().item() == pytest.approx(init[n], rel=1e-5), n
