@@ -246,6 +246,10 @@ def make_points(
     return points
 
 
+#: Config keys added with a default that differs from what runs made before them did.
+_KEYS_THAT_CHANGED_BEHAVIOUR = [("model", "hyperp_readout_sphere")]
+
+
 def finished_loss(point: Point) -> float | None:
     """The val loss of a point already run with the same config (inf if it diverged), else None."""
     run_dir = Path(point.run_dir)
@@ -254,7 +258,10 @@ def finished_loss(point: Point) -> float | None:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, ValueError, yaml.YAMLError):
         return None
-    # Keys added to the config since the run was made compare at their defaults (config_from_dict).
+    # Keys added to the config since the run was made compare at their defaults (config_from_dict),
+    # except those whose default changed what runs made before them did.
+    if any(key not in saved.get(section, {}) for section, key in _KEYS_THAT_CHANGED_BEHAVIOUR):
+        return None
     try:
         if saved != point.cfg.to_dict() and config_from_dict(saved).to_dict() != point.cfg.to_dict():
             return None

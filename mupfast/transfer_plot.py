@@ -104,9 +104,9 @@ def plot_transfer(result: dict, path: str | Path) -> None:
     axes[0][-1].legend(fontsize=8, loc="upper right")
     fig.suptitle(
         f"μTransfer test over {result['axis']}: {result['seeds']} seed(s), "
-        f"{result['tokens_per_step'] * result['steps']:,} training tokens per run (× = diverged or off the chart)",
+        f"{result['tokens_per_step'] * result['steps']:,} training tokens per run\n(× = diverged or off the chart)",
         fontsize=10,
     )
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     fig.savefig(path, dpi=110)
     plt.close(fig)

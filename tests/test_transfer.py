@@ -4,8 +4,10 @@ end to end through the real trainer on a tiny grid (resumable, diverged runs cou
 import json
 import math
 import statistics
+from pathlib import Path
 
 import pytest
+import yaml
 
 import mupfast.train as T
 import mupfast.transfer as X
@@ -115,6 +117,13 @@ def test_sweep_runs_end_to_end_resumes_and_counts_divergence_as_inf(tmp_path, mo
     )
     assert all(X.finished_loss(pt) is not None for pt in X.make_points(cfg, steps=3, **args))
     assert all(X.finished_loss(pt) is None for pt in X.make_points(cfg, steps=4, **args))
+    # So is one made before a key whose default changed behaviour (the readout sphere of hyperp).
+    point = X.make_points(cfg, steps=3, **args)[0]
+    saved_cfg = Path(point.run_dir) / "config.yaml"
+    older = yaml.safe_load(saved_cfg.read_text())
+    del older["model"]["hyperp_readout_sphere"]
+    saved_cfg.write_text(yaml.safe_dump(older))
+    assert X.finished_loss(point) is None
 
 
 def test_depth_variant_in_worker_processes(tmp_path):
