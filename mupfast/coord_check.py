@@ -421,11 +421,16 @@ def json_clean(obj: Any) -> Any:
     return obj
 
 
-def write_outputs(result: dict, out: str | Path) -> tuple[Path, Path]:
-    """Write ``coord_check.json`` and ``coord_check.png`` into ``out``; return their paths."""
+def write_result_files(result: dict, out: str | Path, name: str, plot) -> tuple[Path, Path]:
+    """Write ``<name>.json`` (standard JSON) and ``<name>.png`` (drawn by ``plot``) into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    js, png = out / "coord_check.json", out / "coord_check.png"
+    js, png = out / f"{name}.json", out / f"{name}.png"
     js.write_text(json.dumps(json_clean(result), indent=1) + "\n")
-    plot_coord_check(result, png)
+    plot(result, png)
     return js, png
+
+
+def write_outputs(result: dict, out: str | Path) -> tuple[Path, Path]:
+    """Write ``coord_check.json`` and ``coord_check.png`` into ``out``; return their paths."""
+    return write_result_files(result, out, "coord_check", plot_coord_check)

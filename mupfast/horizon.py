@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from mupfast.config import Config, ConfigError
-from mupfast.coord_check import json_clean, with_overrides
+from mupfast.coord_check import with_overrides, write_result_files
 from mupfast.transfer import Point, mean_loss, run_points
 
 #: HyperP's token-horizon exponent, as a positive α in η* ∝ T^-α.
@@ -402,11 +402,4 @@ def plot_horizon(result: dict, path: str | Path) -> None:
 
 def write_outputs(result: dict, out: str | Path, name: str = "horizon_test") -> tuple[Path, Path]:
     """Write ``<name>.json`` and ``<name>.png`` into ``out``; return their paths."""
-    import json
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    js, png = out / f"{name}.json", out / f"{name}.png"
-    js.write_text(json.dumps(json_clean(result), indent=1) + "\n")
-    plot_horizon(result, png)
-    return js, png
+    return write_result_files(result, out, name, plot_horizon)

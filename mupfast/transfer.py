@@ -43,7 +43,7 @@ from typing import Any
 import yaml
 
 from mupfast.config import Config, ConfigError, config_from_dict
-from mupfast.coord_check import json_clean, scaled_config, with_overrides
+from mupfast.coord_check import scaled_config, with_overrides, write_result_files
 from mupfast.transfer_plot import LABELS, plot_transfer, table_lines  # noqa: F401  (re-exported)
 
 
@@ -509,9 +509,4 @@ def transfer_test(
 
 def write_outputs(result: dict, out: str | Path, name: str = "transfer_test") -> tuple[Path, Path]:
     """Write ``<name>.json`` and ``<name>.png`` into ``out``; return their paths."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    js, png = out / f"{name}.json", out / f"{name}.png"
-    js.write_text(json.dumps(json_clean(result), indent=1) + "\n")
-    plot_transfer(result, png)
-    return js, png
+    return write_result_files(result, out, name, plot_transfer)
