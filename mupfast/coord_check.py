@@ -37,7 +37,8 @@ from typing import Any
 
 import torch
 
-from mupfast.config import Config, ConfigError, config_from_dict, validate
+from mupfast.config import Config, ConfigError, config_from_dict
+from mupfast.config_validate import validate
 
 #: μP passes where the log2-log2 slope of every layer's mean |x| against width stays within this at
 #: t = JUDGED_FROM..steps. 0.15 is 1.11× per doubling of the width (microsoft/mup's own test allows

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from mupfast.config import Config, ConfigError, ModelConfig, config_from_dict, read_raw_config, validate
+from mupfast.config import Config, ConfigError, ModelConfig, config_from_dict, read_raw_config
+from mupfast.config_validate import validate
 from mupfast.engine import CheckpointError, checkpoint_dir, deepspeed_checkpoint_types, latest_tag
 from mupfast.model import Transformer
 

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import yaml
 
-from mupfast.config import Config, ConfigError, config_from_dict, validate
+from mupfast.config import Config, ConfigError, config_from_dict
+from mupfast.config_validate import validate
 from mupfast.sweep_space import Range, space_key
 
 _DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

@@ -49,7 +49,8 @@ from typing import Any
 
 import yaml
 
-from mupfast.config import Config, ConfigError, config_from_dict, read_raw_config, validate
+from mupfast.config import Config, ConfigError, config_from_dict, read_raw_config
+from mupfast.config_validate import validate
 from mupfast.stability import Thresholds, TrialRow, collect, rank, space_names
 from mupfast.sweep_space import space_key
 

@@ -1,0 +1,142 @@
+"""Cross-field checks of a run config: what each key's type alone cannot say.
+
+``validate(cfg)`` raises :class:`~mupfast.config.ConfigError` naming the key and the problem, which the
+CLI prints as one ``error: …`` line; ``load_config`` calls it on every config it builds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mupfast.config import Config, ConfigError
+from mupfast.schedules import build_schedule
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; each failure names the key and the problem."""
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    for key, value in [
+        ("model.vocab_size", m.vocab_size),
+        ("model.hidden_size", m.hidden_size),
+        ("model.num_layers", m.num_layers),
+        ("model.num_heads", m.num_heads),
+        ("model.filter_size", m.filter_size),
+        ("model.max_seq_len", m.max_seq_len),
+        ("train.steps", t.steps),
+        ("train.seq_len", t.seq_len),
+        ("train.micro_batch_size", t.micro_batch_size),
+        ("train.grad_accum_steps", t.grad_accum_steps),
+        ("train.dist_timeout_s", t.dist_timeout_s),
+    ]:
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive (got {value})")
+    for key, value in [
+        ("model.num_kv_heads", m.num_kv_heads),
+        ("model.mup_base_hidden_size", m.mup_base_hidden_size),
+        ("model.mup_base_filter_size", m.mup_base_filter_size),
+        ("model.mup_base_num_layers", m.mup_base_num_layers),
+    ]:
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}: must be positive (got {value})")
+    for key, value in [
+        ("model.init_std", m.init_std),
+        ("model.norm_eps", m.norm_eps),
+        ("optim.lr", o.lr),
+        ("optim.eps", o.eps),
+        ("model.attention_logits_alpha", m.attention_logits_alpha),
+    ]:
+        if not value > 0:
+            raise ConfigError(f"{key}: must be positive (got {value})")
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(
+            f"model.hidden_size: {m.hidden_size} is not divisible by model.num_heads ({m.num_heads})"
+        )
+    if m.num_heads % m.kv_heads:
+        raise ConfigError(
+            f"model.num_heads: {m.num_heads} is not a multiple of model.num_kv_heads ({m.kv_heads})"
+        )
+    if m.position == "rope" and m.head_dim % 2:
+        raise ConfigError(f"model.position: rope needs an even head dim (got {m.head_dim})")
+    if m.depth_alpha not in (0.5, 1.0):
+        raise ConfigError(f"model.depth_alpha: must be 0.5 or 1 (got {m.depth_alpha})")
+    if m.moe_experts < 0:
+        raise ConfigError(f"model.moe_experts: must be non-negative, 0 for dense (got {m.moe_experts})")
+    if m.moe_experts:
+        if not 1 <= m.moe_top_k <= m.moe_experts:
+            raise ConfigError(
+                f"model.moe_top_k: must be in [1, moe_experts={m.moe_experts}] (got {m.moe_top_k})"
+            )
+        if m.moe_granularity < 1 or m.filter_size % m.moe_granularity:
+            raise ConfigError(
+                f"model.moe_granularity: must divide model.filter_size ({m.filter_size}) (got {m.moe_granularity})"
+            )
+        if not 0 <= m.moe_shared_p <= 1:
+            raise ConfigError(f"model.moe_shared_p: must be in [0, 1] (got {m.moe_shared_p})")
+        for key, value in [
+            ("model.moe_aux_loss_coef", m.moe_aux_loss_coef),
+            ("model.moe_router_z_coef", m.moe_router_z_coef),
+        ]:
+            if value < 0:
+                raise ConfigError(f"{key}: must be non-negative, 0 disables (got {value})")
+        if not 1 <= m.moe_every <= m.num_layers:
+            raise ConfigError(
+                f"model.moe_every: must be in [1, num_layers={m.num_layers}] (got {m.moe_every})"
+            )
+    for key, value in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)]:
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key}: must be in [0, 1) (got {value})")
+    if o.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay: must be non-negative (got {o.weight_decay})")
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len ({m.max_seq_len})")
+    if not 0 < cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction: must be between 0 and 1 (got {cfg.data.val_fraction})")
+    if cfg.data.prepared and not Path(cfg.data.prepared).is_dir():
+        raise ConfigError(f"data.prepared: directory does not exist: {cfg.data.prepared}")
+    if not cfg.data.prepared and cfg.data.corpus != "stdlib" and not Path(cfg.data.corpus).exists():
+        raise ConfigError(f"data.corpus: path does not exist: {cfg.data.corpus}")
+    if cfg.data.tokenizer == "byte" and m.vocab_size < 256:
+        raise ConfigError(f"model.vocab_size: the byte tokenizer needs at least 256 (got {m.vocab_size})")
+    if cfg.data.tokenizer == "bpe" and m.vocab_size < cfg.data.bpe_vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {m.vocab_size} is smaller than data.bpe_vocab_size ({cfg.data.bpe_vocab_size})"
+        )
+    if cfg.zero.stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero.stage: must be 0, 1, 2 or 3 (got {cfg.zero.stage})")
+    if m.parametrization == "hyperp":
+        if m.readout_zero_init and not m.tie_embeddings and m.hyperp_readout_sphere:
+            raise ConfigError(
+                "model.readout_zero_init: not with hyperp's readout sphere (set model.hyperp_readout_sphere=false)"
+            )
+        for key, value in [
+            ("model.hyperp_base_depth", m.hyperp_base_depth),
+            ("optim.hyperp_base_lr", o.hyperp_base_lr),
+            ("optim.hyperp_base_batch_tokens", o.hyperp_base_batch_tokens),
+            ("optim.hyperp_base_tokens", o.hyperp_base_tokens),
+        ]:
+            if not value > 0:
+                raise ConfigError(f"{key}: must be positive (got {value})")
+        if not 0 <= o.muon_momentum < 1:
+            raise ConfigError(f"optim.muon_momentum: must be in [0, 1) (got {o.muon_momentum})")
+        if o.newton_schulz_backend == "triton":
+            from importlib.util import find_spec  # only this choice needs it
+
+            if find_spec("triton") is None:
+                raise ConfigError("optim.newton_schulz_backend: triton is not installed (use auto or torch)")
+    if cfg.zero.ds_config:
+        from mupfast.engine import read_ds_overrides  # local: keeps torch out of config checks
+
+        read_ds_overrides(cfg.zero.ds_config)
+    c, s = cfg.clip, cfg.schedule
+    if c.max_norm < 0 or c.global_max_norm < 0:
+        raise ConfigError("clip.max_norm: thresholds must be non-negative (0 disables)")
+    if not 0 <= s.min_lr_ratio <= 1:
+        raise ConfigError(f"schedule.min_lr_ratio: must be in [0, 1] (got {s.min_lr_ratio})")
+    if not 0 <= s.decay_fraction <= 1:
+        raise ConfigError(f"schedule.decay_fraction: must be in [0, 1] (got {s.decay_fraction})")
+    if s.warmup_steps < 0 or s.cycle_steps < 0:
+        raise ConfigError("schedule.warmup_steps: warmup_steps and cycle_steps must be non-negative")
+    try:
+        build_schedule(s, t.steps)
+    except ValueError as e:
+        raise ConfigError(f"schedule: {e}") from None
