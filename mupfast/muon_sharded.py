@@ -3,14 +3,15 @@
 Under ZeRO each rank holds a flat slice of a group that cuts through its matrices
 (``mupfast.zero_shards.GroupShards`` says where). Momentum and the Nesterov look-ahead are
 elementwise, so each rank keeps them for its own slice only. Newton–Schulz needs whole matrices:
-the look-ahead partitions of the group are all-gathered (one collective per group and step) and
-every rank orthogonalises the matrices it holds a piece of, keeping its own piece of the result.
+per group and step the look-ahead partitions are all-gathered, each matrix is orthogonalised once
+by one of the ranks holding a piece of it (``GroupShards.owned``: flops balanced greedily), and a
+reduce-scatter hands every rank its own slice of the results.
 
-We gather per group rather than assign whole matrices to ranks because DeepSpeed decides the
+We gather rather than assign whole matrices to ranks up front because DeepSpeed decides the
 partitioning (equal flat slices at stages 1/2, a slice of every matrix at stage 3), and
-re-partitioning by matrix would mean owning ZeRO's memory layout. The price is redundant
-Newton–Schulz work where a matrix spans several ranks (all of them at stage 3), and a transient
-buffer of the group's full size.
+re-partitioning by matrix would mean owning ZeRO's memory layout. The price is two transient
+buffers of the group's full size and two group-sized collectives per step, the same volume as
+ZeRO's own parameter all-gather; the Newton–Schulz work is not repeated across ranks.
 
 The relative step and the projection back onto the sphere are ``mupfast.sphere.sphere_step``, which
 sums the Frobenius norms of ‖W‖ and ‖U‖ over the ranks' slices (two all-reduces).
@@ -24,6 +25,16 @@ import torch.distributed as dist
 from mupfast.muon import MOMENTUM, newton_schulz
 from mupfast.sphere import sphere_step
 from mupfast.zero_shards import GroupShards
+
+
+def _reduce_scatter(rows: torch.Tensor, group) -> torch.Tensor:
+    """Row r of the sum over ranks of ``rows`` (world, P), on rank r."""
+    out = torch.empty(rows.shape[1], dtype=rows.dtype, device=rows.device)
+    reduce_scatter = (
+        getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    )  # torch < 2.13
+    reduce_scatter(out, rows.reshape(-1), group=group)
+    return out
 
 
 def _gather(local: torch.Tensor, world: int, group) -> torch.Tensor:
@@ -57,12 +68,14 @@ def muon_sphere_update_sharded(
     buf.lerp_(g, 1 - beta)
     gathered = _gather(g.lerp(buf, beta), len(shards.ranks), process_group)
 
-    u_local = torch.zeros_like(buf)
-    held = {f.matrix for f in shards.local}
-    for k in sorted(held):
+    # Each matrix is orthogonalised once, by its owner, and written at every rank's slice of it;
+    # the reduce-scatter then hands each rank its own slice (only the owner's entry is non-zero).
+    world = len(shards.ranks)
+    contrib = torch.zeros_like(gathered)
+    for k in shards.owned():
         pieces = [gathered[r, f.offset : f.offset + f.length] for r, f in shards.by_matrix[k]]
         u = newton_schulz(torch.cat(pieces).view(shards.shapes[k]), backend=ns_backend).reshape(-1)
-        for f in shards.local:
-            if f.matrix == k:
-                u_local[f.offset : f.offset + f.length] = u[f.start : f.start + f.length]
+        for r, f in shards.by_matrix[k]:
+            contrib[r, f.offset : f.offset + f.length] = u[f.start : f.start + f.length]
+    u_local = contrib[0] if world == 1 else _reduce_scatter(contrib, process_group)
     sphere_step(p, u_local, state, lr=lr, seg=seg, n=n, process_group=process_group)

@@ -53,6 +53,7 @@ class GroupShards:
     rank: int
     by_matrix: list[list[tuple[int, Fragment]]] = field(init=False)
     _segment_ids: tuple[str, torch.Tensor] | None = field(default=None, init=False, repr=False)
+    _owned: list[int] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         self.by_matrix = [[] for _ in self.shapes]
@@ -70,6 +71,20 @@ class GroupShards:
     @property
     def local(self) -> list[Fragment]:
         return self.ranks[self.rank]
+
+    def owned(self) -> list[int]:
+        """The matrices this rank orthogonalises: each matrix goes to one of the ranks holding a piece
+        of it, greedily balancing Newton–Schulz flops (m·n·min(m, n)); the same answer on every rank."""
+        if self._owned is None:
+            load = [0] * len(self.ranks)
+            owner = {}
+            cost = [s[0] * s[1] * min(s[0], s[1]) if len(s) == 2 else s.numel() for s in self.shapes]
+            for k in sorted(range(len(self.shapes)), key=lambda k: (-cost[k], k)):
+                holders = sorted({r for r, _ in self.by_matrix[k]})
+                owner[k] = min(holders, key=lambda r: (load[r], r))
+                load[owner[k]] += cost[k]
+            self._owned = sorted(k for k, r in owner.items() if r == self.rank)
+        return self._owned
 
     def segment_ids(self, device) -> torch.Tensor:
         """For each element of this rank's partition, the index of its matrix (padding: len(shapes))."""

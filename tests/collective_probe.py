@@ -10,7 +10,14 @@ import torch.distributed as dist
 
 from mupfast.train import main
 
-COUNTED = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor")
+COUNTED = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "broadcast",
+    "reduce_scatter_tensor",
+    "reduce_scatter_single",
+)
 counts: Counter = Counter()
 
 

@@ -59,6 +59,22 @@ def test_fragments_rebuild_every_matrix_from_the_partitions(world):
         assert torch.equal(rebuilt, mats[k])
 
 
+def test_every_matrix_has_one_owner_among_the_ranks_holding_it_and_the_work_is_balanced():
+    rng = random.Random(3)
+    world = 4
+    shapes = [torch.Size((64, 64))] * 8 + _random_shapes(rng, 5)
+    pns = [-(-s.numel() // world) for s in shapes]
+    ranks = per_tensor_fragments([s.numel() for s in shapes], pns, world)  # ZeRO-3: every rank holds all
+    owned = [GroupShards(shapes, sum(pns), ranks, rank=r).owned() for r in range(world)]
+    assert sorted(k for o in owned for k in o) == list(range(len(shapes)))  # each matrix exactly once
+    assert [len([k for k in o if k < 8]) for o in owned] == [2, 2, 2, 2]  # the big ones spread evenly
+    offsets, partition, ranks = _contiguous(shapes, world, rng)  # stages 1/2: owners hold a piece
+    shards = [GroupShards(shapes, partition, ranks, rank=r) for r in range(world)]
+    for r, gs in enumerate(shards):
+        for k in gs.owned():
+            assert any(rr == r for rr, _ in gs.by_matrix[k])
+
+
 def test_a_layout_that_misses_elements_is_refused():
     shapes = [torch.Size((4, 4))]
     ranks = contiguous_fragments([0], [16], 6, world=2)  # 2 × 6 < 16
@@ -173,8 +189,10 @@ def test_two_rank_zero_hyperp_matches_single_process_with_one_norm_collective(tm
         # the clip norms of every group: one all-reduce per step, issued before DeepSpeed's group loop
         assert counts.get("mupfast.zero_shards.all_reduce") == 4, counts
         assert "mupfast.optim.all_reduce" not in counts, counts
-        # Muon: one gather of whole matrices per group and step; every sphere group: two norm reductions
+        # Muon: per group and step one gather of the look-ahead and one reduce-scatter of the results;
+        # every sphere group: two norm reductions
         assert counts.get("mupfast.muon_sharded.all_gather") == 4 * muon_groups, counts
+        assert counts.get("mupfast.muon_sharded.reduce_scatter_single") == 4 * muon_groups, counts
         assert counts.get("mupfast.sphere.all_reduce") == 2 * 4 * sphere_groups, counts
 
 
