@@ -44,13 +44,20 @@ class TrialFailed(RuntimeError):
     """A trial that crashed, timed out or ended without a finite val loss (the study goes on)."""
 
 
-def trial_config(base: Config, params: dict[str, float], run_dir: str | Path) -> Config:
-    """The proxy config with the trial's values, writing to ``run_dir``, starting fresh."""
+def trial_config(
+    base: Config, params: dict[str, float], run_dir: str | Path, *, keep_checkpoint: bool = False
+) -> Config:
+    """The proxy config with the trial's values, writing to ``run_dir``, starting fresh.
+
+    Without ``keep_checkpoint`` the trial writes no final checkpoint: a sweep keeps metrics, not weights.
+    """
     raw = base.to_dict()
     for name, value in params.items():
         section, key = space_key(name, base).split(".")
         raw[section][key] = float(value)
     raw["train"].update(run_dir=str(run_dir), progress=False, resume=False)
+    if not keep_checkpoint:
+        raw["train"]["save_final"] = False
     cfg = config_from_dict(raw)
     validate(cfg)
     return cfg
@@ -185,7 +192,7 @@ class Worker:
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         try:
-            cfg = trial_config(self.base, params, run_dir)
+            cfg = trial_config(self.base, params, run_dir, keep_checkpoint=self.keep_checkpoints)
         except ConfigError as e:
             trial.set_user_attr("error", str(e))
             raise TrialFailed(str(e)) from None

@@ -84,6 +84,8 @@ def test_trial_config_sets_the_swept_keys_and_its_own_run_dir(tmp_path):
     assert cfg.optim.lr == 2e-3 and cfg.model.init_std == 0.03 and cfg.model.embeddings_scale == 4.0
     assert cfg.model.output_logits_alpha == 2.0 and cfg.model.attention_logits_alpha == 0.5
     assert cfg.train.run_dir == str(tmp_path / "trial-0003") and not cfg.train.resume
+    assert not cfg.train.save_final  # metrics only, unless --keep-checkpoints
+    assert WT.trial_config(base, params, tmp_path / "t", keep_checkpoint=True).train.save_final
     assert cfg.model.hidden_size == base.model.hidden_size and cfg.optim.beta2 == base.optim.beta2
 
 
