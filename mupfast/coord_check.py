@@ -86,11 +86,14 @@ def parse_int_list(text: str, flag: str) -> list[int]:
     return sorted(values)
 
 
-def parse_parametrizations(text: str, flag: str = "--parametrizations") -> list[str]:
+def parse_parametrizations(
+    text: str, flag: str = "--parametrizations", choices: Sequence[str] = ("sp", "mup", "completep")
+) -> list[str]:
+    """``"sp,mup"`` → names; a ConfigError naming the flag for an unknown or repeated one."""
     names = [s.strip() for s in str(text).split(",") if s.strip()]
-    bad = [n for n in names if n not in ("sp", "mup", "completep")]
+    bad = [n for n in names if n not in choices]
     if bad or not names:
-        raise ConfigError(f"{flag}: {', '.join(bad) or repr(text)} — choose from sp, mup, completep")
+        raise ConfigError(f"{flag}: {', '.join(bad) or repr(text)} — choose from {', '.join(choices)}")
     if len(set(names)) != len(names):
         raise ConfigError(f"{flag}: values repeat ({text})")
     return names

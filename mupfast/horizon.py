@@ -39,7 +39,7 @@ import numpy as np
 
 from mupfast.config import Config, ConfigError
 from mupfast.coord_check import with_overrides, write_result_files
-from mupfast.transfer import Point, mean_loss, run_points
+from mupfast.transfer import Point, grid_run_overrides, lr_tag, mean_loss, run_points
 
 #: HyperP's token-horizon exponent, as a positive α in η* ∝ T^-α.
 REFERENCE_ALPHA = 0.32
@@ -207,25 +207,13 @@ def make_points(
     out: Path,
 ) -> list[Point]:
     """One point per (horizon, lr, seed) under ``out/runs/<parametrization>/steps<S>/lr<lr>/seed<s>``."""
-    from mupfast.transfer import _lr_tag
-
     points = []
     for steps in horizons:
         for lr in lrs:
             base = horizon_config(cfg, parametrization=parametrization, steps=steps, lr=lr)
             for s in range(seeds):
-                run_dir = out / "runs" / parametrization / f"steps{steps}" / f"lr{_lr_tag(lr)}" / f"seed{s}"
-                point_cfg = with_overrides(
-                    base,
-                    {
-                        "train.seed": cfg.train.seed + s,
-                        "train.run_dir": str(run_dir),
-                        "train.progress": False,
-                        "train.resume": False,
-                        "train.eval_every": 0,
-                        "train.save_every": 0,
-                    },
-                )
+                run_dir = out / "runs" / parametrization / f"steps{steps}" / f"lr{lr_tag(lr)}" / f"seed{s}"
+                point_cfg = with_overrides(base, grid_run_overrides(cfg.train.seed + s, run_dir))
                 points.append(Point(parametrization, steps, lr, s, str(run_dir), point_cfg))
     return points
 

@@ -43,6 +43,7 @@ from typing import Any
 import yaml
 
 from mupfast.config import Config, ConfigError, config_from_dict
+from mupfast.coord_check import parse_parametrizations as coord_check_parametrizations
 from mupfast.coord_check import scaled_config, with_overrides, write_result_files
 from mupfast.transfer_plot import LABELS, plot_transfer, table_lines  # noqa: F401  (re-exported)
 
@@ -103,15 +104,7 @@ PARAMETRIZATIONS = ("sp", "mup", "completep", "hyperp")
 
 def parse_parametrizations(text: str, flag: str = "--parametrizations") -> list[str]:
     """``"mup,hyperp"`` → names; a ConfigError naming the flag for an unknown or repeated one."""
-    names = [s.strip() for s in str(text).split(",") if s.strip()]
-    bad = [n for n in names if n not in PARAMETRIZATIONS]
-    if bad or not names:
-        raise ConfigError(
-            f"{flag}: {', '.join(bad) or repr(text)} — choose from {', '.join(PARAMETRIZATIONS)}"
-        )
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{flag}: values repeat ({text})")
-    return names
+    return coord_check_parametrizations(text, flag, choices=PARAMETRIZATIONS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,9 +187,22 @@ class Point:
     cfg: Config
 
 
-def _lr_tag(lr: float) -> str:
+def lr_tag(lr: float) -> str:
+    """How an lr names its run directory and progress line: 2^-7 for powers of two, else 4 digits."""
     e = math.log2(lr)
     return f"2^{e:g}" if abs(e - round(e)) < 1e-9 else f"{lr:.4g}"
+
+
+def grid_run_overrides(seed: int, run_dir: Path) -> dict[str, Any]:
+    """The train keys of one grid run: its seed and own directory, fresh, quiet, metrics only."""
+    return {
+        "train.seed": seed,
+        "train.run_dir": str(run_dir),
+        "train.progress": False,
+        "train.resume": False,
+        "train.eval_every": 0,
+        "train.save_every": 0,
+    }
 
 
 def make_points(
@@ -227,19 +233,14 @@ def make_points(
                 scaled = with_overrides(scaled, hyperp_base_values(cfg, axis=axis, sizes=sizes, steps=steps))
             for lr in grids[p]:
                 for s in range(seeds):
-                    run_dir = out / "runs" / p / f"{axis}{size}" / f"lr{_lr_tag(lr)}" / f"seed{s}"
+                    run_dir = out / "runs" / p / f"{axis}{size}" / f"lr{lr_tag(lr)}" / f"seed{s}"
                     point_cfg = with_overrides(
                         scaled,
                         {
                             "optim.lr": lr,
                             **({"optim.hyperp_base_lr": lr} if p == "hyperp" else {}),
-                            "train.seed": cfg.train.seed + s,
                             "train.steps": steps,
-                            "train.run_dir": str(run_dir),
-                            "train.progress": False,
-                            "train.resume": False,
-                            "train.eval_every": 0,
-                            "train.save_every": 0,
+                            **grid_run_overrides(cfg.train.seed + s, run_dir),
                         },
                     )
                     points.append(Point(p, size, lr, s, str(run_dir), point_cfg))
@@ -365,7 +366,7 @@ def run_points(
     try:
         if jobs <= 1:
             for pt in todo:
-                bar.set_postfix_str(f"{pt.parametrization} {pt.size} lr {_lr_tag(pt.lr)}")
+                bar.set_postfix_str(f"{pt.parametrization} {pt.size} lr {lr_tag(pt.lr)}")
                 values[pt.run_dir] = run_point(pt)[0]
                 bar.update(1)
         else:
@@ -379,7 +380,7 @@ def run_points(
                 for pt, val, secs, status in pool.imap_unordered(_worker, todo):
                     values[pt.run_dir] = val
                     bar.set_postfix_str(
-                        f"{pt.parametrization} {pt.size} lr {_lr_tag(pt.lr)}: {val:.3f} ({secs:.0f}s)"
+                        f"{pt.parametrization} {pt.size} lr {lr_tag(pt.lr)}: {val:.3f} ({secs:.0f}s)"
                     )
                     if status != "ok":
                         bar.write(f"{pt.run_dir}: {status}")

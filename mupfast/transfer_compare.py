@@ -14,13 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from mupfast.transfer import lr_tag
 from mupfast.transfer_plot import LABELS
-
-
-def _lr_tag(lr: float) -> str:
-    from mupfast.transfer import _lr_tag as tag
-
-    return tag(lr)
 
 
 def best_per_size(result: dict, out: str | Path | None = None) -> dict[str, Any]:
@@ -56,7 +51,7 @@ def best_per_size(result: dict, out: str | Path | None = None) -> dict[str, Any]
                         "runs",
                         p,
                         f"{axis}{size}",
-                        f"lr{_lr_tag(entry['lr'])}",
+                        f"lr{lr_tag(entry['lr'])}",
                         f"seed{s}",
                         "summary.json",
                     )
