@@ -121,7 +121,8 @@ class ClipAdamW(torch.optim.Optimizer):
         # (no parameter, moment or step-count changes), on every rank alike.
         self.skip_next_step = False
 
-    def _fns(self, device: torch.device):
+    def kernels(self, device: torch.device):
+        """(per-group squared norms, clipped AdamW update) for ``device``: Triton on CUDA, else torch."""
         use_triton = self.backend == "triton" or (self.backend == "auto" and device.type == "cuda")
         if use_triton:
             return K.group_sq_norms, K.clip_adamw_step
@@ -169,7 +170,7 @@ class ClipAdamW(torch.optim.Optimizer):
                 ids.append(gi)
         groups = self.param_groups
         device = all_grads[0].device if all_grads else self._device(groups)
-        sq_norms_fn, update_fn = self._fns(device)
+        sq_norms_fn, update_fn = self.kernels(device)
         f32 = dict(dtype=torch.float32, device=device)
         slots = torch.tensor([self._slot[g["name"]] for g in groups], dtype=torch.long, device=device)
         if self.pending_sq_norms is not None:  # ZeRO: all groups' norms, reduced in one collective

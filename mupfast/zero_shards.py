@@ -141,47 +141,34 @@ def _kind(zero_optimizer) -> str | None:
 
 def _partitions(zero_optimizer, kind: str) -> list[tuple[int, torch.Tensor, list, GroupShards]]:
     """(client group index, flat fp32 partition, its model parameters, shards) per partition."""
-    rank_world = dist.get_rank(), dist.get_world_size()
-    out = []
+    rank, world = dist.get_rank(), dist.get_world_size()
+    zo = zero_optimizer
+    found = []  # (group index, partition, params, shapes, fragments)
     if kind == "stage12":
-        zo = zero_optimizer
         for i, params in enumerate(zo.round_robin_bit16_groups):
             part = zo.single_partition_of_fp32_groups[i]
             shapes = [m.shape for m in zo.round_robin_bit16_meta[i]]
-            frags = contiguous_fragments(
-                zo.round_robin_bit16_offsets[i], [s.numel() for s in shapes], part.numel(), rank_world[1]
-            )
-            out.append((i, part, params, GroupShards(shapes, part.numel(), frags, rank_world[0])))
+            offsets = zo.round_robin_bit16_offsets[i]
+            frags = contiguous_fragments(offsets, [s.numel() for s in shapes], part.numel(), world)
+            found.append((i, part, params, shapes, frags))
     elif kind == "stage3":
-        zo = zero_optimizer
         for s, params in enumerate(zo.fp16_groups):
-            part = zo.fp32_partitioned_groups_flat[s]
-            shapes = [p.ds_shape for p in params]
-            pns = [p.partition_numel() for p in params]
-            frags = per_tensor_fragments([p.ds_numel for p in params], pns, rank_world[1])
-            out.append(
-                (
-                    zo.sub_group_to_group_id[s],
-                    part,
-                    params,
-                    GroupShards(shapes, sum(pns), frags, rank_world[0]),
-                )
-            )
+            part, pns = zo.fp32_partitioned_groups_flat[s], [p.partition_numel() for p in params]
+            if part.numel() != sum(pns):
+                raise ZeroLayoutError(f"partition has {part.numel()} elements, layout expects {sum(pns)}")
+            frags = per_tensor_fragments([p.ds_numel for p in params], pns, world)
+            found.append((zo.sub_group_to_group_id[s], part, params, [p.ds_shape for p in params], frags))
     else:  # bf16 ZeRO-1: contiguous, padded only at the end
-        zo = zero_optimizer
         for i, params in enumerate(zo.bf16_groups):
             part = zo.fp32_groups_flat_partition[i]
-            shapes = [p.shape for p in params]
-            numels = [s.numel() for s in shapes]
+            numels = [p.numel() for p in params]
             offsets = [sum(numels[:k]) for k in range(len(numels))]
-            frags = contiguous_fragments(offsets, numels, part.numel(), rank_world[1])
-            out.append((i, part, params, GroupShards(shapes, part.numel(), frags, rank_world[0])))
-    for _, part, _, shards in out:
-        if part.numel() != shards.partition_numel:
-            raise ZeroLayoutError(
-                f"partition has {part.numel()} elements, layout expects {shards.partition_numel}"
-            )
-    return out
+            frags = contiguous_fragments(offsets, numels, part.numel(), world)
+            found.append((i, part, params, [p.shape for p in params], frags))
+    return [
+        (gi, part, params, GroupShards(shapes, part.numel(), frags, rank))
+        for gi, part, params, shapes, frags in found
+    ]
 
 
 def _check_against_local_weights(part: torch.Tensor, params: list, shards: GroupShards, kind: str) -> None:
@@ -197,9 +184,9 @@ def _check_against_local_weights(part: torch.Tensor, params: list, shards: Group
             )
 
 
-def local_group_sq_norms(zero_optimizer, kind: str, num_groups: int, device) -> torch.Tensor:
-    """This rank's squared gradient norm of every client group (sub-groups summed into their group)."""
-    sq = torch.zeros(num_groups, dtype=torch.float32, device=device)
+def local_group_sq_norms(zero_optimizer, kind: str, num_groups: int, device, sq_norms) -> torch.Tensor:
+    """This rank's squared gradient norm of every client group (sub-groups summed into their group),
+    computed by ``sq_norms`` (the optimizer's multi-tensor norm pass) over the gradient partitions."""
     zo = zero_optimizer
     if kind == "stage12":
         items = [(i, zo.averaged_gradients.get(i)) for i in range(len(zo.round_robin_bit16_groups))]
@@ -207,14 +194,15 @@ def local_group_sq_norms(zero_optimizer, kind: str, num_groups: int, device) -> 
         items = [
             (zo.sub_group_to_group_id[s], zo.averaged_gradients.get(s)) for s in range(len(zo.fp16_groups))
         ]
-    for gi, grads in items:
-        if grads is None:
+    grads, ids = [], []
+    for gi, group_grads in items:
+        if group_grads is None:
             continue
-        flat = getattr(grads, "flat_partition", None)  # stage 1/2 may keep one pre-flattened buffer
-        tensors = [flat] if flat is not None else [g for g in grads if g is not None]
-        for g in tensors:
-            sq[gi] += g.float().pow(2).sum()
-    return sq
+        flat = getattr(group_grads, "flat_partition", None)  # stage 1/2 may keep one pre-flattened buffer
+        for g in [flat] if flat is not None else group_grads:
+            grads.append(g)
+            ids.append(gi)
+    return sq_norms(grads, ids, num_groups, device=device)
 
 
 def attach(engine, client_optimizer) -> None:
@@ -243,10 +231,11 @@ def attach(engine, client_optimizer) -> None:
     original_step = zo.step
     n = len(client_optimizer.param_groups)
     device = next(iter(shards.values()))[0].device
+    sq_norms = client_optimizer.kernels(device)[0]
 
     def step(*args, **kwargs):
         if not client_optimizer.skip_next_step:
-            sq = local_group_sq_norms(zo, kind, n, device)
+            sq = local_group_sq_norms(zo, kind, n, device, sq_norms)
             dist.all_reduce(sq, group=client_optimizer.process_group)
             client_optimizer.pending_sq_norms = sq
         try:
