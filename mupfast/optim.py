@@ -175,13 +175,9 @@ class ClipAdamW(torch.optim.Optimizer):
         slots = torch.tensor([self._slot[g["name"]] for g in groups], dtype=torch.long, device=device)
         if self.pending_sq_norms is not None:  # ZeRO: all groups' norms, reduced in one collective
             sq_all = self.pending_sq_norms.to(device)
-            logged = slots.new_tensor(range(len(self._slot)))
+            logged = list(self._slot)
         else:
-            sq = (
-                sq_norms_fn(all_grads, all_ids, len(groups))
-                if all_grads
-                else torch.zeros(len(groups), device=device)
-            )
+            sq = sq_norms_fn(all_grads, all_ids, len(groups), device=device)
             if self.reduce_norms and dist.is_available() and dist.is_initialized():
                 dist.all_reduce(sq, group=self.process_group)
             if len(groups) < len(self._slot) and self.global_max_norm > 0:
@@ -189,7 +185,7 @@ class ClipAdamW(torch.optim.Optimizer):
                     "clip.global_max_norm needs every group's norm in one step (not under ZeRO offload)"
                 )
             sq_all = torch.zeros(len(self._slot), **f32).index_copy_(0, slots, sq)
-            logged = slots[[gi for gi, g in enumerate(groups) if g["params"]]]
+            logged = [g["name"] for g in groups if g["params"]]
         max_norms = torch.tensor(self._max_norms, **f32)
         coef_all = K.clip_coefficients(sq_all, max_norms, self.global_max_norm)
         coef = coef_all[slots]
@@ -215,10 +211,9 @@ class ClipAdamW(torch.optim.Optimizer):
         for p, gi in sphere:
             self._sphere_update(p, groups[gi], coef[gi])
         norms = sq_all.sqrt()
-        names = list(self._slot)
-        for i in logged.tolist():
-            self.last_grad_norms[names[i]] = norms[i]
-            self.last_clip_coefs[names[i]] = coef_all[i]
+        for name in logged:
+            self.last_grad_norms[name] = norms[self._slot[name]]
+            self.last_clip_coefs[name] = coef_all[self._slot[name]]
         return loss
 
     def _sphere_update(self, p: torch.Tensor, group: dict, coef: torch.Tensor) -> None:
