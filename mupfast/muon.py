@@ -67,9 +67,17 @@ def muon_sphere_update(
     ``coef`` is the group's clip coefficient (a device tensor: no host sync). The radius is
     ‖p‖_F at the first call. A matrix with a zero gradient (or zero radius) is left unchanged.
     """
+    look_ahead = nesterov_look_ahead(grad, state, coef=coef, beta=beta)
+    sphere_step(p, newton_schulz(look_ahead, backend=ns_backend), state, lr=lr)
+
+
+def nesterov_look_ahead(grad: torch.Tensor, state: dict, *, coef, beta: float) -> torch.Tensor:
+    """M ← β·M + (1−β)·G for the clipped gradient G (M kept in ``state``); returns (1−β)·G + β·M.
+
+    Elementwise, so it serves a whole matrix and a ZeRO slice of one alike."""
     g = grad.float() * coef
     if "momentum_buffer" not in state:
         state["momentum_buffer"] = torch.zeros_like(g)
     buf = state["momentum_buffer"]
     buf.lerp_(g, 1 - beta)
-    sphere_step(p, newton_schulz(g.lerp(buf, beta), backend=ns_backend), state, lr=lr)
+    return g.lerp(buf, beta)

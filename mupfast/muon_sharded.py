@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from mupfast.muon import MOMENTUM, newton_schulz
+from mupfast.muon import MOMENTUM, nesterov_look_ahead, newton_schulz
 from mupfast.sphere import sphere_step
 from mupfast.zero_shards import GroupShards
 
@@ -30,9 +30,8 @@ from mupfast.zero_shards import GroupShards
 def _reduce_scatter(rows: torch.Tensor, group) -> torch.Tensor:
     """Row r of the sum over ranks of ``rows`` (world, P), on rank r."""
     out = torch.empty(rows.shape[1], dtype=rows.dtype, device=rows.device)
-    reduce_scatter = (
-        getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    )  # torch < 2.13
+    # reduce_scatter_single is the name since torch 2.13; reduce_scatter_tensor before it
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     reduce_scatter(out, rows.reshape(-1), group=group)
     return out
 
@@ -59,18 +58,11 @@ def muon_sphere_update_sharded(
     ns_backend: str = "auto",
 ) -> None:
     """One MuonH step of the flat fp32 partition ``p`` in place (every rank calls it together)."""
-    n = len(shards.shapes)
-    seg = shards.segment_ids(p.device)
-    g = grad.float() * coef
-    if "momentum_buffer" not in state:
-        state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
-    buf = state["momentum_buffer"]
-    buf.lerp_(g, 1 - beta)
-    gathered = _gather(g.lerp(buf, beta), len(shards.ranks), process_group)
+    world = len(shards.ranks)
+    gathered = _gather(nesterov_look_ahead(grad, state, coef=coef, beta=beta), world, process_group)
 
     # Each matrix is orthogonalised once, by its owner, and written at every rank's slice of it;
     # the reduce-scatter then hands each rank its own slice (only the owner's entry is non-zero).
-    world = len(shards.ranks)
     contrib = torch.zeros_like(gathered)
     for k in shards.owned():
         pieces = [gathered[r, f.offset : f.offset + f.length] for r, f in shards.by_matrix[k]]
@@ -78,4 +70,5 @@ def muon_sphere_update_sharded(
         for r, f in shards.by_matrix[k]:
             contrib[r, f.offset : f.offset + f.length] = u[f.start : f.start + f.length]
     u_local = contrib[0] if world == 1 else _reduce_scatter(contrib, process_group)
-    sphere_step(p, u_local, state, lr=lr, seg=seg, n=n, process_group=process_group)
+    seg = shards.segment_ids(p.device)
+    sphere_step(p, u_local, state, lr=lr, seg=seg, n=len(shards.shapes), process_group=process_group)
