@@ -32,6 +32,14 @@ def _contiguous(shapes, world, rng):
     return offsets, partition, contiguous_fragments(offsets, numels, partition, world)
 
 
+def _laid_out(tensors, offsets, partition: int) -> torch.Tensor:
+    """A one-rank flat partition holding ``tensors`` at ``offsets`` (zeros in between)."""
+    flat = torch.zeros(partition)
+    for off, t in zip(offsets, tensors):
+        flat[off : off + t.numel()] = t.reshape(-1)
+    return flat
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
 def test_fragments_rebuild_every_matrix_from_the_partitions(world):
     rng = random.Random(world)
@@ -88,15 +96,11 @@ def test_muon_on_a_partition_equals_muon_on_each_whole_matrix():
     offsets, partition, ranks = _contiguous(shapes, 1, rng)
     shards = GroupShards(shapes, partition, ranks, rank=0)
     mats = [torch.randn(s, dtype=torch.float32) for s in shapes]
-    flat = torch.zeros(partition)
-    for off, m in zip(offsets, mats):
-        flat[off : off + m.numel()] = m.reshape(-1)
+    flat = _laid_out(mats, offsets, partition)
     state_flat, states = {}, [{} for _ in mats]
     for _ in range(3):  # momentum and radius carry over between steps
         grads = [torch.randn(s) for s in shapes]
-        gflat = torch.zeros(partition)
-        for off, g in zip(offsets, grads):
-            gflat[off : off + g.numel()] = g.reshape(-1)
+        gflat = _laid_out(grads, offsets, partition)
         coef = torch.tensor(0.7)
         muon_sphere_update_sharded(flat, gflat, state_flat, shards, lr=0.05, coef=coef)
         for m, g, st in zip(mats, grads, states):
@@ -119,18 +123,14 @@ def test_adamh_on_a_partition_equals_adamh_on_each_whole_matrix_and_a_float64_re
     seg = shards.segment_ids("cpu")
     mats = [torch.randn(s) for s in shapes]
     ref = [m.double() for m in mats]
-    flat = torch.zeros(partition)
-    for off, m in zip(offsets, mats):
-        flat[off : off + m.numel()] = m.reshape(-1)
+    flat = _laid_out(mats, offsets, partition)
     state_flat, states = {}, [{} for _ in mats]
     m1 = [torch.zeros_like(r) for r in ref]
     m2 = [torch.zeros_like(r) for r in ref]
     b1, b2, eps, lr = 0.9, 0.95, 1e-8, 0.05
     for t in range(1, 4):
         grads = [torch.randn(s) for s in shapes]
-        gflat = torch.zeros(partition)
-        for off, g in zip(offsets, grads):
-            gflat[off : off + g.numel()] = g.reshape(-1)
+        gflat = _laid_out(grads, offsets, partition)
         adam_sphere_update(flat, gflat, state_flat, lr=lr, coef=0.5, seg=seg, n=len(shapes))
         for k, (m, g, st) in enumerate(zip(mats, grads, states)):
             adam_sphere_update(m, g, st, lr=lr, coef=0.5)
