@@ -70,7 +70,7 @@ class ModelConfig:
     """Proxy depth for completep (m_L = num_layers / this). None: num_layers."""
     hyperp_readout_sphere: bool = True
     """HyperP: train an untied readout by AdamW on the sphere of its init norm (AdamH, as the anchor
-    does) rather than by plain AdamW. The sphere keeps the logit scale from growing with width."""
+    does) rather than by plain AdamW. Its radius grows with width; the logits' 1/m keeps them in scale."""
     hyperp_base_depth: int = 8
     """HyperP: base depth d0 of the transfer rule η = η0·√(B/B0)·√(d0/L)·(T/T0)^-0.32 (ArchScale: 8)."""
     depth_alpha: float = 1.0
@@ -86,7 +86,7 @@ class ModelConfig:
     embeddings_scale: float = 1.0
     """Forward multiplier on the embedding output (Cerebras key)."""
     output_logits_alpha: float = 1.0
-    """α_out: logits × α_out / m under μP (Cerebras key)."""
+    """α_out: logits × α_out / m under μP and hyperp (Cerebras key; m = 1 without mup_base_hidden_size)."""
     attention_logits_alpha: float = 1.0
     """α_attn: attention logits × α_attn / d_head under μP (Cerebras key)."""
     scale_qk_dot_by_d: bool = True

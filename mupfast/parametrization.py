@@ -35,8 +35,11 @@ mupfast/sphere.py), weight decay 0; embedding and norms by AdamW. Every lr_mult 
 lr η = η0·√(B/B0)·√(d0/L)·(T/T0)^-0.32 (:func:`hyperp_transfer`) for every group. Init: hidden
 matrices N(0, 1/(3·fan_in)) (the std of the anchor's kaiming-uniform, which fixes the radius at
 √(fan_out/3)); embedding σ_emb or 1e-4 (0.02 tied); readout σ_out or 0.02. Forward: residual
-branches × 1/√(2L) (instead of the 2L init factor), logits × 1, embeddings × embeddings_scale,
-attention × 1/√d_head — the anchor's √128/d_head at its fixed d_head = 128; it never varies d_head.
+branches × 1/√(2L) (instead of the 2L init factor), embeddings × embeddings_scale, attention ×
+1/√d_head — the anchor's √128/d_head at its fixed d_head = 128; it never varies d_head. Logits ×
+α_out/m as under μP: × 1 (the anchor) when no mup_base_hidden_size is set. The anchor grows width
+with depth (n_embd = 128·L), so its √(d0/L) also absorbs the readout's growth with width; at a fixed
+depth the logits need the 1/m, or η's optimum falls with width (README, "Seeing μP work").
 
 Rules are matched against the model's real parameter names: a parameter claimed by no rule, or by
 more than one, is an error that names it — μP that silently does not apply is the failure to avoid.
@@ -122,17 +125,15 @@ def multipliers(cfg: ModelConfig) -> Multipliers:
     d_head = cfg.head_dim
     if cfg.parametrization == "sp":
         return Multipliers(1.0, 1.0, 1.0, 1.0 / math.sqrt(d_head), 1.0, 1.0, 1.0)
-    if cfg.parametrization == "hyperp":
-        m = cfg.hidden_size / (cfg.mup_base_hidden_size or cfg.hidden_size)
-        m_f = cfg.filter_size / (cfg.mup_base_filter_size or cfg.filter_size)
-        m_depth = cfg.num_layers / cfg.hyperp_base_depth
-        residual = 1.0 / math.sqrt(2 * cfg.num_layers)
-        return Multipliers(m, m_f, m_depth, 1.0 / math.sqrt(d_head), 1.0, cfg.embeddings_scale, residual)
     m = cfg.hidden_size / (cfg.mup_base_hidden_size or cfg.hidden_size)
     m_f = cfg.filter_size / (cfg.mup_base_filter_size or cfg.filter_size)
+    logit = cfg.output_logits_alpha / (m if cfg.scale_output_logits_by_d else math.sqrt(m))
+    if cfg.parametrization == "hyperp":
+        m_depth = cfg.num_layers / cfg.hyperp_base_depth
+        residual = 1.0 / math.sqrt(2 * cfg.num_layers)
+        return Multipliers(m, m_f, m_depth, 1.0 / math.sqrt(d_head), logit, cfg.embeddings_scale, residual)
     m_depth = cfg.num_layers / (cfg.mup_base_num_layers or cfg.num_layers)
     attn = cfg.attention_logits_alpha / (d_head if cfg.scale_qk_dot_by_d else math.sqrt(d_head))
-    logit = cfg.output_logits_alpha / (m if cfg.scale_output_logits_by_d else math.sqrt(m))
     residual = m_depth**-cfg.depth_alpha if cfg.parametrization == "completep" else 1.0
     return Multipliers(m, m_f, m_depth, attn, logit, cfg.embeddings_scale, residual, 1.0 / m)
 
@@ -285,6 +286,11 @@ def init_parameters(model: nn.Module, rules: list[Rule], generator: torch.Genera
         else:
             p.normal_(0.0, r.init_std, generator=generator)
 
+
+#: Raised whenever one config comes to train differently (a rule's meaning changed). Every run
+#: records it in summary.json; the transfer-test run cache reuses only runs with the current one.
+#: 2: hyperp logits × α_out/m (were × 1); hyperp readout on its sphere by default.
+RULES_VERSION = 2
 
 #: HyperP's token-horizon exponent: η ∝ (T/T0)^-0.32 (ArchScale, research/mup-anchors.md §B).
 HYPERP_TOKEN_EXPONENT = -0.32

@@ -53,6 +53,21 @@ def test_hidden_matrices_take_muon_on_the_sphere_and_everything_one_lr():
     assert mult.attention_scale == pytest.approx(1 / math.sqrt(cfg.model.head_dim))
 
 
+def test_logits_scale_like_mup_against_a_base_width():
+    """Logits × α_out/m: × 1 without a base width (the anchor), 1/m against one, so the readout's
+    per-step logit change does not grow with width under one width-free η."""
+    assert multipliers(tiny_config(*HYPERP, "model.output_logits_alpha=3").model).logit_scale == 3.0
+    wide = tiny_config(*HYPERP, "model.hidden_size=128", "model.mup_base_hidden_size=32").model
+    assert multipliers(wide).logit_scale == pytest.approx(1 / 4)
+    root = tiny_config(
+        *HYPERP,
+        "model.hidden_size=128",
+        "model.mup_base_hidden_size=32",
+        "model.scale_output_logits_by_d=false",
+    )
+    assert multipliers(root.model).logit_scale == pytest.approx(1 / 2)
+
+
 def test_other_parametrizations_keep_adamw_everywhere():
     for p in ("sp", "mup", "completep"):
         rules = rules_table(tiny_config(f"model.parametrization={p}").model)
