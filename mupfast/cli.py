@@ -196,6 +196,7 @@ def run(argv: list[str]) -> int:
     if args.verb == "transfer-test":
         from mupfast import coord_check as C
         from mupfast import transfer as X
+        from mupfast.grid_runs import default_jobs
 
         if args.widths and args.depths:
             raise ConfigError("transfer-test: give --widths or --depths, not both")
@@ -205,7 +206,7 @@ def run(argv: list[str]) -> int:
         else:
             widths = C.parse_int_list(args.widths or "64,128,256,512", "--widths")
         params = X.parse_parametrizations(args.parametrizations) if args.parametrizations else None
-        jobs = C.parse_positive_int(args.jobs, "--jobs") if args.jobs else X.default_jobs()
+        jobs = C.parse_positive_int(args.jobs, "--jobs") if args.jobs else default_jobs()
         result = X.transfer_test(
             cfg,
             lrs=X.parse_lrs(args.lrs),

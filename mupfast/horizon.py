@@ -8,7 +8,7 @@ finds the optimum at each horizon and fits
 
 to report α with its uncertainty next to 0.32.
 
-**The runs.** Every point is a real training run through :func:`mupfast.transfer.run_points` (the
+**The runs.** Every point is a real training run through :func:`mupfast.grid_runs.run_points` (the
 trainer, a run directory per point, finished points reused, diverged ones +inf). The schedule keeps
 its shape: ``warmup_steps`` is the same fraction of every horizon. Under hyperp the grid value *is*
 the lr: the base values of its rule are the model's own batch, depth and horizon (B0 = B, d0 = L,
@@ -39,7 +39,7 @@ import numpy as np
 
 from mupfast.config import Config, ConfigError
 from mupfast.coord_check import with_overrides, write_result_files
-from mupfast.transfer import Point, grid_run_overrides, lr_tag, mean_loss, run_points
+from mupfast.grid_runs import Point, grid_run_overrides, lr_tag, mean_loss, run_points
 
 #: HyperP's token-horizon exponent, as a positive α in η* ∝ T^-α.
 REFERENCE_ALPHA = 0.32
@@ -285,6 +285,7 @@ def horizon_test(
         "best": best,
         "elapsed_s": round(time.perf_counter() - t0, 1),
         "jobs": jobs,
+        "base_config": cfg.to_dict(),  # what the grid scaled from, overrides included
     }
 
 

@@ -23,6 +23,7 @@ from mupfast.data import BatchSampler, TokenShard, load_prepared, prepare_data
 from mupfast.metrics import MetricsWriter, read_metrics
 from mupfast.model import build_model
 from mupfast.optim import base_lr, build_optimizer
+from mupfast.parametrization import RULES_VERSION
 from mupfast.schedules import GroupLR, build_schedule
 from mupfast.zero_shards import attach as attach_to_zero
 
@@ -221,6 +222,7 @@ def train(cfg: Config) -> TrainResult:
             "final_train_loss": result.train_losses.get(result.steps),
             "final_val_loss": result.val_losses.get(result.steps),
             "tokens_per_s": result.tokens_per_s,
+            "rules_version": RULES_VERSION,
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return result

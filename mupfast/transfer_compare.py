@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from mupfast.transfer import lr_tag
+from mupfast.grid_runs import lr_tag
 from mupfast.transfer_plot import LABELS
 
 

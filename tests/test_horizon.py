@@ -120,6 +120,7 @@ def test_cli_smoke_run_writes_json_and_png_and_bad_flags_are_one_line_errors(tmp
     assert "α = " in printed and "against 0.32" in printed
     saved = json.loads((out / "horizon_test.json").read_text())
     assert saved["horizons_steps"] == [1, 2, 3] and len(saved["val_loss"]) == 3
+    assert saved["base_config"]["model"]["hidden_size"] == cfg.model.hidden_size  # reproducible from the JSON
     assert all(len(curve) == 2 and all(len(v) == 2 for v in curve) for curve in saved["val_loss"])
     assert (out / "horizon_test.png").stat().st_size > 10_000
     assert (out / "runs" / "hyperp" / "steps3" / "lr2^-5" / "seed1" / "summary.json").is_file()

@@ -7,12 +7,13 @@ import statistics
 from pathlib import Path
 
 import pytest
-import yaml
 
+import mupfast.grid_runs as G
 import mupfast.train as T
 import mupfast.transfer as X
 from mupfast.cli import main as cli_main
 from mupfast.config import ConfigError
+from mupfast.parametrization import RULES_VERSION
 from mupfast.train import TrainingError
 from tests.helpers import tiny_config
 
@@ -51,7 +52,7 @@ def test_drift_counts_grid_steps_between_the_extreme_optima():
     assert X.drift(sp_like)["fit_log2"] == pytest.approx(3.1)
     assert X.drift(mup_like)["grid_steps"] == 0
     assert X.drift(mup_like)["fit_log2"] == pytest.approx(0.4)
-    assert X.mean_loss([2.0, math.inf]) == math.inf and X.mean_loss([2.0, 3.0]) == 2.5
+    assert G.mean_loss([2.0, math.inf]) == math.inf and G.mean_loss([2.0, 3.0]) == 2.5
 
 
 def test_lr_grid_parsing():
@@ -103,6 +104,7 @@ def test_sweep_runs_end_to_end_resumes_and_counts_divergence_as_inf(tmp_path, mo
     js, png = X.write_outputs(result, tmp_path / "tt")
     saved = json.loads(js.read_text())
     assert saved["results"]["sp"]["curves"]["64"]["val_loss"][1] is None  # inf → null in the JSON
+    assert saved["base_config"] == cfg.to_dict()  # overrides included: the JSON says what was run
     assert png.stat().st_size > 10_000
     assert len(X.table_lines(result)) >= 2
 
@@ -115,15 +117,15 @@ def test_sweep_runs_end_to_end_resumes_and_counts_divergence_as_inf(tmp_path, mo
     args = dict(
         axis="width", sizes=[32, 64], lrs=[2**-8], seeds=1, parametrizations=["mup"], out=tmp_path / "tt"
     )
-    assert all(X.finished_loss(pt) is not None for pt in X.make_points(cfg, steps=3, **args))
-    assert all(X.finished_loss(pt) is None for pt in X.make_points(cfg, steps=4, **args))
-    # So is one made before a key whose default changed behaviour (the readout sphere of hyperp).
+    assert all(G.finished_loss(pt) is not None for pt in X.make_points(cfg, steps=3, **args))
+    assert all(G.finished_loss(pt) is None for pt in X.make_points(cfg, steps=4, **args))
+    # So is one made under older rules (the same config trained differently then).
     point = X.make_points(cfg, steps=3, **args)[0]
-    saved_cfg = Path(point.run_dir) / "config.yaml"
-    older = yaml.safe_load(saved_cfg.read_text())
-    del older["model"]["hyperp_readout_sphere"]
-    saved_cfg.write_text(yaml.safe_dump(older))
-    assert X.finished_loss(point) is None
+    summary_path = Path(point.run_dir) / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    assert summary["rules_version"] == RULES_VERSION
+    summary_path.write_text(json.dumps({**summary, "rules_version": RULES_VERSION - 1}))
+    assert G.finished_loss(point) is None
 
 
 def test_depth_variant_in_worker_processes(tmp_path):
