@@ -299,7 +299,7 @@ def _sweep_or_transfer(args: argparse.Namespace, cfg, overrides: list[str]) -> i
         study_name=study,
         storage=storage,
         n_trials=args.trials,
-        space=W.load_space(args.space),
+        space=W.load_space(args.space, cfg),
         sampler=args.sampler,
         seed=args.seed,
         pruner=args.pruner,

@@ -152,7 +152,7 @@ def sweep(
 
     if n_trials <= 0:
         raise ConfigError(f"--trials: must be positive (got {n_trials})")
-    space = space if space is not None else load_space(None)
+    space = space if space is not None else load_space(None, base)
     storage = storage or default_storage(study_name)
     sweep_dir = Path(sweep_dir) if sweep_dir is not None else Path("runs/sweeps") / study_name
     launcher = resolve_launcher(launcher)

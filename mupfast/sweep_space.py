@@ -93,11 +93,31 @@ def parse_space(raw: Any, where: str = "space") -> dict[str, Range]:
     return space
 
 
-def load_space(path: str | Path | None) -> dict[str, Range]:
-    """The space file's ranges, or the built-in ones when ``path`` is None."""
+#: Space names hyperp has no use for: its hidden init is fixed by fan-in (1/√(3·fan_in)) and its
+#: attention scale is 1/√d_head, so sampling them would spend trials on dimensions with no effect.
+HYPERP_UNUSED = frozenset({"init_std", "attention_logits_alpha"})
+
+
+def load_space(path: str | Path | None, cfg=None) -> dict[str, Range]:
+    """The space file's ranges, or the built-in ones when ``path`` is None.
+
+    With a hyperp proxy ``cfg`` the built-in space leaves out :data:`HYPERP_UNUSED`, and a file that
+    names one of them is an error.
+    """
+    hyperp = cfg is not None and cfg.model.parametrization == "hyperp"
     if path is None:
-        return parse_space(DEFAULT_SPACE)
-    path = Path(path)
+        return parse_space({k: v for k, v in DEFAULT_SPACE.items() if not (hyperp and k in HYPERP_UNUSED)})
+    space = _load_space_file(Path(path))
+    unused = sorted(HYPERP_UNUSED & set(space)) if hyperp else []
+    if unused:
+        raise ConfigError(
+            f"{path}: {unused[0]}: hyperp does not use it (hidden init 1/√(3·fan_in), attention "
+            "1/√d_head); leave it out of the space"
+        )
+    return space
+
+
+def _load_space_file(path: Path) -> dict[str, Range]:
     if not path.is_file():
         raise ConfigError(f"--space: file not found: {path}")
     try:

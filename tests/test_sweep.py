@@ -76,6 +76,17 @@ def test_a_bad_space_file_is_a_config_error_naming_the_key(tmp_path, text, messa
         W.load_space(path)
 
 
+def test_a_hyperp_proxy_does_not_sample_what_hyperp_ignores(tmp_path):
+    hyperp = load_config(PROXY, ["model.parametrization=hyperp"])
+    assert set(W.load_space(None, hyperp)) == set(W.SPACE_KEYS) - {"init_std", "attention_logits_alpha"}
+    assert set(W.load_space(None, load_config(PROXY))) == set(W.SPACE_KEYS)
+    path = tmp_path / "space.yaml"
+    path.write_text("lr: {low: 1.0e-3, high: 1.0e-1}\nattention_logits_alpha: {low: 0.5, high: 2}\n")
+    with pytest.raises(ConfigError, match="attention_logits_alpha: hyperp does not use it"):
+        W.load_space(path, hyperp)
+    assert set(W.load_space(path, load_config(PROXY))) == {"lr", "attention_logits_alpha"}
+
+
 def test_trial_config_sets_the_swept_keys_and_its_own_run_dir(tmp_path):
     base = load_config(PROXY)
     params = {"lr": 2e-3, "init_std": 0.03, "embeddings_scale": 4.0, "output_logits_alpha": 2.0}
