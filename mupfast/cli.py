@@ -37,7 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--steps", default="5", help="optimizer steps per width (default %(default)s)")
     c.add_argument("--seeds", default="3", help="seeds averaged per width (default %(default)s)")
-    c.add_argument("--parametrizations", default="sp,mup", help="default %(default)s")
+    c.add_argument(
+        "--parametrizations", default="sp,mup", help="sp, mup, completep, hyperp; default %(default)s"
+    )
+    c.add_argument("--hyperp-lr", default="2^-3", help="hyperp's η at every width (default %(default)s)")
     c.add_argument("--out", default="runs/coord-check", help="output directory (default %(default)s)")
     t = verb(
         "transfer-test", "μTransfer test: lr sweep per width (or depth) through the trainer (JSON + PNG)"
@@ -188,7 +191,12 @@ def run(argv: list[str]) -> int:
             C.parse_positive_int(args.steps, "--steps"),
             C.parse_positive_int(args.seeds, "--seeds"),
         )
-        result = C.coord_check(cfg, widths, steps=steps, seeds=seeds, parametrizations=params)
+        from mupfast.transfer import parse_lr
+
+        hyperp_lr = parse_lr(args.hyperp_lr, "--hyperp-lr")
+        result = C.coord_check(
+            cfg, widths, steps=steps, seeds=seeds, parametrizations=params, hyperp_lr=hyperp_lr
+        )
         js, png = C.write_outputs(result, args.out)
         print("\n".join(C.verdict_lines(result)))
         print(f"wrote {js} and {png} ({result['elapsed_s']:.0f} s)")

@@ -49,6 +49,8 @@ MUP_TOLERANCE = 0.15
 #: First judged step. After one Adam step (t = 1) the learned part of the logits is still smaller
 #: than their width^-½ init term at the smallest widths, so t = 1 shows μP's transient, not its limit.
 JUDGED_FROM = 2
+#: HyperP's η in the check: its relative step per update, near the transfer test's optimum (2^-2.5).
+HYPERP_LR = 2**-3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,7 +89,7 @@ def parse_int_list(text: str, flag: str) -> list[int]:
 
 
 def parse_parametrizations(
-    text: str, flag: str = "--parametrizations", choices: Sequence[str] = ("sp", "mup", "completep")
+    text: str, flag: str = "--parametrizations", choices: Sequence[str] = ("sp", "mup", "completep", "hyperp")
 ) -> list[str]:
     """``"sp,mup"`` → names; a ConfigError naming the flag for an unknown or repeated one."""
     names = [s.strip() for s in str(text).split(",") if s.strip()]
@@ -251,11 +253,16 @@ def coord_check(
     parametrizations: Sequence[str] = ("sp", "mup"),
     tolerance: float = MUP_TOLERANCE,
     progress: bool = True,
+    hyperp_lr: float = HYPERP_LR,
 ) -> dict:
-    """Run the coordinate check and return the result dict (what ``coord-check`` writes as JSON)."""
+    """Run the coordinate check and return the result dict (what ``coord-check`` writes as JSON).
+
+    Every parametrization trains at ``optim.lr`` except hyperp, whose η is ``hyperp_lr`` at every width.
+    """
     from tqdm.auto import tqdm
 
     from mupfast.data import BatchSampler, TokenShard, prepare_data
+    from mupfast.parametrization import hyperp_own_bases
 
     if steps < 1 or seeds < 1:
         raise ConfigError(f"--steps and --seeds must be positive (got {steps}, {seeds})")
@@ -268,6 +275,8 @@ def coord_check(
         for p in parametrizations
         for w in widths
     }
+    for w in widths if "hyperp" in parametrizations else ():
+        configs["hyperp", w] = with_overrides(configs["hyperp", w], hyperp_own_bases(base, hyperp_lr))
     prepared = prepare_data(cfg.data, progress=progress)
     shard = TokenShard(prepared.train_path)
     t = cfg.train
@@ -296,6 +305,7 @@ def coord_check(
         "steps": steps,
         "seeds": seeds,
         "lr": cfg.optim.lr,
+        "hyperp_lr": hyperp_lr if "hyperp" in parametrizations else None,
         "head_dim": cfg.model.head_dim,
         "num_layers": cfg.model.num_layers,
         "tokens_per_step": t.seq_len * t.micro_batch_size,
@@ -346,7 +356,7 @@ def coord_check(
 # ----------------------------------------------------------------------------------------------
 # Output
 
-_LABELS = {"sp": "SP", "mup": "μP", "completep": "CompleteP"}
+_LABELS = {"sp": "SP", "mup": "μP", "completep": "CompleteP", "hyperp": "HyperP"}
 
 
 def verdict_lines(result: dict) -> list[str]:

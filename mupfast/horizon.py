@@ -40,6 +40,7 @@ import numpy as np
 from mupfast.config import Config, ConfigError
 from mupfast.coord_check import with_overrides, write_result_files
 from mupfast.grid_runs import Point, grid_run_overrides, lr_tag, mean_loss, run_points
+from mupfast.parametrization import hyperp_own_bases
 
 #: HyperP's token-horizon exponent, as a positive α in η* ∝ T^-α.
 REFERENCE_ALPHA = 0.32
@@ -185,15 +186,7 @@ def horizon_config(cfg: Config, *, parametrization: str, steps: int, lr: float) 
         "optim.lr": lr,
     }
     if parametrization == "hyperp":
-        batch = t.seq_len * t.micro_batch_size * t.grad_accum_steps
-        values.update(
-            {
-                "optim.hyperp_base_lr": lr,
-                "optim.hyperp_base_batch_tokens": batch,
-                "optim.hyperp_base_tokens": float(batch * steps),
-                "model.hyperp_base_depth": cfg.model.num_layers,
-            }
-        )
+        values.update(hyperp_own_bases(cfg, lr, steps=steps))
     return with_overrides(cfg, values)
 
 

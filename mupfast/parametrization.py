@@ -327,6 +327,23 @@ def hyperp_transfer(cfg: Config, world_size: int = 1) -> dict[str, float]:
     }
 
 
+def hyperp_own_bases(cfg: Config, lr: float, *, steps: int | None = None, depth: int | None = None) -> dict:
+    """Overrides that make ``cfg`` its own HyperP base, so the rule gives it η = η0 = ``lr``.
+
+    B0 is its tokens per step, T0 its tokens over ``steps`` (default train.steps), d0 ``depth``
+    (default its num_layers: a deeper model of a depth grid then gets η0·√(d0/L)). The grids of
+    transfer-test, horizon-test and coord-check train their smallest model at the lr they name.
+    """
+    t = cfg.train
+    batch = t.seq_len * t.micro_batch_size * t.grad_accum_steps
+    return {
+        "optim.hyperp_base_lr": lr,
+        "optim.hyperp_base_batch_tokens": batch,
+        "optim.hyperp_base_tokens": float(batch * (steps if steps is not None else t.steps)),
+        "model.hyperp_base_depth": depth if depth is not None else cfg.model.num_layers,
+    }
+
+
 def _transfer_line(run: Config) -> str:
     h = hyperp_transfer(run)
     return (

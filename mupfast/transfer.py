@@ -36,24 +36,8 @@ from mupfast.config import Config, ConfigError
 from mupfast.coord_check import parse_parametrizations as coord_check_parametrizations
 from mupfast.coord_check import scaled_config, with_overrides, write_result_files
 from mupfast.grid_runs import Point, grid_run_overrides, lr_tag, mean_loss, run_points
+from mupfast.parametrization import hyperp_own_bases
 from mupfast.transfer_plot import LABELS, plot_transfer, table_lines  # noqa: F401  (re-exported)
-
-
-def hyperp_base_values(cfg: Config, *, axis: str, sizes: Sequence[int], steps: int) -> dict[str, Any]:
-    """HyperP's base values for a transfer-test grid: the smallest model's own batch, depth and horizon.
-
-    With them the rule η = η0·√(B/B0)·√(d0/L)·(T/T0)^-0.32 gives η = η0 at the smallest size, so the
-    grid over η0 is the grid of lrs the smallest model trains with; across widths η = η0 at every
-    width (the rule has no width term: Muon on the sphere is meant to need none), across depths
-    η = η0·√(d0/L).
-    """
-    t = cfg.train
-    batch = t.seq_len * t.micro_batch_size * t.grad_accum_steps
-    return {
-        "optim.hyperp_base_batch_tokens": batch,
-        "optim.hyperp_base_tokens": float(batch * steps),
-        "model.hyperp_base_depth": min(sizes) if axis == "depth" else cfg.model.num_layers,
-    }
 
 
 def lr_grids(parametrizations: Sequence[str], lrs: Sequence[float], hyperp_lrs: Sequence[float] | None):
@@ -65,24 +49,27 @@ def lr_grids(parametrizations: Sequence[str], lrs: Sequence[float], hyperp_lrs: 
 # Flags
 
 
+def parse_lr(text: str, flag: str) -> float:
+    """``"2^-10"`` (or ``2**-10``, ``1e-3``) → a positive float; a ConfigError naming the flag otherwise."""
+    item = str(text).strip()
+    try:
+        if "^" in item or "**" in item:
+            b, e = item.replace("**", "^").split("^")
+            value = float(b) ** float(e)
+        else:
+            value = float(item)
+    except ValueError:
+        raise ConfigError(
+            f"{flag}: {item!r} is not a number (expected e.g. 2^-10,2^-9 or 1e-3,2e-3)"
+        ) from None
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{flag}: {item!r} is not a positive learning rate")
+    return value
+
+
 def parse_lrs(text: str, flag: str = "--lrs") -> list[float]:
-    """``"2^-10,2^-9,1e-3"`` (or ``2**-10``) → sorted floats; a ConfigError naming the flag otherwise."""
-    values = []
-    for item in str(text).split(","):
-        item = item.strip()
-        try:
-            if "^" in item or "**" in item:
-                b, e = item.replace("**", "^").split("^")
-                value = float(b) ** float(e)
-            else:
-                value = float(item)
-        except ValueError:
-            raise ConfigError(
-                f"{flag}: {item!r} is not a number (expected e.g. 2^-10,2^-9 or 1e-3,2e-3)"
-            ) from None
-        if not (value > 0 and math.isfinite(value)):
-            raise ConfigError(f"{flag}: {item!r} is not a positive learning rate")
-        values.append(value)
+    """``"2^-10,2^-9,1e-3"`` → sorted floats (at least two, none repeated); a ConfigError otherwise."""
+    values = [parse_lr(item, flag) for item in str(text).split(",")]
     if len(set(values)) != len(values):
         raise ConfigError(f"{flag}: values repeat ({text})")
     if len(values) < 2:
@@ -172,9 +159,11 @@ def make_points(
     """Every (parametrization, size, lr, seed) run; ``lrs`` is one grid or a grid per parametrization.
 
     Under hyperp the lr of a point is the base η0 (``optim.hyperp_base_lr``) with the base values of
-    :func:`hyperp_base_values`; ``optim.lr`` is set too but unused there.
+    :func:`~mupfast.parametrization.hyperp_own_bases` of the smallest model; ``optim.lr`` is set too
+    but unused there.
     """
     grids = lrs if isinstance(lrs, dict) else {p: lrs for p in parametrizations}
+    base_depth = min(sizes) if axis == "depth" else None  # hyperp's d0: the smallest model's depth
     points = []
     for p in parametrizations:
         for size in sizes:
@@ -182,8 +171,6 @@ def make_points(
                 scaled = scaled_config(cfg, parametrization=p, width=size, base_width=min(sizes))
             else:
                 scaled = scaled_config(cfg, parametrization=p, depth=size, base_depth=min(sizes))
-            if p == "hyperp":
-                scaled = with_overrides(scaled, hyperp_base_values(cfg, axis=axis, sizes=sizes, steps=steps))
             for lr in grids[p]:
                 for s in range(seeds):
                     run_dir = out / "runs" / p / f"{axis}{size}" / f"lr{lr_tag(lr)}" / f"seed{s}"
@@ -191,7 +178,11 @@ def make_points(
                         scaled,
                         {
                             "optim.lr": lr,
-                            **({"optim.hyperp_base_lr": lr} if p == "hyperp" else {}),
+                            **(
+                                hyperp_own_bases(cfg, lr, steps=steps, depth=base_depth)
+                                if p == "hyperp"
+                                else {}
+                            ),
                             "train.steps": steps,
                             **grid_run_overrides(cfg.train.seed + s, run_dir),
                         },

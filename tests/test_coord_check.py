@@ -30,6 +30,8 @@ def result(tmp_path_factory):
         "3",
         "--seeds",
         "2",
+        "--parametrizations",
+        "sp,mup,hyperp",
         "--out",
         str(out),
         "model.hidden_size=32",
@@ -65,6 +67,13 @@ def test_sp_logits_and_hidden_branches_grow_with_width(result):
     assert not result["parametrizations"]["sp"]["all_flat"]
 
 
+def test_hyperp_logits_do_not_depend_on_width(result):
+    """Its readout grows with width (a sphere of radius 0.02·√(V·d)); the logits' 1/m holds them."""
+    assert result["hyperp_lr"] == C.HYPERP_LR
+    logits = result["parametrizations"]["hyperp"]["layers"]["logits"]["slope_mean_abs"]
+    assert all(abs(s) <= TEST_TOLERANCE for s in logits[C.JUDGED_FROM :]), logits
+
+
 def test_at_the_base_width_mup_is_sp(result):
     sp, mup = result["parametrizations"]["sp"], result["parametrizations"]["mup"]
     for t in range(result["steps"] + 1):
@@ -98,6 +107,7 @@ def test_bad_flags_print_one_line(capsys):
         (["--widths", "64"], "--widths: needs at least two values"),
         (["--steps", "x"], "--steps: 'x' is not a positive integer"),
         (["--parametrizations", "sp,nope"], "--parametrizations: nope"),
+        (["--hyperp-lr", "2^-3,2^-2"], "--hyperp-lr: '2^-3,2^-2' is not a number"),
     ]
     for args, message in cases:
         assert cli_main(["coord-check", *args]) == 2

@@ -11,11 +11,13 @@ import torch
 
 import mupfast.train as T
 from mupfast.config import ConfigError
+from mupfast.coord_check import with_overrides
 from mupfast.metrics import read_metrics
 from mupfast.optim import base_lr, build_optimizer
 from mupfast.parametrization import (
     MUON_COMPONENTS,
     format_table,
+    hyperp_own_bases,
     hyperp_transfer,
     multipliers,
     rules_table,
@@ -66,6 +68,14 @@ def test_logits_scale_like_mup_against_a_base_width():
         "model.scale_output_logits_by_d=false",
     )
     assert multipliers(root.model).logit_scale == pytest.approx(1 / 2)
+
+
+def test_own_bases_make_the_rule_give_the_named_lr():
+    cfg = tiny_config(*HYPERP, "model.num_layers=8", "train.steps=30")
+    own = with_overrides(cfg, hyperp_own_bases(cfg, 0.3))
+    assert hyperp_transfer(own)["lr"] == pytest.approx(0.3, rel=1e-12)
+    shallower = with_overrides(cfg, hyperp_own_bases(cfg, 0.3, steps=30, depth=2))  # d0 = 2, L = 8
+    assert hyperp_transfer(shallower)["lr"] == pytest.approx(0.3 * math.sqrt(2 / 8), rel=1e-12)
 
 
 def test_other_parametrizations_keep_adamw_everywhere():
