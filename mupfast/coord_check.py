@@ -414,8 +414,10 @@ def plot_coord_check(result: dict, path: str | Path, metric: str = "mean_abs") -
                 ax.set_xlabel("width (log2 axis)", fontsize=8)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+    lrs = [f"lr {result['lr']:g}"] if set(result["parametrizations"]) - {"hyperp"} else []
+    lrs += [f"HyperP η {result['hyperp_lr']:g}"] if result.get("hyperp_lr") else []
     fig.suptitle(
-        f"Coordinate check: layer output size vs width, lr {result['lr']:g}, "
+        f"Coordinate check: layer output size vs width, {', '.join(lrs)}, "
         f"{result['seeds']} seeds, head dim {result['head_dim']}",
         fontsize=10,
     )
