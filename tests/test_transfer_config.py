@@ -11,7 +11,7 @@ import pytest
 
 from mupfast.cli import main
 from mupfast.config import load_config
-from mupfast.parametrization import hyperp_transfer, rules_table
+from mupfast.parametrization import hyperp_transfer, multipliers, rules_table
 from mupfast.stability import run_stability
 from tests.test_stability import SMOOTH, records
 
@@ -168,6 +168,13 @@ def test_hyperp_target_is_rebased_on_the_proxy_and_its_lr_follows_the_rule_by_ha
     unrebased = 2e-2 * math.sqrt(3840 / 3000) * math.sqrt(3 / 6) * (700 * 3840 / 7.5e5) ** -0.32
     assert eta_target == pytest.approx(unrebased, rel=1e-12)
     assert eta_target / eta_proxy == pytest.approx(0.34686, abs=1e-5)  # a real change, not a factor 1
+
+    # The readout is μP's across the width change: logits × α_out·(proxy width / target width).
+    assert target.model.mup_base_hidden_size == proxy.model.hidden_size
+    assert multipliers(target.model).logit_scale == pytest.approx(
+        proxy.model.output_logits_alpha * proxy.model.hidden_size / target.model.hidden_size
+    )
+    assert target.model.hidden_size != proxy.model.hidden_size
 
     for text in (printed, path.read_text()):
         assert f"proxy  η = {eta_proxy:.6g}" in text
