@@ -353,24 +353,55 @@ def _transfer_line(run: Config) -> str:
     )
 
 
+def _index_set(indices: list[int]) -> str:
+    if len(indices) == 1:
+        return str(indices[0])
+    contiguous = indices == list(range(indices[0], indices[0] + len(indices)))
+    return (
+        f"[{indices[0]}-{indices[-1]}]"
+        if contiguous and len(indices) > 2
+        else f"[{','.join(map(str, indices))}]"
+    )
+
+
+def _table_rows(rules: list[Rule]) -> list[tuple[str, Rule]]:
+    """(displayed name, rule) per row: the experts of a layer whose rules agree share one row
+    (``blocks.0.mlp.experts.[0-7].gate.weight``), so a 64-expert model's table stays readable."""
+    groups: dict[tuple, list[int]] = {}
+    order: list[tuple[tuple | None, Rule]] = []
+    for r in rules:
+        match = re.fullmatch(r"(.*\.experts\.)(\d+)(\..*)", r.name)
+        if match is None:
+            order.append((None, r))
+            continue
+        key = (match[1], match[3], *(v for k, v in asdict(r).items() if k != "name"))
+        if key not in groups:
+            groups[key] = []
+            order.append((key, r))
+        groups[key].append(int(match[2]))
+    return [(r.name if key is None else f"{key[0]}{_index_set(groups[key])}{key[1]}", r) for key, r in order]
+
+
 def format_table(cfg: ModelConfig, rules: list[Rule], run: Config | None = None) -> str:
     """The rules as a human-readable table, followed by the global multipliers.
 
     With the whole run config (``run``), hyperp also shows its transfer rule and the η it gives.
     """
     mult = multipliers(cfg)
-    header = f"{'parameter':<34} {'component':<13} {'shape':<14} {'init std':>10} {'lr mult':>9} {'wd mult':>8} {'fwd mult':>9} {'optimizer':>11}"
+    rows = _table_rows(rules)
+    w = max(34, *(len(name) for name, _ in rows))
+    header = f"{'parameter':<{w}} {'component':<13} {'shape':<14} {'init std':>10} {'lr mult':>9} {'wd mult':>8} {'fwd mult':>9} {'optimizer':>11}"
     lines = [
         f"parametrization: {cfg.parametrization}   m = {mult.m:g}   m_f = {mult.m_f:g}   m_L = {mult.m_depth:g}"
         f"   weight_decay_scaling: {cfg.weight_decay_scaling}",
         header,
         "-" * len(header),
     ]
-    for r in rules:
+    for name, r in rows:
         std = {"ones": "1", "zeros": "0"}.get(r.init, f"{r.init_std:.4g}")
         shape = "×".join(map(str, r.shape))
         lines.append(
-            f"{r.name:<34} {r.component:<13} {shape:<14} {std:>10} {r.lr_mult:>9.4g} {r.wd_mult:>8.4g} {r.forward_mult:>9.4g} {r.optimizer:>11}"
+            f"{name:<{w}} {r.component:<13} {shape:<14} {std:>10} {r.lr_mult:>9.4g} {r.wd_mult:>8.4g} {r.forward_mult:>9.4g} {r.optimizer:>11}"
         )
     lines += [
         "",

@@ -3,6 +3,7 @@ output RMS across expert granularities, the balance loss and router Z, its μP r
 groups, and training through the real trainer (μP) and on the sphere (hyperp)."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -231,8 +232,22 @@ def test_experts_and_router_get_their_own_optimizer_groups_and_explain_rows():
     n_in = sum(p.numel() for n, p in model.named_parameters() if ".gate." in n or ".up." in n)
     assert sum(p.numel() for p in groups["expert_in"]["params"]) == n_in  # shared expert included
     assert all(p.ndim == 2 for g in ("router", "expert_in", "expert_out") for p in groups[g]["params"])
-    text = format_table(cfg.model, rules_table(cfg.model))
+    rules = rules_table(cfg.model)
+    text = format_table(cfg.model, rules)
     assert "blocks.0.mlp.router.weight" in text and "expert_out" in text
+    # One row per layer and expert matrix: experts whose rules agree share it, the shared one does not.
+    E, L = cfg.model.moe_experts, cfg.model.num_layers
+    assert sum(".experts." in r.name for r in rules) == 3 * E * L
+    rows = [line.split()[0] for line in text.splitlines() if ".experts." in line]
+    assert rows[:3] == [f"blocks.0.mlp.experts.[0-{E - 1}].{w}.weight" for w in ("gate", "up", "down")]
+    assert len(rows) == 3 * L and "blocks.0.mlp.shared.down.weight" in text
+    # Rules that differ keep their own rows.
+    altered = [replace(r, lr_mult=9.0) if r.name == "blocks.0.mlp.experts.1.up.weight" else r for r in rules]
+    text = format_table(cfg.model, altered)
+    assert (
+        "blocks.0.mlp.experts.1.up.weight" in text
+        and f"experts.[0,{','.join(map(str, range(2, E)))}].up" in text
+    )
 
 
 def test_a_tiny_moe_model_learns_through_the_trainer(tmp_path):
