@@ -60,6 +60,7 @@ class Attention(nn.Module):
         self.rotary = Rotary(hd, cfg.max_seq_len, cfg.rope_theta) if cfg.position == "rope" else None
         self.lse_sq_mean: torch.Tensor | None = None  # attention-Z indicator (see attention_z())
         self._z_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.record_z = True  # Transformer.record_attention_z: whether a training forward keeps q, k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -80,7 +81,8 @@ class Attention(nn.Module):
             # SDPA gives no lse: keep q, k for attention_z() (autograd holds them until the backward; we hold
             # them until they are read or the next training forward replaces them)
             if self.training:
-                self.lse_sq_mean, self._z_inputs = None, (q.detach(), k.detach())
+                kept = (q.detach(), k.detach()) if self.record_z else None
+                self.lse_sq_mean, self._z_inputs = None, kept
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def attention_z(self) -> torch.Tensor | None:
@@ -246,6 +248,14 @@ class Transformer(nn.Module):
         for m in moe:  # the graph-holding tensors are used once
             m.aux_loss = m.router_z = None
         return loss
+
+    def record_attention_z(self, enabled: bool) -> None:
+        """Whether the next training forwards keep q and k for attention Z on the torch backend.
+
+        The trainer turns it on only for the last micro-batch of a step whose indicators it logs, so
+        the other steps hold no activations past their backward. On by default."""
+        for block in self.blocks:
+            block.attn.record_z = enabled
 
     def stability_stats(self) -> dict[str, torch.Tensor]:
         """Detached device tensors from the last forward: readout max |logit| and mean lse²;

@@ -150,7 +150,9 @@ def train(cfg: Config) -> TrainResult:
         # Forward/backward over the micro-batches; DeepSpeed steps the optimizer at the boundary.
         step_lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the lrs this update uses
         losses = []
+        logs = (step + 1) % t.log_every == 0 or step + 1 == t.steps
         for micro in range(t.grad_accum_steps):
+            engine.module.record_attention_z(logs and micro == t.grad_accum_steps - 1)
             x, y = train_sampler.batch(step, micro * world + rank)
             loss = engine(x.to(device), y.to(device))
             engine.backward(loss)
@@ -186,7 +188,7 @@ def train(cfg: Config) -> TrainResult:
             continue
         nonfinite_in_row = 0
 
-        if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+        if logs:
             tok_s = tokens_per_step * window_steps / max(window_s, 1e-9)
             values = {"loss": _mean_over_ranks(step_loss.item()), "tokens_per_s": tok_s}
             values.update({f"lr/{k}": v for k, v in step_lrs.items()})

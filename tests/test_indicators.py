@@ -91,3 +91,38 @@ def test_torch_attention_z_is_computed_only_when_the_indicators_are_read():
     with torch.no_grad():
         model(tokens[:, :-1], tokens[:, 1:])
     assert attn._z_inputs is None  # evaluation and generation keep nothing
+    model.train()
+    model.record_attention_z(False)  # what the trainer does on steps it does not log
+    model(tokens[:, :-1], tokens[:, 1:]).backward()
+    assert attn._z_inputs is None and "attn_lse_sq_mean" not in model.stability_stats()
+    model.record_attention_z(True)
+    model(tokens[:, :-1], tokens[:, 1:]).backward()
+    assert model.stability_stats()["attn_lse_sq_mean"] == pytest.approx(z.item(), rel=1e-6)
+
+
+def test_the_trainer_keeps_q_k_only_for_the_steps_it_logs(tmp_path, monkeypatch):
+    import mupfast.train as T
+    from mupfast.metrics import read_metrics
+    from mupfast.model import Transformer
+
+    kept_at = []
+    original = Transformer.record_attention_z
+
+    def spy(self, enabled):
+        kept_at.append(enabled)
+        original(self, enabled)
+
+    monkeypatch.setattr(Transformer, "record_attention_z", spy)
+    cfg = tiny_config(
+        "model.attention_backend=torch",
+        "train.steps=6",
+        "train.log_every=3",
+        "train.grad_accum_steps=2",
+        "train.eval_every=0",
+        tmp_path=tmp_path,
+    )
+    T.train(cfg)
+    # Two micro-batches a step: only the last micro-batch of steps 3 and 6 keeps q and k.
+    assert kept_at == [False, False] * 2 + [False, True] + [False, False] * 2 + [False, True]
+    records = read_metrics(cfg.train.run_dir, "train")
+    assert [r["step"] for r in records] == [3, 6] and all("attn_lse_sq_mean" in r for r in records)
