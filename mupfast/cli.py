@@ -31,7 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     e = verb("explain", "print the parametrization table: init, lr and wd multipliers, forward multipliers")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     verb("prepare-data", "tokenize the corpus into token shards (cached; training does this itself)")
-    c = verb("coord-check", "coordinate check: every layer's output size vs width, SP and μP (JSON + PNG)")
+    c = verb(
+        "coord-check",
+        "coordinate check: every layer's output size vs width, per parametrization (JSON + PNG)",
+    )
     c.add_argument(
         "--widths", default="64,128,256,512,1024", help="comma-separated widths (default %(default)s)"
     )
