@@ -34,6 +34,7 @@ bench: $(STAMP)  ## benchmarks (GPU where present), results under benchmarks/res
 	$(PY) -m benchmarks.bench_cross_entropy
 	$(PY) -m benchmarks.bench_clip_adamw
 	$(PY) -m benchmarks.bench_newton_schulz
+	$(PY) -m benchmarks.bench_moe_dispatch
 	$(PY) -m benchmarks.bench_e2e
 
 lint: $(STAMP)

@@ -117,6 +117,10 @@ class ModelConfig:
     """Coefficient of the router Z-loss mean(logsumexp(router logits)²); 0 logs it without training on it."""
     moe_every: int = 1
     """Block i (from 0) is an MoE block when (i + 1) % moe_every == 0: 1 = every block, 2 = every second."""
+    moe_dispatch: Literal["loop", "grouped"] = "loop"
+    """loop: one matmul chain per expert, sized by per-expert token counts read on the host (one sync
+    per MoE layer); grouped: torch's grouped_mm over the experts' stacked weights, no host sync (needs
+    hidden_size and the expert hidden size multiples of 8; bf16 on a GPU). Not yet measured on a GPU."""
 
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     """auto: Triton on CUDA, torch SDPA elsewhere."""

@@ -82,6 +82,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"model.moe_every: must be in [1, num_layers={m.num_layers}] (got {m.moe_every})"
             )
+        expert_hidden = m.filter_size // m.moe_granularity
+        if m.moe_dispatch == "grouped" and (m.hidden_size % 8 or expert_hidden % 8):
+            raise ConfigError(
+                "model.moe_dispatch: grouped needs hidden_size and the expert hidden size "
+                f"(filter_size / moe_granularity) to be multiples of 8 (got {m.hidden_size}, {expert_hidden})"
+            )
     for key, value in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)]:
         if not 0 <= value < 1:
             raise ConfigError(f"{key}: must be in [0, 1) (got {value})")

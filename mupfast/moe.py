@@ -24,6 +24,9 @@ Training also records, per forward, on device:
 The Transformer adds coef·aux_loss (+ coef_z·router_z) to the LM loss.
 
 Experts are separate 2-D nn.Linear layers (not a 3-D bank) so Muon can orthogonalise each matrix.
+``moe_dispatch: grouped`` stacks them per forward for torch's grouped_mm: one matmul per weight kind
+over all experts, with the group boundaries as a device tensor, so no host sync; ``loop`` (default)
+runs one matmul chain per expert.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ class SqrtGateMoE(nn.Module):
         self.shared = Expert(d, h, swiglu, cfg.bias) if cfg.moe_shared_expert else None
         self.shared_p = cfg.moe_shared_p
         self.global_balance = cfg.moe_balance_scope == "data_parallel"
+        self.grouped = cfg.moe_dispatch == "grouped"
+        self.swiglu = swiglu
         # From the last training forward: the balance loss and router Z with their graphs (read by the
         # Transformer), and detached indicators for stability_stats().
         self.aux_loss: torch.Tensor | None = None
@@ -108,21 +113,43 @@ class SqrtGateMoE(nn.Module):
         return routed.view(shape)
 
     def _dispatch(self, x2: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Σ_k w·expert(x) per token: group the N·k assignments by expert, one matmul chain per expert."""
+        """Σ_k w·expert(x) per token: group the N·k assignments by expert, run the experts on their rows."""
         N, k = idx.shape
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)
-        token = order // k
-        # One host sync per MoE layer: the per-expert token counts size the matmuls.
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        chunks = x2[token].split(counts)
+        rows = x2[order // k]
+        counts = torch.bincount(flat, minlength=self.num_experts)
         # Every expert runs, even on zero tokens, so each weight gets a (zero) gradient: Muon and ZeRO
         # then see the same set of gradients on every step and rank.
-        y = torch.cat([expert(c) for expert, c in zip(self.experts, chunks)])
+        if self.grouped:
+            y = self._grouped_experts(rows, counts, flat[order])
+        else:  # one host sync per MoE layer: the per-expert token counts size the matmuls
+            chunks = rows.split(counts.tolist())
+            y = torch.cat([expert(c) for expert, c in zip(self.experts, chunks)])
         y = y * w.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
         # Back to (token, slot) order and a sum over the k slots: deterministic (no atomic index_add).
         out = torch.empty_like(y).index_copy_(0, order, y)
         return out.view(N, k, -1).sum(1)
+
+    def _grouped_experts(
+        self, rows: torch.Tensor, counts: torch.Tensor, expert_of_row: torch.Tensor
+    ) -> torch.Tensor:
+        """Every expert on its rows (sorted by expert) in one grouped_mm per weight kind."""
+        if rows.is_cuda and rows.dtype != torch.bfloat16:
+            raise ValueError(
+                f"model.moe_dispatch: grouped runs in bf16 on a GPU (got {rows.dtype}); use loop"
+            )
+        ends = counts.cumsum(0).to(torch.int32)
+
+        def linear(x: torch.Tensor, name: str) -> torch.Tensor:
+            layers = [getattr(e, name) for e in self.experts]
+            out = F.grouped_mm(x, torch.stack([lin.weight for lin in layers]).transpose(1, 2), offs=ends)
+            if layers[0].bias is not None:
+                out = out + torch.stack([lin.bias for lin in layers])[expert_of_row]
+            return out
+
+        h = F.silu(linear(rows, "gate")) * linear(rows, "up") if self.swiglu else F.gelu(linear(rows, "up"))
+        return linear(h, "down")
 
     def _record(self, logits: torch.Tensor, idx: torch.Tensor) -> None:
         E = self.num_experts

@@ -2,6 +2,7 @@
 output RMS across expert granularities, the balance loss and router Z, its μP rules and optimizer
 groups, and training through the real trainer (μP) and on the sphere (hyperp)."""
 
+import copy
 import math
 from dataclasses import replace
 
@@ -53,6 +54,73 @@ def test_batched_moe_matches_a_token_by_token_float64_reference_forward_and_back
         assert (g - r).norm() <= 1e-12 * r.norm() + 1e-300, name
     # every expert has a gradient, even one that got no token
     assert all(g is not None for g in grads)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        [],
+        ["model.moe_shared_expert=true"],
+        ["model.mlp=gelu", "model.bias=true", "model.moe_top_k=3", "model.moe_granularity=2"],
+        ["model.moe_experts=6", "model.moe_top_k=1"],
+    ],
+)
+def test_grouped_dispatch_matches_the_float64_reference_forward_and_backward(opts):
+    """grouped_mm runs in fp32 at most, so the fp32 layer is compared with its float64 copy."""
+    torch.manual_seed(0)
+    moe, _ = _moe_layer("model.moe_dispatch=grouped", *opts, dtype=torch.float32)
+    assert moe.grouped
+    with torch.no_grad():
+        moe.router.weight.normal_(0, 0.5)
+    moe64 = copy.deepcopy(moe).double()
+    x = torch.randn(4, 9, moe.router.in_features, dtype=torch.float64)
+    x32 = x.float().requires_grad_()
+    out = moe(x32)
+    grads = torch.autograd.grad(out.double().square().sum(), [x32, *moe.parameters()])
+    x64 = x.clone().requires_grad_()
+    ref = reference_moe(moe64, x64)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x64, *moe64.parameters()])
+    assert (out.double() - ref).norm() / ref.norm() < 1e-5
+    for (name, _), g, r in zip([("x", x32), *moe.named_parameters()], grads, ref_grads):
+        assert (g.double() - r).norm() <= 1e-4 * r.norm() + 1e-12, name
+    # With expert 0 given no row: grouped and loop agree, and expert 0 gets an exact zero gradient.
+    x2 = x32.detach().reshape(-1, x32.shape[-1])
+    idx = torch.randint(1, moe.num_experts, (x2.shape[0], moe.top_k))
+    w = torch.rand(idx.shape)
+    params = dict(moe.named_parameters())
+    results = {}
+    for grouped in (True, False):
+        moe.grouped = grouped
+        y = moe._dispatch(x2, idx, w)
+        results[grouped] = (
+            y,
+            torch.autograd.grad(y.square().sum(), list(params.values()), allow_unused=True),
+        )
+    assert torch.allclose(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+    for (name, _), g, r in zip(params.items(), *(results[b][1] for b in (True, False))):
+        if name.startswith("experts."):
+            assert torch.allclose(g, r, rtol=1e-4, atol=1e-6), name
+    assert results[True][1][list(params).index("experts.0.up.weight")].abs().max() == 0
+
+
+@pytest.mark.parametrize("parametrization", ["mup", "hyperp"])
+def test_grouped_and_loop_dispatch_train_alike(parametrization):
+    losses = {}
+    for dispatch in ("loop", "grouped"):
+        cfg = tiny_config(*MOE, f"model.parametrization={parametrization}", f"model.moe_dispatch={dispatch}")
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        opt = build_optimizer(model, cfg)
+        tokens = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(1))
+        losses[dispatch] = []
+        for _ in range(4):
+            loss = model(tokens[:, :-1], tokens[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses[dispatch].append(loss.item())
+    assert losses["grouped"] == pytest.approx(losses["loop"], rel=1e-4)
+    assert losses["loop"][-1] < losses["loop"][0]
 
 
 def test_moe_passes_gradcheck_on_a_tiny_case():
@@ -177,6 +245,11 @@ def test_moe_every_places_moe_blocks():
 def test_bad_moe_keys_are_one_line_config_errors(override, key):
     with pytest.raises(ConfigError, match=key):
         tiny_config(*MOE, override)
+
+
+def test_grouped_dispatch_needs_aligned_widths():
+    with pytest.raises(ConfigError, match="model.moe_dispatch: grouped needs .* multiples of 8 .got 32, 4"):
+        tiny_config(*MOE, "model.moe_dispatch=grouped", "model.moe_granularity=16")
 
 
 def test_mup_rules_for_experts_and_router():
