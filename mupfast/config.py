@@ -120,7 +120,7 @@ class ModelConfig:
     moe_dispatch: Literal["loop", "grouped"] = "loop"
     """loop: one matmul chain per expert, sized by per-expert token counts read on the host (one sync
     per MoE layer); grouped: torch's grouped_mm over the experts' stacked weights, no host sync (needs
-    hidden_size and the expert hidden size multiples of 8; bf16 on a GPU). Not yet measured on a GPU."""
+    hidden_size and the expert hidden size multiples of 8; bf16 on a GPU; ZeRO 0–2). Not yet measured on a GPU."""
 
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     """auto: Triton on CUDA, torch SDPA elsewhere."""

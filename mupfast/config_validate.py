@@ -82,6 +82,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"model.moe_every: must be in [1, num_layers={m.num_layers}] (got {m.moe_every})"
             )
+        if m.moe_dispatch == "grouped" and cfg.zero.stage == 3:
+            # ZeRO-3 gathers a module's weights when its own forward runs; grouped reads the experts'
+            # weights without calling them, so it would see their empty partitions.
+            raise ConfigError("model.moe_dispatch: grouped does not run under zero.stage 3 (use loop)")
         expert_hidden = m.filter_size // m.moe_granularity
         if m.moe_dispatch == "grouped" and (m.hidden_size % 8 or expert_hidden % 8):
             raise ConfigError(

@@ -247,9 +247,11 @@ def test_bad_moe_keys_are_one_line_config_errors(override, key):
         tiny_config(*MOE, override)
 
 
-def test_grouped_dispatch_needs_aligned_widths():
+def test_grouped_dispatch_needs_aligned_widths_and_whole_weights():
     with pytest.raises(ConfigError, match="model.moe_dispatch: grouped needs .* multiples of 8 .got 32, 4"):
         tiny_config(*MOE, "model.moe_dispatch=grouped", "model.moe_granularity=16")
+    with pytest.raises(ConfigError, match="model.moe_dispatch: grouped does not run under zero.stage 3"):
+        tiny_config(*MOE, "model.moe_dispatch=grouped", "zero.stage=3")
 
 
 def test_mup_rules_for_experts_and_router():
@@ -369,14 +371,17 @@ def test_hyperp_moe_trains_experts_and_router_on_their_spheres():
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("parametrization", ["mup", "hyperp"])
-def test_two_rank_zero2_moe_matches_single_process(tmp_path, parametrization):
+@pytest.mark.parametrize(
+    "parametrization, dispatch", [("mup", "loop"), ("hyperp", "loop"), ("hyperp", "grouped")]
+)
+def test_two_rank_zero2_moe_matches_single_process(tmp_path, parametrization, dispatch):
     """Every expert runs (possibly on zero tokens) on every rank, so ZeRO's partitions line up."""
     from tests.test_train import _deepspeed_run
 
     base = [
         *MOE,
         f"model.parametrization={parametrization}",
+        f"model.moe_dispatch={dispatch}",
         "model.moe_shared_expert=true",
         "train.log_every=1",
         "train.eval_every=0",
