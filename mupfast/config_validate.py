@@ -12,41 +12,51 @@ from mupfast.config import Config, ConfigError
 from mupfast.schedules import build_schedule
 
 
+def _require_positive(pairs: list[tuple[str, object]], *, optional: bool = False) -> None:
+    """Each (key, value) must be > 0 (NaN is not); with ``optional``, None is allowed too."""
+    for key, value in pairs:
+        if optional and value is None:
+            continue
+        if not value > 0:
+            raise ConfigError(f"{key}: must be positive (got {value})")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks; each failure names the key and the problem."""
     m, t, o = cfg.model, cfg.train, cfg.optim
-    for key, value in [
-        ("model.vocab_size", m.vocab_size),
-        ("model.hidden_size", m.hidden_size),
-        ("model.num_layers", m.num_layers),
-        ("model.num_heads", m.num_heads),
-        ("model.filter_size", m.filter_size),
-        ("model.max_seq_len", m.max_seq_len),
-        ("train.steps", t.steps),
-        ("train.seq_len", t.seq_len),
-        ("train.micro_batch_size", t.micro_batch_size),
-        ("train.grad_accum_steps", t.grad_accum_steps),
-        ("train.dist_timeout_s", t.dist_timeout_s),
-    ]:
-        if value <= 0:
-            raise ConfigError(f"{key}: must be positive (got {value})")
-    for key, value in [
-        ("model.num_kv_heads", m.num_kv_heads),
-        ("model.mup_base_hidden_size", m.mup_base_hidden_size),
-        ("model.mup_base_filter_size", m.mup_base_filter_size),
-        ("model.mup_base_num_layers", m.mup_base_num_layers),
-    ]:
-        if value is not None and value <= 0:
-            raise ConfigError(f"{key}: must be positive (got {value})")
-    for key, value in [
-        ("model.init_std", m.init_std),
-        ("model.norm_eps", m.norm_eps),
-        ("optim.lr", o.lr),
-        ("optim.eps", o.eps),
-        ("model.attention_logits_alpha", m.attention_logits_alpha),
-    ]:
-        if not value > 0:
-            raise ConfigError(f"{key}: must be positive (got {value})")
+    _require_positive(
+        [
+            ("model.vocab_size", m.vocab_size),
+            ("model.hidden_size", m.hidden_size),
+            ("model.num_layers", m.num_layers),
+            ("model.num_heads", m.num_heads),
+            ("model.filter_size", m.filter_size),
+            ("model.max_seq_len", m.max_seq_len),
+            ("train.steps", t.steps),
+            ("train.seq_len", t.seq_len),
+            ("train.micro_batch_size", t.micro_batch_size),
+            ("train.grad_accum_steps", t.grad_accum_steps),
+            ("train.dist_timeout_s", t.dist_timeout_s),
+        ]
+    )
+    _require_positive(
+        [
+            ("model.num_kv_heads", m.num_kv_heads),
+            ("model.mup_base_hidden_size", m.mup_base_hidden_size),
+            ("model.mup_base_filter_size", m.mup_base_filter_size),
+            ("model.mup_base_num_layers", m.mup_base_num_layers),
+        ],
+        optional=True,
+    )
+    _require_positive(
+        [
+            ("model.init_std", m.init_std),
+            ("model.norm_eps", m.norm_eps),
+            ("optim.lr", o.lr),
+            ("optim.eps", o.eps),
+            ("model.attention_logits_alpha", m.attention_logits_alpha),
+        ]
+    )
     if m.hidden_size % m.num_heads:
         raise ConfigError(
             f"model.hidden_size: {m.hidden_size} is not divisible by model.num_heads ({m.num_heads})"
@@ -118,14 +128,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 "model.readout_zero_init: not with hyperp's readout sphere (set model.hyperp_readout_sphere=false)"
             )
-        for key, value in [
-            ("model.hyperp_base_depth", m.hyperp_base_depth),
-            ("optim.hyperp_base_lr", o.hyperp_base_lr),
-            ("optim.hyperp_base_batch_tokens", o.hyperp_base_batch_tokens),
-            ("optim.hyperp_base_tokens", o.hyperp_base_tokens),
-        ]:
-            if not value > 0:
-                raise ConfigError(f"{key}: must be positive (got {value})")
+        _require_positive(
+            [
+                ("model.hyperp_base_depth", m.hyperp_base_depth),
+                ("optim.hyperp_base_lr", o.hyperp_base_lr),
+                ("optim.hyperp_base_batch_tokens", o.hyperp_base_batch_tokens),
+                ("optim.hyperp_base_tokens", o.hyperp_base_tokens),
+            ]
+        )
         if not 0 <= o.muon_momentum < 1:
             raise ConfigError(f"optim.muon_momentum: must be in [0, 1) (got {o.muon_momentum})")
         if o.newton_schulz_backend == "triton":
