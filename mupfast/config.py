@@ -259,6 +259,10 @@ class TrainConfig:
     progress: bool = True
     """Show a progress bar on rank 0."""
 
+    def tokens_per_step(self, world_size: int = 1) -> int:
+        """Tokens one optimizer step consumes over ``world_size`` data-parallel ranks."""
+        return self.seq_len * self.micro_batch_size * self.grad_accum_steps * world_size
+
 
 @dataclass
 class ZeroConfig:

@@ -243,7 +243,7 @@ def horizon_test(
     by_key = {(pt.size, pt.lr, pt.seed): values[pt.run_dir] for pt in points}
     losses = [[[by_key[h, lr, s] for s in range(seeds)] for lr in lrs] for h in horizons]
     t = cfg.train
-    batch = t.seq_len * t.micro_batch_size * t.grad_accum_steps
+    batch = t.tokens_per_step()
     tokens = [h * batch for h in horizons]
     log2_lrs = [math.log2(lr) for lr in lrs]
     fit = fit_horizon(losses, log2_lrs, [math.log2(x) for x in tokens], n_boot=n_boot)

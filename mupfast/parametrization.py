@@ -186,7 +186,8 @@ def _hyperp_rule(
         std = cfg.output_init_std if cfg.output_init_std is not None else 0.02
         if cfg.hyperp_readout_sphere:  # zero init is refused with it (config.validate)
             # AdamH, as the anchor trains its untied lm_head: Adam's direction as a relative step on
-            # the sphere, which keeps the logit scale from growing with width under one width-free lr.
+            # the sphere. The sphere alone does not hold the logits across width (its radius grows
+            # with d); the logits' α_out/m does (module docstring).
             return Rule(name, shape, component, layer, "normal", std, 1.0, 0.0, 1.0, "adamw_sphere")
         std = 0.0 if cfg.readout_zero_init else std
         return Rule(name, shape, component, layer, "zeros" if std == 0 else "normal", std, 1.0, wd, 1.0)
@@ -304,7 +305,7 @@ def hyperp_transfer(cfg: Config, world_size: int = 1) -> dict[str, float]:
     model.hyperp_base_depth.
     """
     t, o = cfg.train, cfg.optim
-    batch = t.micro_batch_size * t.grad_accum_steps * world_size * t.seq_len
+    batch = t.tokens_per_step(world_size)
     tokens = t.steps * batch
     d0, L = cfg.model.hyperp_base_depth, cfg.model.num_layers
     lr = (
@@ -335,7 +336,7 @@ def hyperp_own_bases(cfg: Config, lr: float, *, steps: int | None = None, depth:
     transfer-test, horizon-test and coord-check train their smallest model at the lr they name.
     """
     t = cfg.train
-    batch = t.seq_len * t.micro_batch_size * t.grad_accum_steps
+    batch = t.tokens_per_step()
     return {
         "optim.hyperp_base_lr": lr,
         "optim.hyperp_base_batch_tokens": batch,

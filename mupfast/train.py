@@ -131,7 +131,7 @@ def train(cfg: Config) -> TrainResult:
             print(f"run already complete at step {start} (raise train.steps to train on)", file=sys.stderr)
         return result
     metrics = MetricsWriter(run_dir, enabled=rank == 0)
-    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * t.seq_len * world
+    tokens_per_step = t.tokens_per_step(world)
     bar = None
     if rank == 0 and t.progress:
         from tqdm import tqdm

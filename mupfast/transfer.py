@@ -289,7 +289,7 @@ def transfer_test(
         "hyperp_lrs": list(hyperp_lrs) if hyperp_lrs and "hyperp" in parametrizations else None,
         "steps": steps,
         "seeds": seeds,
-        "tokens_per_step": t.seq_len * t.micro_batch_size * t.grad_accum_steps,
+        "tokens_per_step": t.tokens_per_step(),
         "parametrizations": list(parametrizations),
         "fixed": {
             "width": cfg.model.hidden_size if axis == "depth" else None,
