@@ -271,13 +271,16 @@ def coord_check(
     base = with_overrides(
         cfg, {"clip.max_norm": 0.0, "clip.global_max_norm": 0.0, "clip.component_max_norm": {}}
     )
+    # hyperp's η comes from its rule: with the model's own bases it is hyperp_lr at every width.
+    bases = {
+        p: with_overrides(base, hyperp_own_bases(base, hyperp_lr)) if p == "hyperp" else base
+        for p in parametrizations
+    }
     configs = {
-        (p, w): scaled_config(base, parametrization=p, width=w, base_width=widths[0])
+        (p, w): scaled_config(bases[p], parametrization=p, width=w, base_width=widths[0])
         for p in parametrizations
         for w in widths
     }
-    for w in widths if "hyperp" in parametrizations else ():
-        configs["hyperp", w] = with_overrides(configs["hyperp", w], hyperp_own_bases(base, hyperp_lr))
     prepared = prepare_data(cfg.data, progress=progress)
     shard = TokenShard(prepared.train_path)
     t = cfg.train

@@ -78,8 +78,8 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, scale=self.scale, enable_gqa=self.n_kv != self.n_heads
             )
-            # SDPA gives no lse: keep q, k for attention_z() (autograd holds them until the backward; we hold
-            # them until they are read or the next training forward replaces them)
+            # SDPA gives no lse: keep q, k for attention_z() when the trainer will read it (record_z; autograd
+            # holds them until the backward, we until they are read or the next training forward)
             if self.training:
                 kept = (q.detach(), k.detach()) if self.record_z else None
                 self.lse_sq_mean, self._z_inputs = None, kept
