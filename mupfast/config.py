@@ -20,9 +20,12 @@ from typing import Any, Literal
 
 import yaml
 
+from mupfast.config_validate import validate
+from mupfast.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration problem, with a message that names the offending key."""
+Parametrization = Literal["sp", "mup", "completep", "hyperp"]
+#: Every parametrization, in the order the checks compare them.
+PARAMETRIZATIONS: tuple[str, ...] = typing.get_args(Parametrization)
 
 
 @dataclass
@@ -58,7 +61,7 @@ class ModelConfig:
     bias: bool = False
     """Biases on the linear layers."""
 
-    parametrization: Literal["sp", "mup", "completep", "hyperp"] = "mup"
+    parametrization: Parametrization = "mup"
     """sp: standard (no width scaling); mup: μP; completep: μP plus depth transfer (CompleteP);
     hyperp: hidden matrices trained by Muon on their init Frobenius sphere, one lr from the
     HyperP transfer rule (optim.hyperp_*)."""
@@ -300,8 +303,6 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Read a YAML config (or the defaults when path is None) and apply dotted overrides."""
-    from mupfast.config_validate import validate  # it imports this module
-
     cfg = config_from_dict(read_raw_config(path, overrides))
     validate(cfg)
     return cfg
@@ -344,6 +345,25 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     return _build(Config, raw, prefix="")
+
+
+def with_overrides(cfg: Config, values: dict[str, Any], *, check: bool = True) -> Config:
+    """A copy of ``cfg`` with dotted keys replaced (``{"model.hidden_size": 256}``).
+
+    The copy is checked like a loaded config unless ``check`` is false (a step inside a larger
+    change that is checked as a whole).
+    """
+    raw = cfg.to_dict()
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        node = raw
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    new = config_from_dict(raw)
+    if check:
+        validate(new)
+    return new
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:

@@ -1,15 +1,20 @@
 """Cross-field checks of a run config: what each key's type alone cannot say.
 
-``validate(cfg)`` raises :class:`~mupfast.config.ConfigError` naming the key and the problem, which the
+``validate(cfg)`` raises :class:`~mupfast.errors.ConfigError` naming the key and the problem, which the
 CLI prints as one ``error: …`` line; ``load_config`` calls it on every config it builds.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mupfast.config import Config, ConfigError
+from mupfast.errors import ConfigError
 from mupfast.schedules import build_schedule
+
+if TYPE_CHECKING:
+    from mupfast.config import Config
 
 
 def _require_positive(pairs: list[tuple[str, object]], *, optional: bool = False) -> None:
@@ -19,6 +24,36 @@ def _require_positive(pairs: list[tuple[str, object]], *, optional: bool = False
             continue
         if not value > 0:
             raise ConfigError(f"{key}: must be positive (got {value})")
+
+
+#: DeepSpeed keys a ds_config file may not set: they come from our config, or belong to our optimizer.
+_OWNED_KEYS = {
+    "optimizer": "the optimizer is ours (optim.*)",
+    "scheduler": "the lr schedule is ours (schedule.*)",
+    "gradient_clipping": "clipping is per component, in our optimizer (clip.*)",
+    "train_batch_size": "set train.micro_batch_size and train.grad_accum_steps",
+    "train_micro_batch_size_per_gpu": "set train.micro_batch_size",
+    "gradient_accumulation_steps": "set train.grad_accum_steps",
+    "bf16": "set train.precision",
+    "fp16": "set train.precision (fp16 is not supported; use bf16)",
+}
+
+
+def read_ds_overrides(path: str | Path) -> dict:
+    """Read a DeepSpeed JSON to merge over ours; keys we own are errors naming where to set them."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"zero.ds_config: file not found: {path}") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"zero.ds_config: {path} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"zero.ds_config: {path} must hold a JSON object")
+    for key, why in _OWNED_KEYS.items():
+        if key in raw:
+            raise ConfigError(f"zero.ds_config: {path} sets {key!r}, which mupfast owns: {why}")
+    return {k: v for k, v in raw.items() if not k.startswith("_")}
 
 
 def validate(cfg: Config) -> None:
@@ -144,8 +179,6 @@ def validate(cfg: Config) -> None:
             if find_spec("triton") is None:
                 raise ConfigError("optim.newton_schulz_backend: triton is not installed (use auto or torch)")
     if cfg.zero.ds_config:
-        from mupfast.engine import read_ds_overrides  # local: keeps torch out of config checks
-
         read_ds_overrides(cfg.zero.ds_config)
     c, s = cfg.clip, cfg.schedule
     if c.max_norm < 0 or c.global_max_norm < 0:

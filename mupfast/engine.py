@@ -9,7 +9,6 @@ the step in the client state is all it needs.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import shutil
 import socket
@@ -18,10 +17,8 @@ from pathlib import Path
 import torch
 
 from mupfast.config import Config
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or written."""
+from mupfast.config_validate import read_ds_overrides
+from mupfast.errors import CheckpointError
 
 
 def free_port() -> int:
@@ -48,38 +45,6 @@ def use_bf16(cfg: Config) -> bool:
     if cfg.train.precision == "auto":
         return torch.cuda.is_available()
     return cfg.train.precision == "bf16"
-
-
-#: DeepSpeed keys a ds_config file may not set: they come from our config, or belong to our optimizer.
-_OWNED_KEYS = {
-    "optimizer": "the optimizer is ours (optim.*)",
-    "scheduler": "the lr schedule is ours (schedule.*)",
-    "gradient_clipping": "clipping is per component, in our optimizer (clip.*)",
-    "train_batch_size": "set train.micro_batch_size and train.grad_accum_steps",
-    "train_micro_batch_size_per_gpu": "set train.micro_batch_size",
-    "gradient_accumulation_steps": "set train.grad_accum_steps",
-    "bf16": "set train.precision",
-    "fp16": "set train.precision (fp16 is not supported; use bf16)",
-}
-
-
-def read_ds_overrides(path: str | Path) -> dict:
-    """Read a DeepSpeed JSON to merge over ours; keys we own are errors naming where to set them."""
-    from mupfast.config import ConfigError
-
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"zero.ds_config: file not found: {path}") from None
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"zero.ds_config: {path} is not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"zero.ds_config: {path} must hold a JSON object")
-    for key, why in _OWNED_KEYS.items():
-        if key in raw:
-            raise ConfigError(f"zero.ds_config: {path} sets {key!r}, which mupfast owns: {why}")
-    return {k: v for k, v in raw.items() if not k.startswith("_")}
 
 
 def _merge(base: dict, extra: dict) -> dict:

@@ -1,9 +1,17 @@
-"""Decoder-only transformer whose init and multipliers come from the parametrization table.
+"""Decoder-only transformer whose init and forward multipliers come from the parametrization table.
 
 ``model(tokens)`` returns float32 logits (B, T, V) with the μP output multiplier applied;
-``model(tokens, targets)`` returns the mean cross-entropy over targets != -100. Attention and the
-readout go through a backend switch: ``torch`` (SDPA with scale = α/d, chunked cross-entropy) or
-``triton`` (the kernels of mupfast.kernels); ``auto`` picks Triton on CUDA.
+``model(tokens, targets)`` returns the mean cross-entropy over targets != -100;
+``model(tokens, cache=KVCache(model, batch))`` decodes incrementally (the cache keeps every block's
+keys and values). Attention and the readout go through a backend switch: ``torch`` (SDPA with
+scale = α/d, chunked cross-entropy) or ``triton`` (the kernels of mupfast.kernels); ``auto`` picks
+Triton on CUDA.
+
+Every multiplier a parameter carries (embedding scale, residual-branch scales, router and output
+logits) is read from that parameter's rule (``Rule.forward_mult``), so the table ``mupfast explain``
+prints is the model; only the multipliers that belong to no parameter — the attention logits, and
+the logits of a readout tied to the embedding — come from the table's global part
+(:func:`~mupfast.parametrization.multipliers`).
 """
 
 from __future__ import annotations
@@ -13,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mupfast.config import ModelConfig
+from mupfast.indicators import AttentionZ, block_stats, stability_stats
 from mupfast.moe import SqrtGateMoE
-from mupfast.parametrization import init_parameters, multipliers, rules_for
+from mupfast.parametrization import Multipliers, Rule, init_parameters, multipliers, rules_for
 
 
 def _use_triton(backend: str, x: torch.Tensor) -> bool:
@@ -40,11 +49,28 @@ class Rotary(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, H, T, D)
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:  # x (B, H, T, D) at positions start…
         T = x.shape[-2]
-        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+        cos, sin = self.cos[start : start + T].to(x.dtype), self.sin[start : start + T].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class KVCache:
+    """Every block's keys and values (after RoPE) of the positions decoded so far.
+
+    Buffers are (B, H_kv, max_len, d_head) per block; ``length`` positions are filled. Passing the
+    cache to the model places its tokens after those positions and extends it.
+    """
+
+    def __init__(self, model: Transformer, batch: int, max_len: int | None = None):
+        cfg = model.cfg
+        self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
+        p = next(model.parameters())
+        shape = (batch, cfg.kv_heads, self.max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in model.blocks]
+        self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in model.blocks]
+        self.length = 0
 
 
 class Attention(nn.Module):
@@ -58,61 +84,48 @@ class Attention(nn.Module):
         self.v = nn.Linear(d, self.n_kv * hd, bias=cfg.bias)
         self.o = nn.Linear(self.n_heads * hd, d, bias=cfg.bias)
         self.rotary = Rotary(hd, cfg.max_seq_len, cfg.rope_theta) if cfg.position == "rope" else None
-        self.lse_sq_mean: torch.Tensor | None = None  # attention-Z indicator (see attention_z())
-        self._z_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.record_z = True  # Transformer.record_attention_z: whether a training forward keeps q, k
+        self.z = AttentionZ()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
+        start = cache.length if cache is not None else 0
         q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
-        if _use_triton(self.backend, x):
+            q, k = self.rotary(q, start), self.rotary(k, start)
+        if cache is not None:
+            y = self._cached(q, k, v, cache, layer, start)
+        elif _use_triton(self.backend, x):
             from mupfast.kernels.attention import mup_attention
 
             y, lse = mup_attention(q, k, v, scale=self.scale, causal=True, return_lse=True)
-            self.lse_sq_mean, self._z_inputs = lse.detach().square().mean(), None
+            self.z.from_lse(lse)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, scale=self.scale, enable_gqa=self.n_kv != self.n_heads
             )
-            # SDPA gives no lse: keep q, k for attention_z() when the trainer will read it (record_z; autograd
-            # holds them until the backward, we until they are read or the next training forward)
-            if self.training:
-                kept = (q.detach(), k.detach()) if self.record_z else None
-                self.lse_sq_mean, self._z_inputs = None, kept
+            if self.training:  # SDPA gives no lse: attention Z keeps q, k to compute it when read
+                self.z.keep(q, k)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
-    def attention_z(self) -> torch.Tensor | None:
-        """Mean lse² of the attention logits of the last training forward. The Triton kernel returns lse
-        for free; on the torch path it is computed here, on demand, from the kept q and k, so only the
-        steps whose indicators are read pay for it."""
-        if self._z_inputs is not None:
-            self.lse_sq_mean = attention_lse(*self._z_inputs, self.scale).square().mean()
-            self._z_inputs = None
-        return self.lse_sq_mean
-
-
-@torch.no_grad()
-def attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool = True) -> torch.Tensor:
-    """logsumexp over keys of scale·q·kᵀ (causal), (B, Hq, T) in fp32 (fp64 stays fp64); GQA as SDPA's."""
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    q, k = q.to(dtype), k.to(dtype)
-    if k.shape[1] != q.shape[1]:
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    B, H, T, _ = q.shape
-    rows = max(1, 2**24 // max(1, B * H * k.shape[2]))  # bound the score block to 64 MiB of fp32
-    cols = torch.arange(k.shape[2], device=q.device)
-    out = []
-    for s in range(0, T, rows):
-        scores = (q[:, :, s : s + rows] @ k.transpose(-1, -2)) * scale
-        if causal:
-            r = torch.arange(s, s + scores.shape[2], device=q.device)
-            scores.masked_fill_(cols[None, :] > r[:, None], float("-inf"))
-        out.append(scores.logsumexp(-1))
-    return torch.cat(out, dim=2)
+    def _cached(self, q, k, v, cache: KVCache, layer: int, start: int) -> torch.Tensor:
+        """Attention of the new positions over the cache's and their own (SDPA; decoding only)."""
+        end = start + q.shape[2]
+        cache.k[layer][:, :, start:end] = k
+        cache.v[layer][:, :, start:end] = v
+        # Query i (position start+i) sees keys 0..start+i; one new token sees everything.
+        mask = None
+        if q.shape[2] > 1:
+            mask = torch.ones(q.shape[2], end, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        return F.scaled_dot_product_attention(
+            q,
+            cache.k[layer][:, :, :end],
+            cache.v[layer][:, :, :end],
+            attn_mask=mask,
+            scale=self.scale,
+            enable_gqa=self.n_kv != self.n_heads,
+        )
 
 
 class MLP(nn.Module):
@@ -129,43 +142,26 @@ class MLP(nn.Module):
         return self.down(h)
 
 
-def outlier_share(x: torch.Tensor, k: float = 5.0) -> torch.Tensor:
-    """Share of elements with |x − μ_token| > k·σ_token (μ, σ over the last dim); a device scalar."""
-    x = x.detach().float()
-    mu = x.mean(-1, keepdim=True)
-    sigma = x.std(-1, keepdim=True, correction=0)
-    return ((x - mu).abs() > k * sigma).float().mean()
-
-
 class Block(nn.Module):
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        attention_scale: float,
-        residual_scale: float,
-        moe_router_scale: float | None = None,
-    ):
+    def __init__(self, cfg: ModelConfig, attention_scale: float, moe: bool):
         super().__init__()
         self.attn_norm, self.mlp_norm = _norm(cfg), _norm(cfg)
         self.attn = Attention(cfg, attention_scale)
-        # An MoE block (moe_router_scale given) keeps the name `mlp`: the branch is the same residual slot.
-        self.mlp = MLP(cfg) if moe_router_scale is None else SqrtGateMoE(cfg, moe_router_scale)
-        self.residual_scale = residual_scale  # CompleteP: (L_base / L)^α; hyperp: 1/√(2L); 1 otherwise
-        # Instability indicators of the last training forward (detached device scalars, no host sync):
-        # RMS of each residual branch's contribution, and the outlier share of the block output.
+        # An MoE block keeps the name `mlp`: the branch is the same residual slot.
+        self.mlp = SqrtGateMoE(cfg) if moe else MLP(cfg)
+        # Each branch's output multiplier, from the rule of its output matrix (W_o; W_down or the
+        # experts'): CompleteP's (L_base / L)^α, hyperp's 1/√(2L), 1 otherwise.
+        self.attn_branch_scale = self.mlp_branch_scale = 1.0
+        # Instability indicators of the last training forward (detached device scalars, no host sync).
         self.stats: dict[str, torch.Tensor] = {}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.residual_scale * self.attn(self.attn_norm(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        a = self.attn_branch_scale * self.attn(self.attn_norm(x), cache, layer)
         x = x + a
-        f = self.residual_scale * self.mlp(self.mlp_norm(x))
+        f = self.mlp_branch_scale * self.mlp(self.mlp_norm(x))
         x = x + f
         if self.training:
-            self.stats = {
-                "attn_branch_rms": a.detach().float().square().mean().sqrt(),
-                "mlp_branch_rms": f.detach().float().square().mean().sqrt(),
-                "outlier_share": outlier_share(x),
-            }
+            self.stats = block_stats(a, f, x)
         return x
 
 
@@ -175,9 +171,9 @@ class Readout(nn.Module):
     With tied embeddings the weight is the token embedding's (``shared``); otherwise its own.
     """
 
-    def __init__(self, cfg: ModelConfig, logit_scale: float, shared: nn.Embedding | None):
+    def __init__(self, cfg: ModelConfig, shared: nn.Embedding | None):
         super().__init__()
-        self.logit_scale, self.backend = logit_scale, cfg.readout_backend
+        self.logit_scale, self.backend = 1.0, cfg.readout_backend  # set from the table by the Transformer
         if shared is None:
             self.weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.shared = [shared]  # a list keeps the shared module out of this module's parameters
@@ -205,33 +201,39 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         mult = multipliers(cfg)
-        self.embedding_scale = mult.embedding_scale
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.hidden_size) if cfg.position == "learned" else None
         moe = [cfg.moe_experts > 0 and (i + 1) % cfg.moe_every == 0 for i in range(cfg.num_layers)]
-        self.blocks = nn.ModuleList(
-            Block(cfg, mult.attention_scale, mult.residual_scale, mult.router_scale if moe[i] else None)
-            for i in range(cfg.num_layers)
-        )
+        self.blocks = nn.ModuleList(Block(cfg, mult.attention_scale, moe[i]) for i in range(cfg.num_layers))
         self.lm_loss: torch.Tensor | None = None  # MoE: the LM loss without the auxiliary losses (detached)
         self.final_norm = _norm(cfg)
-        self.readout = Readout(cfg, mult.logit_scale, self.tok_emb if cfg.tie_embeddings else None)
+        self.readout = Readout(cfg, self.tok_emb if cfg.tie_embeddings else None)
+        self.embedding_scale = 1.0
+        set_forward_multipliers(self, rules_for(self, cfg), mult)
 
-    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Final-norm output (B, T, d): everything but the readout."""
+    def hidden(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-norm output (B, T, d): everything but the readout (after the cache's positions)."""
         T = tokens.shape[1]
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds model.max_seq_len ({self.cfg.max_seq_len})")
+        start = cache.length if cache is not None else 0
+        limit = cache.max_len if cache is not None else self.cfg.max_seq_len
+        if start + T > limit:
+            raise ValueError(
+                f"sequence length {start + T} exceeds model.max_seq_len ({self.cfg.max_seq_len})"
+            )
         x = self.tok_emb(tokens)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(T, device=tokens.device))
+            x = x + self.pos_emb(torch.arange(start, start + T, device=tokens.device))
         x = x * self.embedding_scale
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.length = start + T
         return self.final_norm(x)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.hidden(tokens)
+    def forward(
+        self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        h = self.hidden(tokens, cache)
         if targets is None:
             return self.readout.logits(h)
         loss = self.readout.loss(h, targets)
@@ -255,29 +257,37 @@ class Transformer(nn.Module):
         The trainer turns it on only for the last micro-batch of a step whose indicators it logs, so
         the other steps hold no activations past their backward. On by default."""
         for block in self.blocks:
-            block.attn.record_z = enabled
+            block.attn.z.record = enabled
 
     def stability_stats(self) -> dict[str, torch.Tensor]:
-        """Detached device tensors from the last forward: readout max |logit| and mean lse²;
-        from the last training forward, averaged over blocks: attention Z (mean lse², computed here on
-        the torch backend), attention and MLP branch-output RMS and the outlier share
-        (|x − μ_token| > 5σ_token) of the residual stream after each block; with MoE, averaged over
-        MoE blocks, the balance loss, router Z and MaxVio, and the LM loss without them (lm_loss)."""
-        stats = dict(self.readout.stats)
-        attn_z = [z for b in self.blocks if (z := b.attn.attention_z()) is not None]
-        if attn_z:
-            stats["attn_lse_sq_mean"] = torch.stack(attn_z).mean()
-        for key in ("attn_branch_rms", "mlp_branch_rms", "outlier_share"):
-            per_block = [b.stats[key] for b in self.blocks if key in b.stats]
-            if per_block:
-                stats[key] = torch.stack(per_block).mean()
-        for key in ("moe_aux_loss", "router_z", "moe_max_vio"):
-            per_block = [b.mlp.stats[key] for b in self.blocks if key in getattr(b.mlp, "stats", {})]
-            if per_block:
-                stats[key] = torch.stack(per_block).mean()
-        if self.lm_loss is not None:
-            stats["lm_loss"] = self.lm_loss
-        return stats
+        """The indicators of the last forward (:func:`mupfast.indicators.stability_stats`)."""
+        return stability_stats(self)
+
+
+def _one_value(rules: list[Rule], what: str) -> float:
+    """The forward multiplier the rules of one site agree on (a site the table splits is a bug)."""
+    values = {r.forward_mult for r in rules}
+    if len(values) != 1:
+        raise AssertionError(f"{what}: the rules give different forward multipliers {sorted(values)}")
+    return values.pop()
+
+
+def set_forward_multipliers(model: Transformer, rules: list[Rule], mult: Multipliers) -> None:
+    """Give every module the forward multiplier its parameters' rules carry (module docstring)."""
+    by_component: dict[tuple[str, int | None], list[Rule]] = {}
+    for r in rules:
+        by_component.setdefault((r.component, r.layer), []).append(r)
+    embedding = by_component[("embedding", None)] + by_component.get(("pos_embedding", None), [])
+    model.embedding_scale = _one_value(embedding, "embedding")
+    for i, block in enumerate(model.blocks):
+        block.attn_branch_scale = _one_value(by_component[("o", i)], f"block {i} attention output")
+        outputs = by_component.get(("ffn_out", i)) or by_component[("expert_out", i)]
+        block.mlp_branch_scale = _one_value(outputs, f"block {i} MLP output")
+        if isinstance(block.mlp, SqrtGateMoE):
+            block.mlp.router_scale = _one_value(by_component[("router", i)], f"block {i} router")
+    readout = by_component.get(("readout", None))
+    # A readout tied to the embedding has no rule of its own: its logit multiplier is the table's.
+    model.readout.logit_scale = _one_value(readout, "readout") if readout else mult.logit_scale
 
 
 def build_model(cfg: ModelConfig, *, device: torch.device | str | None = None) -> Transformer:

@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from mupfast.config import Config, ModelConfig
+from mupfast.errors import ParametrizationError
 
 #: Every component a rule can assign, in display order.
 COMPONENTS = (
@@ -79,10 +80,6 @@ COMPONENTS = (
 BLOCK_COMPONENTS = frozenset(
     {"q", "k", "v", "o", "ffn_in", "ffn_out", "router", "expert_in", "expert_out", "norm", "bias"}
 )
-
-
-class ParametrizationError(ValueError):
-    """A parameter not claimed by exactly one rule."""
 
 
 @dataclass(frozen=True)
@@ -188,9 +185,12 @@ def _hyperp_rule(
             # AdamH, as the anchor trains its untied lm_head: Adam's direction as a relative step on
             # the sphere. The sphere alone does not hold the logits across width (its radius grows
             # with d); the logits' α_out/m does (module docstring).
-            return Rule(name, shape, component, layer, "normal", std, 1.0, 0.0, 1.0, "adamw_sphere")
+            return Rule(
+                name, shape, component, layer, "normal", std, 1.0, 0.0, mult.logit_scale, "adamw_sphere"
+            )
         std = 0.0 if cfg.readout_zero_init else std
-        return Rule(name, shape, component, layer, "zeros" if std == 0 else "normal", std, 1.0, wd, 1.0)
+        init = "zeros" if std == 0 else "normal"
+        return Rule(name, shape, component, layer, init, std, 1.0, wd, mult.logit_scale)
     raise AssertionError(component)
 
 
@@ -265,15 +265,6 @@ def rules_for(model: nn.Module, cfg: ModelConfig) -> list[Rule]:
     return rules
 
 
-def rules_table(cfg: ModelConfig) -> list[Rule]:
-    """The rules of every parameter of the model ``cfg`` describes (built on the meta device)."""
-    from mupfast.model import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    return rules_for(model, cfg)
-
-
 @torch.no_grad()
 def init_parameters(model: nn.Module, rules: list[Rule], generator: torch.Generator | None = None) -> None:
     """Initialise every parameter exactly as its rule says."""
@@ -343,98 +334,3 @@ def hyperp_own_bases(cfg: Config, lr: float, *, steps: int | None = None, depth:
         "optim.hyperp_base_tokens": float(batch * (steps if steps is not None else t.steps)),
         "model.hyperp_base_depth": depth if depth is not None else cfg.model.num_layers,
     }
-
-
-def _transfer_line(run: Config) -> str:
-    h = hyperp_transfer(run)
-    return (
-        f"lr η = η0·√(B/B0)·√(d0/L)·(T/T0)^{h['token_exponent']:g} = {h['lr']:.6g}"
-        f"   (η0={h['base_lr']:g}, B={h['batch_tokens']:g} tokens/step at world size 1, B0={h['base_batch_tokens']:g},"
-        f" d0={h['base_depth']}, L={h['num_layers']}, T={h['tokens']:g}, T0={h['base_tokens']:g}); optim.lr unused"
-    )
-
-
-def _index_set(indices: list[int]) -> str:
-    if len(indices) == 1:
-        return str(indices[0])
-    contiguous = indices == list(range(indices[0], indices[0] + len(indices)))
-    return (
-        f"[{indices[0]}-{indices[-1]}]"
-        if contiguous and len(indices) > 2
-        else f"[{','.join(map(str, indices))}]"
-    )
-
-
-def _table_rows(rules: list[Rule]) -> list[tuple[str, Rule]]:
-    """(displayed name, rule) per row: the experts of a layer whose rules agree share one row
-    (``blocks.0.mlp.experts.[0-7].gate.weight``), so a 64-expert model's table stays readable."""
-    groups: dict[tuple, list[int]] = {}
-    order: list[tuple[tuple | None, Rule]] = []
-    for r in rules:
-        match = re.fullmatch(r"(.*\.experts\.)(\d+)(\..*)", r.name)
-        if match is None:
-            order.append((None, r))
-            continue
-        key = (match[1], match[3], *(v for k, v in asdict(r).items() if k != "name"))
-        if key not in groups:
-            groups[key] = []
-            order.append((key, r))
-        groups[key].append(int(match[2]))
-    return [(r.name if key is None else f"{key[0]}{_index_set(groups[key])}{key[1]}", r) for key, r in order]
-
-
-def format_table(cfg: ModelConfig, rules: list[Rule], run: Config | None = None) -> str:
-    """The rules as a human-readable table, followed by the global multipliers.
-
-    With the whole run config (``run``), hyperp also shows its transfer rule and the η it gives.
-    """
-    mult = multipliers(cfg)
-    rows = _table_rows(rules)
-    w = max(34, *(len(name) for name, _ in rows))
-    header = f"{'parameter':<{w}} {'component':<13} {'shape':<14} {'init std':>10} {'lr mult':>9} {'wd mult':>8} {'fwd mult':>9} {'optimizer':>11}"
-    lines = [
-        f"parametrization: {cfg.parametrization}   m = {mult.m:g}   m_f = {mult.m_f:g}   m_L = {mult.m_depth:g}"
-        f"   weight_decay_scaling: {cfg.weight_decay_scaling}",
-        header,
-        "-" * len(header),
-    ]
-    for name, r in rows:
-        std = {"ones": "1", "zeros": "0"}.get(r.init, f"{r.init_std:.4g}")
-        shape = "×".join(map(str, r.shape))
-        lines.append(
-            f"{name:<{w}} {r.component:<13} {shape:<14} {std:>10} {r.lr_mult:>9.4g} {r.wd_mult:>8.4g} {r.forward_mult:>9.4g} {r.optimizer:>11}"
-        )
-    lines += [
-        "",
-        f"attention logits × {mult.attention_scale:.6g}"
-        + (
-            ""
-            if cfg.parametrization == "sp"
-            else f"   (1/√d_head, d_head={cfg.head_dim}: the anchor's √128/d_head at its fixed d_head 128)"
-            if cfg.parametrization == "hyperp"
-            else f"   (α_attn={cfg.attention_logits_alpha:g} / "
-            + (f"d_head={cfg.head_dim})" if cfg.scale_qk_dot_by_d else f"√d_head, d_head={cfg.head_dim})")
-        ),
-        f"output logits × {mult.logit_scale:.6g}   embeddings × {mult.embedding_scale:.6g}"
-        f"   residual branches × {mult.residual_scale:.6g}",
-    ]
-    if cfg.parametrization == "hyperp":
-        lines.append(
-            _transfer_line(run)
-            if run is not None
-            else "lr η = η0·√(B/B0)·√(d0/L)·(T/T0)^-0.32 from the run config (see `mupfast explain`)"
-        )
-    return "\n".join(lines)
-
-
-def table_json(cfg: ModelConfig, rules: list[Rule], run: Config | None = None) -> dict:
-    """The rules and global multipliers as a JSON-serialisable dict (hyperp: plus its transfer rule)."""
-    out = {
-        "parametrization": cfg.parametrization,
-        "weight_decay_scaling": cfg.weight_decay_scaling,
-        "multipliers": asdict(multipliers(cfg)),
-        "rules": [r.to_dict() for r in rules],
-    }
-    if cfg.parametrization == "hyperp" and run is not None:
-        out["transfer_rule"] = hyperp_transfer(run)
-    return out

@@ -33,10 +33,10 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from mupfast.config import ScheduleConfig
-
 if TYPE_CHECKING:
     from torch.optim import Optimizer
+
+    from mupfast.config import ScheduleConfig
 
 KINDS = ("constant", "cosine", "wsd", "cyclic_cosine", "cyclic_wsd")
 DECAY_SHAPES = ("linear", "cosine", "sqrt")

@@ -1,4 +1,4 @@
-"""The training loop: ``mupfast train`` and ``python -m mupfast.train`` (under the deepspeed launcher).
+"""The training loop: ``mupfast train``, and ``python -m mupfast.train`` under the deepspeed launcher.
 
 Read top to bottom: set up ranks and data, build the μP model, optimizer and schedule, hand them to
 DeepSpeed, resume if a checkpoint exists, then train with periodic eval, metrics and checkpoints.
@@ -6,7 +6,9 @@ DeepSpeed, resume if a checkpoint exists, then train with periodic eval, metrics
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -17,19 +19,22 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from mupfast import engine as E
-from mupfast.config import Config
+from mupfast.config import Config, load_config
 from mupfast.data import BatchSampler, TokenShard, load_prepared, prepare_data
+from mupfast.engine import (
+    checkpoint_dir,
+    ds_config,
+    init_distributed,
+    latest_tag,
+    load_checkpoint,
+    save_checkpoint,
+)
+from mupfast.errors import TrainingError
 from mupfast.metrics import MetricsWriter, read_metrics
 from mupfast.model import build_model
-from mupfast.optim import base_lr, build_optimizer
+from mupfast.optim import build_optimizer
+from mupfast.optim.zero_shards import attach as attach_to_zero
 from mupfast.parametrization import RULES_VERSION
-from mupfast.schedules import GroupLR, build_schedule
-from mupfast.zero_shards import attach as attach_to_zero
-
-
-class TrainingError(RuntimeError):
-    """Training stopped for a reason the user must act on (message is one line)."""
 
 
 @dataclass
@@ -71,12 +76,12 @@ def train(cfg: Config) -> TrainResult:
     import deepspeed
 
     t = cfg.train
-    rank, local_rank, world = E.init_distributed(t.dist_timeout_s)
+    rank, local_rank, world = init_distributed(t.dist_timeout_s)
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     run_dir = Path(t.run_dir)
-    ckpt_dir = E.checkpoint_dir(run_dir)
+    ckpt_dir = checkpoint_dir(run_dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -106,21 +111,22 @@ def train(cfg: Config) -> TrainResult:
     # Model, optimizer and schedule: every lr is optim.lr · schedule(t) · lr_mult of its group.
     torch.manual_seed(t.seed)
     model = build_model(cfg.model)
-    optimizer = build_optimizer(model, cfg, reduce_norms=cfg.zero.stage >= 1)
-    # base_lr: optim.lr, or hyperp's transfer-rule η (its batch B counts every rank's tokens)
-    scheduler = GroupLR(optimizer, base_lr(cfg, world), build_schedule(cfg.schedule, t.steps))
+    # every group's lr is base · schedule(t) · lr_mult, set by the optimizer's GroupLR (hyperp's base
+    # η counts every rank's tokens in its batch)
+    optimizer = build_optimizer(model, cfg, world_size=world, reduce_norms=cfg.zero.stage >= 1)
+    scheduler = optimizer.lr_schedule
     if cfg.zero.stage == 3 and cfg.model.tie_embeddings:
         deepspeed.zero.register_external_parameter(model.readout, model.tok_emb.weight)
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=E.ds_config(cfg, world)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg, world)
     )
     client_opt = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
     attach_to_zero(engine, client_opt)  # ZeRO: one collective for all groups' norms; Muon's matrix layout
 
     start = 0
-    tag = E.latest_tag(ckpt_dir) if t.resume else None
+    tag = latest_tag(ckpt_dir) if t.resume else None
     if tag is not None:
-        start = int(E.load_checkpoint(engine, ckpt_dir, tag, rank)["step"])
+        start = int(load_checkpoint(engine, ckpt_dir, tag, rank)["step"])
         scheduler.load_state_dict({"last_step": start})  # lrs recomputed from lr_mult, never the saved ones
 
     result = TrainResult(run_dir=run_dir, steps=start)
@@ -177,7 +183,7 @@ def train(cfg: Config) -> TrainResult:
                 step + 1, {"nonfinite_loss": 1.0, "skipped_steps": result.skipped_steps}, kind="event"
             )
             if nonfinite_in_row >= t.max_nonfinite_in_row:
-                good_tag = E.latest_tag(ckpt_dir)
+                good_tag = latest_tag(ckpt_dir)
                 good = (
                     f"last good checkpoint: {ckpt_dir / good_tag}" if good_tag else "no checkpoint was saved"
                 )
@@ -209,7 +215,7 @@ def train(cfg: Config) -> TrainResult:
             if bar is not None:
                 bar.write(f"step {step + 1}: val loss {val:.4f}")
         if (t.save_every and (step + 1) % t.save_every == 0) or (last and t.save_final):
-            E.save_checkpoint(engine, ckpt_dir, step + 1, rank, {"config": cfg.to_dict()})
+            save_checkpoint(engine, ckpt_dir, step + 1, rank, {"config": cfg.to_dict()})
             last_saved = step + 1
 
     if bar is not None:
@@ -230,12 +236,25 @@ def train(cfg: Config) -> TrainResult:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m mupfast.train`` (accepts DeepSpeed's appended --local_rank=N)."""
-    from mupfast.cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``train`` has no flags of its own: everything is in the config and its overrides."""
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def run(args: argparse.Namespace) -> int:
+    """The ``train`` verb: train, then (on rank 0) one line on where the run is and how it ended."""
+    result = train(load_config(args.config, args.overrides))
+    if int(os.environ.get("RANK", "0")) == 0:
+        val = result.val_losses.get(result.steps)
+        loss = result.train_losses.get(result.steps)
+        print(
+            f"run directory: {result.run_dir}  (steps {result.steps}, final train loss "
+            f"{loss if loss is None else f'{loss:.4f}'}, val loss {val if val is None else f'{val:.4f}'}, "
+            f"{result.tokens_per_s:,.0f} tokens/s)"
+        )
+    return 0
+
+
+if __name__ == "__main__":  # what the deepspeed launcher runs (it appends --local_rank=N)
+    from mupfast.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from mupfast.train import main
+from mupfast.cli import main
 
 COUNTED = (
     "all_reduce",
@@ -34,7 +34,7 @@ def _counting(name, fn):
 if __name__ == "__main__":
     for name in COUNTED:
         setattr(dist, name, _counting(name, getattr(dist, name)))
-    code = main()
+    code = main(["train", *sys.argv[1:]])
     cfg_path = sys.argv[sys.argv.index("--config") + 1]
     import yaml
 

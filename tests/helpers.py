@@ -82,9 +82,9 @@ def crash_after_checkpoint_then_resume(cfg: Config, crash_step: int, monkeypatch
     """Train until the checkpoint of ``crash_step`` is written, crash, then run the same config again."""
     import pytest
 
-    import mupfast.train as T
+    import mupfast.train as trainer
 
-    real_save = T.E.save_checkpoint
+    real_save = trainer.save_checkpoint
 
     class Crash(Exception):
         pass
@@ -95,11 +95,11 @@ def crash_after_checkpoint_then_resume(cfg: Config, crash_step: int, monkeypatch
             raise Crash
         return tag
 
-    monkeypatch.setattr(T.E, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_crash)
     with pytest.raises(Crash):
-        T.train(cfg)
-    monkeypatch.setattr(T.E, "save_checkpoint", real_save)
-    return T.train(cfg)  # resumes from crash_step
+        trainer.train(cfg)
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    return trainer.train(cfg)  # resumes from crash_step
 
 
 def assert_resume_is_bitwise(
@@ -109,9 +109,9 @@ def assert_resume_is_bitwise(
     from mupfast.metrics import read_metrics
 
     full = tiny_config(*overrides, tmp_path=tmp_path / "full")
-    import mupfast.train as T
+    import mupfast.train as trainer
 
-    T.train(full)
+    trainer.train(full)
     cut = tiny_config(*overrides, tmp_path=tmp_path / "cut")
     crash_after_checkpoint_then_resume(cut, crash_step, monkeypatch)
     a = {r["step"]: r["loss"] for r in read_metrics(full.train.run_dir, "train")}

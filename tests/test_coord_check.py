@@ -6,9 +6,10 @@ import math
 
 import pytest
 
-import mupfast.coord_check as C
+import mupfast.checks.coord_check as coord_check
+from mupfast.checks.scaling import scaled_config
 from mupfast.cli import main as cli_main
-from mupfast.config import ConfigError
+from mupfast.errors import ConfigError
 from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -53,9 +54,9 @@ def result(tmp_path_factory):
 
 def test_mup_layer_sizes_do_not_depend_on_width(result):
     layers = result["parametrizations"]["mup"]["layers"]
-    assert list(layers) == C.layer_names(2)
+    assert list(layers) == coord_check.layer_names(2)
     for name, e in layers.items():
-        for t in range(C.JUDGED_FROM, result["steps"] + 1):
+        for t in range(coord_check.JUDGED_FROM, result["steps"] + 1):
             assert abs(e["slope_mean_abs"][t]) <= TEST_TOLERANCE, (name, t, e["slope_mean_abs"])
 
 
@@ -69,9 +70,9 @@ def test_sp_logits_and_hidden_branches_grow_with_width(result):
 
 def test_hyperp_logits_do_not_depend_on_width(result):
     """Its readout grows with width (a sphere of radius 0.02·√(V·d)); the logits' 1/m holds them."""
-    assert result["hyperp_lr"] == C.HYPERP_LR
+    assert result["hyperp_lr"] == coord_check.HYPERP_LR
     logits = result["parametrizations"]["hyperp"]["layers"]["logits"]["slope_mean_abs"]
-    assert all(abs(s) <= TEST_TOLERANCE for s in logits[C.JUDGED_FROM :]), logits
+    assert all(abs(s) <= TEST_TOLERANCE for s in logits[coord_check.JUDGED_FROM :]), logits
 
 
 def test_at_the_base_width_mup_is_sp(result):
@@ -85,20 +86,20 @@ def test_at_the_base_width_mup_is_sp(result):
 
 def test_log2_slope_recovers_power_laws():
     widths = [64, 128, 256, 512]
-    assert C.log2_slope(widths, [3.0 * w for w in widths]) == pytest.approx(1.0)
-    assert C.log2_slope(widths, [5.0 / math.sqrt(w) for w in widths]) == pytest.approx(-0.5)
-    assert C.log2_slope(widths, [0.7] * 4) == pytest.approx(0.0)
-    assert math.isnan(C.log2_slope(widths, [0.0, 1.0, 1.0, 1.0]))
+    assert coord_check.log2_slope(widths, [3.0 * w for w in widths]) == pytest.approx(1.0)
+    assert coord_check.log2_slope(widths, [5.0 / math.sqrt(w) for w in widths]) == pytest.approx(-0.5)
+    assert coord_check.log2_slope(widths, [0.7] * 4) == pytest.approx(0.0)
+    assert math.isnan(coord_check.log2_slope(widths, [0.0, 1.0, 1.0, 1.0]))
 
 
 def test_scaled_config_keeps_head_dim_and_filter_ratio():
     cfg = tiny_config("model.hidden_size=64", "model.num_heads=4", "model.filter_size=256")
-    wide = C.scaled_config(cfg, parametrization="mup", width=256, base_width=64)
+    wide = scaled_config(cfg, parametrization="mup", width=256, base_width=64)
     m = wide.model
     assert (m.hidden_size, m.num_heads, m.head_dim, m.filter_size) == (256, 16, 16, 1024)
     assert (m.mup_base_hidden_size, m.mup_base_filter_size) == (64, 256)
     with pytest.raises(ConfigError, match="head dim 16"):
-        C.scaled_config(cfg, parametrization="mup", width=72, base_width=64)
+        scaled_config(cfg, parametrization="mup", width=72, base_width=64)
 
 
 def test_bad_flags_print_one_line(capsys):

@@ -19,7 +19,7 @@ from mupfast.data import (
     read_corpus,
     write_shard,
 )
-from mupfast.tokenizer import BPETokenizer, ByteTokenizer
+from mupfast.data.tokenizer import BPETokenizer, ByteTokenizer
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Naïve café, Ærøskøbing, 東京, emoji 🦊.\n"
@@ -226,7 +226,7 @@ def test_losing_an_install_race_keeps_the_winners_valid_directory(corpus_dir, tm
     cfg = data_cfg(corpus_dir, tmp_path / "d")
     winner = prepare_data(cfg, progress=False)
     good = tree_bytes(winner.dir)
-    import mupfast.data_prepare as data_mod
+    import mupfast.data.prepare as data_mod
 
     calls = []
     real = data_mod._load_prepared

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from mupfast.cli import main
-from mupfast.config import ConfigError
+from mupfast.errors import ConfigError
 from mupfast.export import check_folding, export_run, fold_multipliers, layout_for, load_run
 from mupfast.model import build_model
 from tests.helpers import tiny_config
@@ -247,7 +247,7 @@ def test_half_precision_export_writes_that_dtype(tmp_path, capsys):
 def test_a_bpe_run_carries_its_tokenizer_when_the_data_directory_is_gone(tmp_path):
     import shutil
 
-    import mupfast.train as T
+    import mupfast.train as trainer
     from mupfast.export import load_run, run_tokenizer
     from tests.helpers import tiny_config
 
@@ -260,7 +260,7 @@ def test_a_bpe_run_carries_its_tokenizer_when_the_data_directory_is_gone(tmp_pat
         "data.max_corpus_bytes=100000",
         tmp_path=tmp_path,
     )
-    T.train(cfg)
+    trainer.train(cfg)
     trained = run_tokenizer(cfg)
     shutil.rmtree(cfg.data.dir)
     run = load_run(cfg.train.run_dir)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-import mupfast.train as T
-from mupfast.engine import CheckpointError, free_port
+import mupfast.train as trainer
+from mupfast.engine import free_port
+from mupfast.errors import CheckpointError
 from mupfast.metrics import read_metrics
 from tests.helpers import deepspeed_cmd, subprocess_env, tiny_config, write_config
 
@@ -110,7 +111,7 @@ def test_full_disk_or_unwritable_directory_reports_and_keeps_the_last_good_check
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(CheckpointError) as info:
-        T.train(cfg)
+        trainer.train(cfg)
     message = str(info.value)
     assert "\n" not in message and os.strerror(err) in message
     assert "step00000002 is intact" in message
@@ -120,7 +121,7 @@ def test_full_disk_or_unwritable_directory_reports_and_keeps_the_last_good_check
 
 def test_bad_files_give_one_line_errors_naming_them_and_exit_2(tmp_path):
     cfg = tiny_config(*FAST, "train.steps=3", tmp_path=tmp_path)
-    T.train(cfg)
+    trainer.train(cfg)
     (prepared,) = Path(cfg.data.dir).glob("stdlib-*")
     cases = []
 
@@ -212,7 +213,7 @@ def test_a_dying_node_makes_the_other_exit_within_the_timeout(tmp_path):
 @pytest.mark.distributed
 def test_two_nodes_on_one_machine_match_the_single_process_losses(tmp_path):
     base = [*FAST, "train.steps=4", "train.micro_batch_size=2", "zero.stage=1"]
-    single = T.train(tiny_config(*base, "train.grad_accum_steps=2", tmp_path=tmp_path / "single"))
+    single = trainer.train(tiny_config(*base, "train.grad_accum_steps=2", tmp_path=tmp_path / "single"))
     cfg = tiny_config(*base, tmp_path=tmp_path / "two")
     procs = _two_nodes(
         write_config(cfg, tmp_path / "c.yaml"),
@@ -244,10 +245,10 @@ def test_a_checkpoint_with_code_in_it_is_refused_not_executed(tmp_path):
     import torch
 
     cfg = tiny_config(*FAST, "train.steps=3", tmp_path=tmp_path)
-    T.train(cfg)
+    trainer.train(cfg)
     (state,) = (Path(cfg.train.run_dir) / "checkpoints" / "step00000003").glob("*model_states.pt")
     marker = tmp_path / "executed"
     torch.save({"module": _Payload(marker)}, state)
     with pytest.raises(CheckpointError, match="step00000003"):
-        T.train(tiny_config(*FAST, "train.steps=5", tmp_path=tmp_path))
+        trainer.train(tiny_config(*FAST, "train.steps=5", tmp_path=tmp_path))
     assert not marker.exists()

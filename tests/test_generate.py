@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mupfast.cli import main
-from mupfast.generate import KVCache, TextStream, filtered_probs, forward_cached, generate_ids
-from mupfast.model import build_model
-from mupfast.tokenizer import BPETokenizer, ByteTokenizer
+from mupfast.data.tokenizer import BPETokenizer, ByteTokenizer
+from mupfast.export.generate import TextStream, filtered_probs, generate_ids
+from mupfast.model import KVCache, build_model
 from tests.helpers import tiny_config
 from tests.test_export import GPT2, LLAMA, MUP, make_run, width
 
@@ -53,12 +53,12 @@ def test_kv_cache_logits_equal_full_recompute(model):
     full = model(seq)
     cache = KVCache(model, batch=2)
     # Prefill in two chunks (the second attends to the first through the cache), then one at a time.
-    got = [forward_cached(model, seq[:, :5], cache), forward_cached(model, seq[:, 5:9], cache)]
-    got += [forward_cached(model, seq[:, t : t + 1], cache) for t in range(9, seq.shape[1])]
+    got = [model(seq[:, :5], cache=cache), model(seq[:, 5:9], cache=cache)]
+    got += [model(seq[:, t : t + 1], cache=cache) for t in range(9, seq.shape[1])]
     torch.testing.assert_close(torch.cat(got, dim=1), full, atol=1e-5, rtol=1e-5)
     assert cache.length == model.cfg.max_seq_len
     with pytest.raises(ValueError, match="max_seq_len"):
-        forward_cached(model, seq[:, :1], cache)
+        model(seq[:, :1], cache=cache)
 
 
 @torch.no_grad()

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-import mupfast.horizon as H
+import mupfast.checks.horizon as horizon
 from mupfast.cli import main as cli_main
-from mupfast.config import ConfigError
+from mupfast.errors import ConfigError
 from mupfast.parametrization import hyperp_transfer
 from tests.helpers import tiny_config
 
@@ -42,36 +42,36 @@ def synthetic(alpha: float, *, seeds: int = 3, noise: float = 0.01, curvature: f
 @pytest.mark.parametrize("vertex", [-6.3, -5.0, -4.25, -2.9])
 def test_parabola_optimum_is_the_exact_vertex_of_a_noise_free_parabola(vertex):
     losses = [2.0 + 0.1 * (x - vertex) ** 2 for x in LOG2_LRS]
-    o = H.parabola_optimum(LOG2_LRS, losses)
+    o = horizon.parabola_optimum(LOG2_LRS, losses)
     assert o["fitted"] and o["log2_lr"] == pytest.approx(vertex, abs=1e-9) and not o["at_edge"]
 
 
 def test_parabola_optimum_flags_the_grid_edge_and_skips_diverged_points():
     falling = [3.0 - 0.1 * i for i in range(len(LOG2_LRS))]
-    o = H.parabola_optimum(LOG2_LRS, falling)
+    o = horizon.parabola_optimum(LOG2_LRS, falling)
     assert o["at_edge"] and o["log2_lr"] == LOG2_LRS[-1]  # no upward parabola: the grid point
     curve = [2.0 + 0.1 * (x + 4.0) ** 2 for x in LOG2_LRS]
     curve[-3:] = [math.inf] * 3  # the largest lrs diverged: the fit uses the finite neighbours only
-    assert H.parabola_optimum(LOG2_LRS, curve)["log2_lr"] == pytest.approx(-4.0, abs=1e-9)
-    assert H.parabola_optimum(LOG2_LRS, [math.inf] * len(LOG2_LRS))["log2_lr"] is None
+    assert horizon.parabola_optimum(LOG2_LRS, curve)["log2_lr"] == pytest.approx(-4.0, abs=1e-9)
+    assert horizon.parabola_optimum(LOG2_LRS, [math.inf] * len(LOG2_LRS))["log2_lr"] is None
 
 
 def test_weighted_line_is_exact_on_a_line_and_weights_pull_towards_the_precise_points():
-    fit = H.weighted_line([1, 2, 3, 4], [5 - 0.3 * x for x in (1, 2, 3, 4)], [0.1] * 4)
+    fit = horizon.weighted_line([1, 2, 3, 4], [5 - 0.3 * x for x in (1, 2, 3, 4)], [0.1] * 4)
     assert fit["slope"] == pytest.approx(-0.3) and fit["c"] == pytest.approx(5.0) and fit["chi2"] < 1e-20
     # One far-off point: with a large σ it barely moves the slope; with a small one it does.
     y = [0.0, -0.3, -0.6, 0.5]
-    loose = H.weighted_line([1, 2, 3, 4], y, [0.01, 0.01, 0.01, 10.0])["slope"]
-    tight = H.weighted_line([1, 2, 3, 4], y, [0.01, 0.01, 0.01, 0.01])["slope"]
+    loose = horizon.weighted_line([1, 2, 3, 4], y, [0.01, 0.01, 0.01, 10.0])["slope"]
+    tight = horizon.weighted_line([1, 2, 3, 4], y, [0.01, 0.01, 0.01, 0.01])["slope"]
     assert loose == pytest.approx(-0.3, abs=1e-3) and tight > 0
 
 
 def test_fit_recovers_a_known_exponent_within_its_uncertainty_and_rejects_a_wrong_one():
-    fit = H.fit_horizon(synthetic(0.45), LOG2_LRS, LOG2_T, n_boot=400, reference=0.32)
+    fit = horizon.fit_horizon(synthetic(0.45), LOG2_LRS, LOG2_T, n_boot=400, reference=0.32)
     assert 0 < fit["sigma"] < 0.15 and fit["sigma"] >= fit["sigma_boot"]
     assert abs(fit["alpha"] - 0.45) < 3 * fit["sigma"]
     assert abs(fit["z"]) > 3  # 0.32 is not what these curves were made with …
-    same = H.fit_horizon(synthetic(0.32), LOG2_LRS, LOG2_T, n_boot=400, reference=0.32)
+    same = horizon.fit_horizon(synthetic(0.32), LOG2_LRS, LOG2_T, n_boot=400, reference=0.32)
     assert abs(same["z"]) < 3  # … and is consistent with curves made with it
     assert len(fit["optima"]) == 4 and all(o["sigma_log2"] >= 0.05 for o in fit["optima"])
 
@@ -81,7 +81,8 @@ def test_the_reported_uncertainty_covers_the_true_exponent_about_as_often_as_it_
     z = [
         (f["alpha"] - 0.3) / f["sigma"]
         for f in (
-            H.fit_horizon(synthetic(0.3, rng=rng), LOG2_LRS, LOG2_T, n_boot=150, seed=k) for k in range(16)
+            horizon.fit_horizon(synthetic(0.3, rng=rng), LOG2_LRS, LOG2_T, n_boot=150, seed=k)
+            for k in range(16)
         )
     ]
     assert sum(abs(v) < 2 for v in z) >= 13  # ≥ 80 % inside 2σ (a Gaussian gives 95 %)
@@ -90,12 +91,12 @@ def test_the_reported_uncertainty_covers_the_true_exponent_about_as_often_as_it_
 
 def test_fewer_than_three_horizons_cannot_fit_an_exponent():
     with pytest.raises(ConfigError, match="at least 3 horizons"):
-        H.fit_horizon(synthetic(0.3)[:2], LOG2_LRS, LOG2_T[:2])
+        horizon.fit_horizon(synthetic(0.3)[:2], LOG2_LRS, LOG2_T[:2])
 
 
 def test_hyperp_horizon_points_train_at_the_grid_lr_with_the_warmup_a_fixed_fraction(tmp_path):
     cfg = tiny_config("train.steps=20", "schedule.warmup_steps=4", tmp_path=tmp_path)
-    pts = H.make_points(
+    pts = horizon.make_points(
         cfg, horizons=[10, 40], lrs=[2**-5, 2**-4.5], seeds=2, parametrization="hyperp", out=tmp_path
     )
     assert len(pts) == 8

@@ -9,20 +9,13 @@ import sys
 import pytest
 import torch
 
-import mupfast.train as T
-from mupfast.config import ConfigError
-from mupfast.coord_check import with_overrides
+import mupfast.train as trainer
+from mupfast.config import with_overrides
+from mupfast.errors import ConfigError
+from mupfast.explain import format_table, rules_table, table_json
 from mupfast.metrics import read_metrics
 from mupfast.optim import base_lr, build_optimizer
-from mupfast.parametrization import (
-    MUON_COMPONENTS,
-    format_table,
-    hyperp_own_bases,
-    hyperp_transfer,
-    multipliers,
-    rules_table,
-    table_json,
-)
+from mupfast.parametrization import MUON_COMPONENTS, hyperp_own_bases, hyperp_transfer, multipliers
 from mupfast.schedules import build_schedule
 from tests.helpers import assert_resume_is_bitwise, tiny_config
 
@@ -142,7 +135,7 @@ def test_explain_shows_the_optimizer_column_and_the_computed_lr():
 def test_muon_groups_are_clipped_like_the_others_and_stay_on_their_sphere():
     cfg = tiny_config(*HYPERP, "clip.max_norm=1e-3")
     torch.manual_seed(0)
-    model = T.build_model(cfg.model)
+    model = trainer.build_model(cfg.model)
     radii = {n: p.detach().norm().item() for n, p in model.named_parameters() if p.ndim == 2}
     opt = build_optimizer(model, cfg)
     assert {g["name"]: g["optimizer"] for g in opt.param_groups}["q"] == "muon_sphere"
@@ -158,14 +151,14 @@ def test_muon_groups_are_clipped_like_the_others_and_stay_on_their_sphere():
 
 def _train_capturing_model(cfg, monkeypatch):
     models = []
-    real_build = T.build_model
+    real_build = trainer.build_model
 
     def capture(model_cfg):
         models.append(real_build(model_cfg))
         return models[-1]
 
-    monkeypatch.setattr(T, "build_model", capture)
-    result = T.train(cfg)
+    monkeypatch.setattr(trainer, "build_model", capture)
+    result = trainer.train(cfg)
     return result, models[0]
 
 
@@ -175,7 +168,7 @@ def test_a_tiny_hyperp_model_learns_while_every_hidden_matrix_keeps_its_init_nor
     overrides = ["train.steps=20", "train.log_every=1", "train.eval_every=0", "model.output_init_std=0.1"]
     cfg = tiny_config(*HYPERP, *overrides, tmp_path=tmp_path)
     torch.manual_seed(cfg.train.seed)  # the trainer seeds the same way before building the model
-    init = {n: p.detach().norm().item() for n, p in T.build_model(cfg.model).named_parameters()}
+    init = {n: p.detach().norm().item() for n, p in trainer.build_model(cfg.model).named_parameters()}
     result, model = _train_capturing_model(cfg, monkeypatch)
     assert result.train_losses[20] < result.train_losses[1] - 1.0
     rec = read_metrics(cfg.train.run_dir, "train")[-1]
@@ -205,7 +198,7 @@ def test_two_rank_stage0_hyperp_matches_single_process(tmp_path):
         "train.micro_batch_size=2",
         "clip.max_norm=0.05",  # low enough that the Muon groups' gradients are clipped too
     ]
-    single = T.train(tiny_config(*base, "train.grad_accum_steps=2", tmp_path=tmp_path / "single"))
+    single = trainer.train(tiny_config(*base, "train.grad_accum_steps=2", tmp_path=tmp_path / "single"))
     two = _deepspeed_run(tmp_path, "zero0", [*base, "zero.stage=0"], ranks=2)
     assert sorted(two) == list(range(1, 6))
     for step, loss in single.train_losses.items():

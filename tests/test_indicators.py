@@ -5,7 +5,8 @@ outlier share of the residual stream, computed on device during the training for
 import pytest
 import torch
 
-from mupfast.model import build_model, outlier_share
+from mupfast.indicators import outlier_share
+from mupfast.model import build_model
 from tests.helpers import tiny_config
 
 
@@ -23,13 +24,13 @@ def test_branch_rms_and_outlier_share_are_logged_for_every_parametrization(param
     torch.manual_seed(0)
     model = build_model(cfg.model)
     branch_ms = {"attn": [], "mlp": []}
+
+    def record(name: str, scale: float):
+        return lambda mod, inp, out: branch_ms[name].append((scale * out).square().mean().sqrt())
+
     for block in model.blocks:
         for name in branch_ms:
-            getattr(block, name).register_forward_hook(
-                lambda mod, inp, out, name=name, s=block.residual_scale: branch_ms[name].append(
-                    (s * out).square().mean().sqrt()
-                )
-            )
+            getattr(block, name).register_forward_hook(record(name, getattr(block, f"{name}_branch_scale")))
     tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(1))
     model(tokens[:, :-1], tokens[:, 1:]).backward()
     stats = model.stability_stats()
@@ -84,24 +85,24 @@ def test_torch_attention_z_is_computed_only_when_the_indicators_are_read():
     tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(1))
     attn = model.blocks[0].attn
     model(tokens[:, :-1], tokens[:, 1:]).backward()
-    assert attn.lse_sq_mean is None and attn._z_inputs is not None  # deferred: nothing computed yet
+    assert attn.z.value is None and attn.z.inputs is not None  # deferred: nothing computed yet
     z = model.stability_stats()["attn_lse_sq_mean"]
-    assert attn._z_inputs is None and torch.isfinite(z)  # computed once, q and k released
+    assert attn.z.inputs is None and torch.isfinite(z)  # computed once, q and k released
     model.eval()
     with torch.no_grad():
         model(tokens[:, :-1], tokens[:, 1:])
-    assert attn._z_inputs is None  # evaluation and generation keep nothing
+    assert attn.z.inputs is None  # evaluation and generation keep nothing
     model.train()
     model.record_attention_z(False)  # what the trainer does on steps it does not log
     model(tokens[:, :-1], tokens[:, 1:]).backward()
-    assert attn._z_inputs is None and "attn_lse_sq_mean" not in model.stability_stats()
+    assert attn.z.inputs is None and "attn_lse_sq_mean" not in model.stability_stats()
     model.record_attention_z(True)
     model(tokens[:, :-1], tokens[:, 1:]).backward()
     assert model.stability_stats()["attn_lse_sq_mean"] == pytest.approx(z.item(), rel=1e-6)
 
 
 def test_the_trainer_keeps_q_k_only_for_the_steps_it_logs(tmp_path, monkeypatch):
-    import mupfast.train as T
+    import mupfast.train as trainer
     from mupfast.metrics import read_metrics
     from mupfast.model import Transformer
 
@@ -121,7 +122,7 @@ def test_the_trainer_keeps_q_k_only_for_the_steps_it_logs(tmp_path, monkeypatch)
         "train.eval_every=0",
         tmp_path=tmp_path,
     )
-    T.train(cfg)
+    trainer.train(cfg)
     # Two micro-batches a step: only the last micro-batch of steps 3 and 6 keeps q and k.
     assert kept_at == [False, False] * 2 + [False, True] + [False, False] * 2 + [False, True]
     records = read_metrics(cfg.train.run_dir, "train")

@@ -1,5 +1,5 @@
 """The symmetric-matmul Newton–Schulz kernel against float64 references, and the backend switch
-that reaches it from Muon (mupfast.muon, mupfast.muon_sharded, ClipAdamW)."""
+that reaches it from Muon (mupfast.optim.muon, mupfast.optim.muon_sharded, ClipAdamW)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import random
 import pytest
 import torch
 
-import mupfast.muon as muon
-from mupfast.config import ConfigError
-from mupfast.kernels import newton_schulz as NS
+import mupfast.optim.muon as muon
+from mupfast.errors import ConfigError
+from mupfast.kernels import newton_schulz as ns_kernel
 from mupfast.kernels.newton_schulz import newton_schulz_triton, syrk
 from mupfast.model import build_model
-from mupfast.muon_sharded import muon_sphere_update_sharded
 from mupfast.optim import build_optimizer
-from mupfast.zero_shards import GroupShards, contiguous_fragments
+from mupfast.optim.muon_sharded import muon_sphere_update_sharded
+from mupfast.optim.zero_shards import GroupShards, contiguous_fragments
 from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -49,7 +49,7 @@ def test_syrk_equals_a_float64_gram_matrix_on_both_triangles(shape):
 def test_syrk_fuses_the_newton_schulz_epilogue_alpha_a_a_plus_beta_d():
     gen = torch.Generator().manual_seed(random.randrange(2**31))
     a = _sym(2, 45, gen)  # the second NS matmul: P = A (symmetric), D = A
-    a_, b_, c_ = NS.NS_COEFFS
+    a_, b_, c_ = ns_kernel.NS_COEFFS
     out = syrk(a, alpha=c_, beta=b_, d=a)
     ref = c_ * (a.double() @ a.double()) + b_ * a.double()
     assert _rel(out, ref) < 1e-6
@@ -104,7 +104,7 @@ def test_backend_switch_auto_is_torch_and_unknown_names_are_refused(monkeypatch)
 
 
 def test_triton_backend_where_triton_cannot_run_is_one_clear_line(monkeypatch):
-    monkeypatch.setattr(NS, "triton_usable", lambda *t: False)  # CPU without the interpreter
+    monkeypatch.setattr(ns_kernel, "triton_usable", lambda *t: False)  # CPU without the interpreter
     with pytest.raises(RuntimeError) as err:
         muon.newton_schulz(torch.randn(8, 12), backend="triton")
     msg = str(err.value)
@@ -118,7 +118,7 @@ def test_the_config_field_reaches_every_muon_update(monkeypatch):
 
     def spy(g, steps=5, dtype=None):
         calls.append(tuple(g.shape))
-        return NS.newton_schulz_reference(g, steps, dtype)
+        return ns_kernel.newton_schulz_reference(g, steps, dtype)
 
     monkeypatch.setattr(muon, "newton_schulz_triton", spy)
     for backend, expect_calls in (("auto", False), ("triton", True)):
@@ -166,8 +166,8 @@ def test_gpu_bf16_syrk_matches_cublas_error(shape):
     ours, peer = _rel(syrk(p), ref), _rel(p @ p.mT, ref)
     assert ours <= 2 * peer + 1e-6, (ours, peer)
     a = syrk(p) / shape[2]
-    ref = NS.NS_COEFFS[2] * (a.double() @ a.double()) + NS.NS_COEFFS[1] * a.double()
-    assert _rel(syrk(a, alpha=NS.NS_COEFFS[2], beta=NS.NS_COEFFS[1], d=a), ref) < 2e-2
+    ref = ns_kernel.NS_COEFFS[2] * (a.double() @ a.double()) + ns_kernel.NS_COEFFS[1] * a.double()
+    assert _rel(syrk(a, alpha=ns_kernel.NS_COEFFS[2], beta=ns_kernel.NS_COEFFS[1], d=a), ref) < 2e-2
 
 
 @pytest.mark.gpu

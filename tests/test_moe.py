@@ -9,13 +9,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-import mupfast.train as T
-from mupfast.config import ConfigError
+import mupfast.train as trainer
+from mupfast.errors import ConfigError
+from mupfast.explain import format_table, rules_table
 from mupfast.metrics import read_metrics
 from mupfast.model import build_model
 from mupfast.moe import SqrtGateMoE, reference_moe
 from mupfast.optim import build_optimizer
-from mupfast.parametrization import COMPONENTS, format_table, multipliers, rules_table
+from mupfast.parametrization import COMPONENTS, multipliers
 from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -335,7 +336,7 @@ def test_a_tiny_moe_model_learns_through_the_trainer(tmp_path):
         "train.eval_every=0",
         tmp_path=tmp_path,
     )
-    result = T.train(cfg)
+    result = trainer.train(cfg)
     assert result.train_losses[30] < result.train_losses[1] - 1.0
     rec = read_metrics(cfg.train.run_dir, "train")[-1]
     assert {"lr/router", "lr/expert_in", "lr/expert_out", "grad_norm/router"} <= set(rec)
@@ -390,7 +391,7 @@ def test_two_rank_zero2_moe_matches_single_process(tmp_path, parametrization, di
         # one process with 2 accumulation steps sees one micro-batch at a time: count loads the same way
         "model.moe_balance_scope=micro_batch",
     ]
-    single = T.train(tiny_config(*base, "train.grad_accum_steps=2", tmp_path=tmp_path / "single"))
+    single = trainer.train(tiny_config(*base, "train.grad_accum_steps=2", tmp_path=tmp_path / "single"))
     two = _deepspeed_run(tmp_path, "zero2", [*base, "zero.stage=2"], ranks=2)
     assert sorted(two) == list(range(1, 5))
     for step, loss in single.train_losses.items():

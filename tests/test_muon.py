@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mupfast.muon import NS_COEFFS, NS_STEPS, muon_sphere_update, newton_schulz
+from mupfast.optim.muon import NS_COEFFS, NS_STEPS, muon_sphere_update, newton_schulz
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

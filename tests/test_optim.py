@@ -20,7 +20,9 @@ def test_one_group_per_component_with_multipliers():
     groups = build_param_groups(build_model(cfg.model), cfg)
     by = {g["name"]: g for g in groups}
     assert set(by) == {"embedding", "q", "k", "v", "o", "ffn_in", "ffn_out", "norm", "final_norm", "readout"}
-    assert by["q"]["lr"] == pytest.approx(0.01 / 4) and by["q"]["weight_decay"] == pytest.approx(0.4)
+    assert all("lr" not in g for g in groups)  # only the optimizer's GroupLR writes lrs
+    lrs = {g["name"]: g["lr"] for g in build_optimizer(build_model(cfg.model), cfg).param_groups}
+    assert lrs["q"] == pytest.approx(0.01 / 4) and by["q"]["weight_decay"] == pytest.approx(0.4)
     assert by["embedding"]["max_grad_norm"] == 0.5 and by["q"]["max_grad_norm"] == 1.0
     assert by["norm"]["weight_decay"] == 0.0
     layered = build_param_groups(
@@ -52,6 +54,8 @@ def test_clip_adamw_matches_torch_clip_grad_norm_plus_adamw(spike):
     ref_model = copy.deepcopy(model)
     opt = build_optimizer(model, cfg)
     groups = build_param_groups(ref_model, cfg)
+    for g in groups:  # the reference's lrs, from the multipliers (ours: set by the optimizer's GroupLR)
+        g["lr"] = cfg.optim.lr * g["lr_mult"]
     opt_ref = torch.optim.AdamW(
         groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, foreach=False
     )

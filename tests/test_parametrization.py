@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from mupfast.parametrization import ParametrizationError, multipliers, rules_for, rules_table
+from mupfast.errors import ParametrizationError
+from mupfast.explain import rules_table
+from mupfast.parametrization import multipliers, rules_for
 from tests.helpers import tiny_config
 
 
@@ -133,13 +135,13 @@ def test_unclaimed_and_doubly_claimed_parameters_are_named():
     with pytest.raises(ParametrizationError, match=r"extra\.weight.*claimed by no"):
         rules_for(model, cfg)
 
-    import mupfast.parametrization as P
+    import mupfast.parametrization as parametrization
 
     model = build_model(cfg)
-    patterns = P._PATTERNS
+    patterns = parametrization._PATTERNS
     try:
-        P._PATTERNS = (*patterns, (r"blocks\.(\d+)\.attn\.q\.weight", "k"))
+        parametrization._PATTERNS = (*patterns, (r"blocks\.(\d+)\.attn\.q\.weight", "k"))
         with pytest.raises(ParametrizationError, match=r"blocks\.0\.attn\.q\.weight is claimed by several"):
             rules_for(model, cfg)
     finally:
-        P._PATTERNS = patterns
+        parametrization._PATTERNS = patterns

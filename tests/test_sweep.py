@@ -10,11 +10,14 @@ import optuna
 import pytest
 import yaml
 
-import mupfast.sweep as W
-import mupfast.sweep_trial as WT
+import mupfast.mutransfer.sweep as sweep_module
+import mupfast.mutransfer.trial as trial_module
 from mupfast.cli import main
-from mupfast.config import ConfigError, load_config
+from mupfast.config import load_config
+from mupfast.errors import ConfigError
 from mupfast.metrics import read_metrics
+from mupfast.mutransfer.space import SPACE_KEYS, load_space
+from mupfast.mutransfer.storage import open_storage
 from tests.postgres import postgres_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,8 +56,8 @@ def space_file(tmp_path):
 
 
 def test_the_default_space_file_matches_the_built_in_space():
-    assert W.load_space(ROOT / "configs" / "sweep-space.yaml") == W.load_space(None)
-    assert set(W.load_space(None)) == set(W.SPACE_KEYS)
+    assert load_space(ROOT / "configs" / "sweep-space.yaml") == load_space(None)
+    assert set(load_space(None)) == set(SPACE_KEYS)
 
 
 @pytest.mark.parametrize(
@@ -73,44 +76,44 @@ def test_a_bad_space_file_is_a_config_error_naming_the_key(tmp_path, text, messa
     path = tmp_path / "space.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        W.load_space(path)
+        load_space(path)
 
 
 def test_a_hyperp_proxy_does_not_sample_what_hyperp_ignores(tmp_path):
     hyperp = load_config(PROXY, ["model.parametrization=hyperp"])
-    assert set(W.load_space(None, hyperp)) == set(W.SPACE_KEYS) - {"init_std", "attention_logits_alpha"}
-    assert set(W.load_space(None, load_config(PROXY))) == set(W.SPACE_KEYS)
+    assert set(load_space(None, hyperp)) == set(SPACE_KEYS) - {"init_std", "attention_logits_alpha"}
+    assert set(load_space(None, load_config(PROXY))) == set(SPACE_KEYS)
     path = tmp_path / "space.yaml"
     path.write_text("lr: {low: 1.0e-3, high: 1.0e-1}\nattention_logits_alpha: {low: 0.5, high: 2}\n")
     with pytest.raises(ConfigError, match="attention_logits_alpha: hyperp does not use it"):
-        W.load_space(path, hyperp)
-    assert set(W.load_space(path, load_config(PROXY))) == {"lr", "attention_logits_alpha"}
+        load_space(path, hyperp)
+    assert set(load_space(path, load_config(PROXY))) == {"lr", "attention_logits_alpha"}
 
 
 def test_trial_config_sets_the_swept_keys_and_its_own_run_dir(tmp_path):
     base = load_config(PROXY)
     params = {"lr": 2e-3, "init_std": 0.03, "embeddings_scale": 4.0, "output_logits_alpha": 2.0}
     params["attention_logits_alpha"] = 0.5
-    cfg = WT.trial_config(base, params, tmp_path / "trial-0003")
+    cfg = trial_module.trial_config(base, params, tmp_path / "trial-0003")
     assert cfg.optim.lr == 2e-3 and cfg.model.init_std == 0.03 and cfg.model.embeddings_scale == 4.0
     assert cfg.model.output_logits_alpha == 2.0 and cfg.model.attention_logits_alpha == 0.5
     assert cfg.train.run_dir == str(tmp_path / "trial-0003") and not cfg.train.resume
     assert not cfg.train.save_final  # metrics only, unless --keep-checkpoints
-    assert WT.trial_config(base, params, tmp_path / "t", keep_checkpoint=True).train.save_final
+    assert trial_module.trial_config(base, params, tmp_path / "t", keep_checkpoint=True).train.save_final
     assert cfg.model.hidden_size == base.model.hidden_size and cfg.optim.beta2 == base.optim.beta2
 
 
 def test_under_hyperp_the_swept_lr_is_the_base_eta0_the_transfer_rule_scales(tmp_path):
     base = load_config(PROXY, ["model.parametrization=hyperp"])
-    cfg = WT.trial_config(base, {"lr": 0.037}, tmp_path / "trial-0000")
+    cfg = trial_module.trial_config(base, {"lr": 0.037}, tmp_path / "trial-0000")
     assert cfg.optim.hyperp_base_lr == 0.037 and cfg.optim.lr == base.optim.lr
 
 
 def test_random_draws_depend_on_the_trial_number_not_on_the_worker():
-    space = W.load_space(None)
+    space = load_space(None)
 
     def draws(seed: int, n: int) -> list[dict]:
-        study = optuna.create_study(sampler=W.make_sampler("random", seed))
+        study = optuna.create_study(sampler=sweep_module.make_sampler("random", seed))
 
         def objective(t):
             return sum(t.suggest_float(k, r.low, r.high, log=r.log) for k, r in space.items())
@@ -174,7 +177,7 @@ def _crash_or_train(config_path, launcher, gpus):
     return REAL_COMMAND(config_path, launcher, gpus)
 
 
-REAL_COMMAND = WT.trial_command
+REAL_COMMAND = trial_module.trial_command
 
 
 class PruneTrialOne(optuna.pruners.BasePruner):
@@ -185,14 +188,14 @@ class PruneTrialOne(optuna.pruners.BasePruner):
 def test_a_crashing_trial_fails_a_pruned_one_stops_and_the_study_goes_on(
     tmp_path, data_dir, space_file, monkeypatch
 ):
-    monkeypatch.setattr(WT, "trial_command", _crash_or_train)
+    monkeypatch.setattr(trial_module, "trial_command", _crash_or_train)
     steps = 60  # long enough that the driver sees the first eval before the run ends
-    study = W.sweep(
+    study = sweep_module.sweep(
         load_config(PROXY, [*tiny(data_dir), f"train.steps={steps}"]),
         study_name="crash",
         storage=f"sqlite:///{tmp_path}/crash.db",
         n_trials=3,
-        space=W.load_space(space_file),
+        space=load_space(space_file),
         pruner=PruneTrialOne(),
         sweep_dir=tmp_path / "trials",
         launcher="python",
@@ -232,7 +235,7 @@ def test_two_sweep_processes_share_one_study_on_postgresql(tmp_path, data_dir, s
         outputs = [w.communicate(timeout=540)[0] for w in workers]
         for w, out in zip(workers, outputs):
             assert w.returncode == 0, out[-3000:]
-        study = optuna.load_study(study_name="shared", storage=W.open_storage(url))
+        study = optuna.load_study(study_name="shared", storage=open_storage(url))
         trials = study.trials
     numbers = [t.number for t in trials]
     assert 3 <= len(trials) <= 4  # the budget is the study's; racing workers may overshoot by one

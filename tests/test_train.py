@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-import mupfast.train as T
+import mupfast.train as trainer
 from mupfast.engine import free_port
 from mupfast.metrics import read_metrics
 from tests.helpers import (
@@ -31,7 +31,7 @@ def _losses(run_dir) -> dict[int, float]:
 
 def test_training_lowers_the_loss_and_writes_its_run_directory(tmp_path):
     cfg = tiny_config(*COMMON, "train.steps=30", "optim.lr=1e-2", tmp_path=tmp_path)
-    result = T.train(cfg)
+    result = trainer.train(cfg)
     run = Path(cfg.train.run_dir)
     assert result.train_losses[30] < result.train_losses[1] - 1.0
     assert (run / "config.yaml").is_file() and (run / "summary.json").is_file()
@@ -52,7 +52,7 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path, monkeypatch):
         "schedule.decay_fraction=0.5",
     ]
     full = tiny_config(*overrides, tmp_path=tmp_path / "full")
-    T.train(full)
+    trainer.train(full)
 
     cut = tiny_config(*overrides, tmp_path=tmp_path / "cut")
     crash_after_checkpoint_then_resume(cut, 3, monkeypatch)
@@ -69,7 +69,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     cfg = tiny_config(
         *COMMON, "train.steps=20", "train.save_every=2", "train.max_nonfinite_in_row=3", tmp_path=tmp_path
     )
-    real_build = T.build_model
+    real_build = trainer.build_model
     calls = {"n": 0}
 
     def poisoned(model_cfg):
@@ -87,11 +87,11 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
         model.forward = forward_nan_after_step_4
         return model
 
-    monkeypatch.setattr(T, "build_model", poisoned)
+    monkeypatch.setattr(trainer, "build_model", poisoned)
     with pytest.raises(
-        T.TrainingError, match=r"3 non-finite losses in a row at step 8.*last good checkpoint"
+        trainer.TrainingError, match=r"3 non-finite losses in a row at step 8.*last good checkpoint"
     ):
-        T.train(cfg)
+        trainer.train(cfg)
     events = read_metrics(cfg.train.run_dir, "event")
     assert [e["step"] for e in events] == [3, 6, 7, 8]  # step 3 was skipped, then the run went on
     assert (Path(cfg.train.run_dir) / "checkpoints" / "latest").read_text().strip() == "step00000004"
@@ -119,7 +119,7 @@ def _deepspeed_run(
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_rank_zero_matches_single_process(tmp_path, stage):
     base = [*COMMON, "train.steps=5", "train.micro_batch_size=2", "clip.max_norm=0.05"]
-    single = T.train(tiny_config(*base, "train.grad_accum_steps=2", tmp_path=tmp_path / "single"))
+    single = trainer.train(tiny_config(*base, "train.grad_accum_steps=2", tmp_path=tmp_path / "single"))
     coefs = [
         v
         for r in read_metrics(tmp_path / "single" / "run", "train")
@@ -194,7 +194,7 @@ def test_bf16_runs_through_deepspeeds_wrappers(tmp_path, stage):
         "model.mup_base_hidden_size=16",
     ]
     cfg = tiny_config(*COMMON, *overrides, tmp_path=tmp_path)
-    result = T.train(cfg)
+    result = trainer.train(cfg)
     assert all(math.isfinite(v) for v in result.train_losses.values()) and len(result.train_losses) == 4
     rec = read_metrics(cfg.train.run_dir, "train")[-1]
     assert rec["lr/q"] == pytest.approx(rec["lr/embedding"] / 2)  # m = 32/16
@@ -204,7 +204,7 @@ def test_save_final_false_keeps_only_the_periodic_checkpoints(tmp_path):
     cfg = tiny_config(
         *COMMON, "train.steps=3", "train.save_every=2", "train.save_final=false", tmp_path=tmp_path
     )
-    T.train(cfg)
+    trainer.train(cfg)
     ckpts = Path(cfg.train.run_dir) / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step00000002"]
     assert (ckpts / "latest").read_text().strip() == "step00000002"

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-import mupfast.grid_runs as G
-import mupfast.train as T
-import mupfast.transfer as X
+import mupfast.checks.grid_runs as grid_runs
+import mupfast.checks.transfer_test as transfer_test
+import mupfast.train as trainer
+from mupfast.checks.transfer_plot import table_lines
 from mupfast.cli import main as cli_main
-from mupfast.config import ConfigError
+from mupfast.errors import ConfigError, TrainingError
+from mupfast.flags import parse_lrs, parse_parametrizations
 from mupfast.parametrization import RULES_VERSION
-from mupfast.train import TrainingError
 from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -28,7 +29,7 @@ def _parabola(vertex_log2: float, curvature: float = 0.3, floor: float = 2.0) ->
 
 @pytest.mark.parametrize("vertex", [-10.0, -9.3, -8.5, -7.75, -6.1])
 def test_optimum_of_a_parabola_is_its_grid_neighbour_and_the_fit_is_exact(vertex):
-    opt = X.find_optimum(GRID, _parabola(vertex))
+    opt = transfer_test.find_optimum(GRID, _parabola(vertex))
     assert opt["log2_lr"] == round(vertex) if vertex != -8.5 else opt["log2_lr"] in (-9, -8)
     assert opt["lr"] == GRID[opt["index"]] and not opt["at_edge"]
     assert opt["fit_log2_lr"] == pytest.approx(vertex, abs=1e-9)  # three points determine a parabola
@@ -36,30 +37,30 @@ def test_optimum_of_a_parabola_is_its_grid_neighbour_and_the_fit_is_exact(vertex
 
 def test_optimum_at_the_grid_edge_is_flagged_and_diverged_points_never_win():
     falling = [3.0 - 0.1 * i for i in range(len(GRID))]  # best lr beyond the largest one
-    opt = X.find_optimum(GRID, falling)
+    opt = transfer_test.find_optimum(GRID, falling)
     assert opt["index"] == len(GRID) - 1 and opt["at_edge"] and opt["fit_log2_lr"] == -5
     curve = _parabola(-6.2)
     curve[-2:] = [math.inf, math.nan]  # the two largest lrs diverged
-    opt = X.find_optimum(GRID, curve)
+    opt = transfer_test.find_optimum(GRID, curve)
     assert opt["log2_lr"] == -7 and opt["fit_log2_lr"] == -7  # no fit through a diverged neighbour
-    assert X.find_optimum(GRID, [math.inf] * len(GRID))["index"] is None
+    assert transfer_test.find_optimum(GRID, [math.inf] * len(GRID))["index"] is None
 
 
 def test_drift_counts_grid_steps_between_the_extreme_optima():
-    sp_like = [X.find_optimum(GRID, _parabola(v)) for v in (-6.0, -7.0, -8.2, -9.1)]
-    mup_like = [X.find_optimum(GRID, _parabola(v)) for v in (-7.2, -6.9, -7.1, -7.3)]
-    assert X.drift(sp_like)["grid_steps"] == 3
-    assert X.drift(sp_like)["fit_log2"] == pytest.approx(3.1)
-    assert X.drift(mup_like)["grid_steps"] == 0
-    assert X.drift(mup_like)["fit_log2"] == pytest.approx(0.4)
-    assert G.mean_loss([2.0, math.inf]) == math.inf and G.mean_loss([2.0, 3.0]) == 2.5
+    sp_like = [transfer_test.find_optimum(GRID, _parabola(v)) for v in (-6.0, -7.0, -8.2, -9.1)]
+    mup_like = [transfer_test.find_optimum(GRID, _parabola(v)) for v in (-7.2, -6.9, -7.1, -7.3)]
+    assert transfer_test.drift(sp_like)["grid_steps"] == 3
+    assert transfer_test.drift(sp_like)["fit_log2"] == pytest.approx(3.1)
+    assert transfer_test.drift(mup_like)["grid_steps"] == 0
+    assert transfer_test.drift(mup_like)["fit_log2"] == pytest.approx(0.4)
+    assert grid_runs.mean_loss([2.0, math.inf]) == math.inf and grid_runs.mean_loss([2.0, 3.0]) == 2.5
 
 
 def test_lr_grid_parsing():
-    assert X.parse_lrs("2^-5,2**-7, 1e-3") == sorted([2**-5, 2**-7, 1e-3])
+    assert parse_lrs("2^-5,2**-7, 1e-3") == sorted([2**-5, 2**-7, 1e-3])
     for bad in ("2^-5,abc", "2^-5,-1e-3", "2^-5", "1e-3,1e-3"):
         with pytest.raises(ConfigError, match="--lrs"):
-            X.parse_lrs(bad)
+            parse_lrs(bad)
 
 
 def test_bad_flags_print_one_line(capsys):
@@ -78,7 +79,7 @@ def test_bad_flags_print_one_line(capsys):
 def test_sweep_runs_end_to_end_resumes_and_counts_divergence_as_inf(tmp_path, monkeypatch):
     cfg = tiny_config("train.log_every=1", "schedule.kind=constant", tmp_path=tmp_path)
     trained = []
-    real = T.train
+    real = trainer.train
 
     def train_or_diverge(point_cfg):
         trained.append(point_cfg.train.run_dir)
@@ -86,9 +87,9 @@ def test_sweep_runs_end_to_end_resumes_and_counts_divergence_as_inf(tmp_path, mo
             raise TrainingError("stopping: 5 non-finite losses in a row")  # as the trainer does
         return real(point_cfg)
 
-    monkeypatch.setattr(T, "train", train_or_diverge)
+    monkeypatch.setattr(trainer, "train", train_or_diverge)
     kwargs = dict(lrs=[2**-8, 2**-5], widths=[32, 64], steps=3, out=tmp_path / "tt", jobs=1, progress=False)
-    result = X.transfer_test(cfg, **kwargs)
+    result = transfer_test.transfer_test(cfg, **kwargs)
     assert len(trained) == 8  # 2 parametrizations × 2 widths × 2 lrs
     for p in ("sp", "mup"):
         curves = result["results"][p]["curves"]
@@ -101,37 +102,39 @@ def test_sweep_runs_end_to_end_resumes_and_counts_divergence_as_inf(tmp_path, mo
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
     assert not (run / "checkpoints").exists()  # the sweep keeps metrics, not weights
 
-    js, png = X.write_outputs(result, tmp_path / "tt")
+    js, png = transfer_test.write_outputs(result, tmp_path / "tt")
     saved = json.loads(js.read_text())
     assert saved["results"]["sp"]["curves"]["64"]["val_loss"][1] is None  # inf → null in the JSON
     assert saved["base_config"] == cfg.to_dict()  # overrides included: the JSON says what was run
     assert png.stat().st_size > 10_000
-    assert len(X.table_lines(result)) >= 2
+    assert len(table_lines(result)) >= 2
 
     # A second call finds every point done (the diverged one too) and trains nothing.
     trained.clear()
-    again = X.transfer_test(cfg, **kwargs)
+    again = transfer_test.transfer_test(cfg, **kwargs)
     assert trained == []
     assert again["results"]["mup"]["curves"] == result["results"]["mup"]["curves"]
     # A point whose saved config differs (here: more steps) is run again instead of reused.
     args = dict(
         axis="width", sizes=[32, 64], lrs=[2**-8], seeds=1, parametrizations=["mup"], out=tmp_path / "tt"
     )
-    assert all(G.finished_loss(pt) is not None for pt in X.make_points(cfg, steps=3, **args))
-    assert all(G.finished_loss(pt) is None for pt in X.make_points(cfg, steps=4, **args))
+    assert all(
+        grid_runs.finished_loss(pt) is not None for pt in transfer_test.make_points(cfg, steps=3, **args)
+    )
+    assert all(grid_runs.finished_loss(pt) is None for pt in transfer_test.make_points(cfg, steps=4, **args))
     # So is one made under older rules (the same config trained differently then).
-    point = X.make_points(cfg, steps=3, **args)[0]
+    point = transfer_test.make_points(cfg, steps=3, **args)[0]
     summary_path = Path(point.run_dir) / "summary.json"
     summary = json.loads(summary_path.read_text())
     assert summary["rules_version"] == RULES_VERSION
     summary_path.write_text(json.dumps({**summary, "rules_version": RULES_VERSION - 1}))
-    assert G.finished_loss(point) is None
+    assert grid_runs.finished_loss(point) is None
 
 
 def test_depth_variant_in_worker_processes(tmp_path):
     cfg = tiny_config("schedule.kind=constant", tmp_path=tmp_path)
-    assert X.default_parametrizations("depth") == ["mup", "completep"]
-    result = X.transfer_test(
+    assert transfer_test.default_parametrizations("depth") == ["mup", "completep"]
+    result = transfer_test.transfer_test(
         cfg,
         lrs=[2**-8, 2**-6],
         depths=[1, 2],
@@ -154,13 +157,13 @@ def test_hyperp_points_grid_the_base_lr_at_the_smallest_models_own_batch_depth_a
     from mupfast.parametrization import hyperp_transfer
 
     cfg = tiny_config(tmp_path=tmp_path)
-    assert X.parse_parametrizations("mup, hyperp") == ["mup", "hyperp"]
+    assert parse_parametrizations("mup, hyperp") == ["mup", "hyperp"]
     with pytest.raises(ConfigError, match="choose from sp, mup, completep, hyperp"):
-        X.parse_parametrizations("mup,muon")
-    grids = X.lr_grids(["mup", "hyperp"], [2**-9, 2**-8], [2**-5, 2**-4, 2**-3])
+        parse_parametrizations("mup,muon")
+    grids = transfer_test.lr_grids(["mup", "hyperp"], [2**-9, 2**-8], [2**-5, 2**-4, 2**-3])
     assert grids == {"mup": [2**-9, 2**-8], "hyperp": [2**-5, 2**-4, 2**-3]}
     common = dict(seeds=1, parametrizations=["mup", "hyperp"], steps=7, out=tmp_path)
-    by_depth = X.make_points(cfg, axis="depth", sizes=[1, 4], lrs=grids, **common)
+    by_depth = transfer_test.make_points(cfg, axis="depth", sizes=[1, 4], lrs=grids, **common)
     hyperp = [pt for pt in by_depth if pt.parametrization == "hyperp"]
     assert len(by_depth) == 2 * 2 + 2 * 3 and len(hyperp) == 6
     for pt in hyperp:
@@ -170,7 +173,7 @@ def test_hyperp_points_grid_the_base_lr_at_the_smallest_models_own_batch_depth_a
         assert pt.cfg.optim.hyperp_base_tokens == 7 * batch and pt.cfg.model.hyperp_base_depth == 1
         # η = η0 at the smallest depth, η0·√(1/L) deeper; the token and batch factors are 1.
         assert hyperp_transfer(pt.cfg)["lr"] == pytest.approx(pt.lr * math.sqrt(1 / pt.size), rel=1e-12)
-    by_width = X.make_points(cfg, axis="width", sizes=[32, 64], lrs=grids, **common)
+    by_width = transfer_test.make_points(cfg, axis="width", sizes=[32, 64], lrs=grids, **common)
     for pt in by_width:
         if pt.parametrization == "hyperp":  # no width term in the rule: η = η0 at every width
             assert hyperp_transfer(pt.cfg)["lr"] == pytest.approx(pt.lr, rel=1e-12)
@@ -178,14 +181,14 @@ def test_hyperp_points_grid_the_base_lr_at_the_smallest_models_own_batch_depth_a
 
 
 def test_equal_compute_comparison_takes_each_parametrizations_own_optimum_and_its_seed_spread(tmp_path):
-    from mupfast.transfer_compare import best_per_size, markdown_table
+    from mupfast.checks.equal_compute import best_per_size, markdown_table
 
     def curve(losses_per_seed, lrs):
         means = [sum(v) / len(v) for v in losses_per_seed]
         return {
             "val_loss": means,
             "val_loss_per_seed": losses_per_seed,
-            "optimum": X.find_optimum(lrs, means),
+            "optimum": transfer_test.find_optimum(lrs, means),
         }
 
     mup_lrs, hyp_lrs = [2**-9, 2**-8, 2**-7], [2**-5, 2**-4, 2**-3]

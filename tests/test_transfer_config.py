@@ -11,8 +11,9 @@ import pytest
 
 from mupfast.cli import main
 from mupfast.config import load_config
-from mupfast.parametrization import hyperp_transfer, multipliers, rules_table
-from mupfast.stability import run_stability
+from mupfast.explain import rules_table
+from mupfast.mutransfer.stability import run_stability
+from mupfast.parametrization import hyperp_transfer, multipliers
 from tests.test_stability import SMOOTH, records
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,12 +8,12 @@ import random
 import pytest
 import torch
 
-import mupfast.train as T
+import mupfast.train as trainer
 from mupfast.metrics import read_metrics
-from mupfast.muon import muon_sphere_update
-from mupfast.muon_sharded import muon_sphere_update_sharded
-from mupfast.sphere import adam_sphere_update
-from mupfast.zero_shards import GroupShards, ZeroLayoutError, contiguous_fragments, per_tensor_fragments
+from mupfast.optim.muon import muon_sphere_update
+from mupfast.optim.muon_sharded import muon_sphere_update_sharded
+from mupfast.optim.sphere import adam_sphere_update
+from mupfast.optim.zero_shards import GroupShards, ZeroLayoutError, contiguous_fragments, per_tensor_fragments
 from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -165,7 +165,9 @@ HYPERP_BASE = [
 def test_two_rank_zero_hyperp_matches_single_process_with_one_norm_collective(tmp_path, stage):
     from tests.test_train import _deepspeed_run
 
-    single = T.train(tiny_config(*HYPERP_BASE, "train.grad_accum_steps=2", tmp_path=tmp_path / "single"))
+    single = trainer.train(
+        tiny_config(*HYPERP_BASE, "train.grad_accum_steps=2", tmp_path=tmp_path / "single")
+    )
     two = _deepspeed_run(
         tmp_path,
         f"zero{stage}",
@@ -187,13 +189,13 @@ def test_two_rank_zero_hyperp_matches_single_process_with_one_norm_collective(tm
     for r in (0, 1):
         counts = json.loads((run / f"collectives_rank{r}.json").read_text())
         # the clip norms of every group: one all-reduce per step, issued before DeepSpeed's group loop
-        assert counts.get("mupfast.zero_shards.all_reduce") == 4, counts
-        assert "mupfast.optim.all_reduce" not in counts, counts
+        assert counts.get("mupfast.optim.zero_shards.all_reduce") == 4, counts
+        assert "mupfast.optim.optimizer.all_reduce" not in counts, counts
         # Muon: per group and step one gather of the look-ahead and one reduce-scatter of the results;
         # every sphere group: two norm reductions
-        assert counts.get("mupfast.muon_sharded.all_gather") == 4 * muon_groups, counts
-        assert counts.get("mupfast.muon_sharded.reduce_scatter_single") == 4 * muon_groups, counts
-        assert counts.get("mupfast.sphere.all_reduce") == 2 * 4 * sphere_groups, counts
+        assert counts.get("mupfast.optim.muon_sharded.all_gather") == 4 * muon_groups, counts
+        assert counts.get("mupfast.optim.muon_sharded.reduce_scatter_single") == 4 * muon_groups, counts
+        assert counts.get("mupfast.optim.sphere.all_reduce") == 2 * 4 * sphere_groups, counts
 
 
 @pytest.mark.parametrize("stage", [1, 3])
@@ -206,12 +208,13 @@ def test_bf16_hyperp_keeps_every_fp32_master_matrix_on_its_sphere(tmp_path, monk
     torch.manual_seed(cfg.train.seed)  # the trainer seeds the same way before building the model
     # DeepSpeed casts the model to bf16 before it makes the fp32 masters: the radius is ‖bf16(W₀)‖
     init = {
-        n: p.detach().bfloat16().float().norm().item() for n, p in T.build_model(cfg.model).named_parameters()
+        n: p.detach().bfloat16().float().norm().item()
+        for n, p in trainer.build_model(cfg.model).named_parameters()
     }
     models = []
-    real_build = T.build_model
-    monkeypatch.setattr(T, "build_model", lambda mc: models.append(real_build(mc)) or models[-1])
-    result = T.train(cfg)
+    real_build = trainer.build_model
+    monkeypatch.setattr(trainer, "build_model", lambda mc: models.append(real_build(mc)) or models[-1])
+    result = trainer.train(cfg)
     assert result.train_losses[4] < result.train_losses[1]
     hidden = [
         (n, p) for n, p in models[0].named_parameters() if ".attn." in n or ".mlp." in n or "readout" in n

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.suite.conftest import DEVICE, GPU
-from mupfast.kernels import attention as A
-from mupfast.kernels import clip_adamw as K
-from mupfast.kernels import cross_entropy as CE
+from mupfast.kernels import attention as attention
+from mupfast.kernels import clip_adamw as clip_adamw
+from mupfast.kernels import cross_entropy as cross_entropy
 
 DTYPE = torch.bfloat16 if GPU else torch.float32
 SYNC = torch.cuda.synchronize if GPU else (lambda: None)
@@ -37,9 +37,9 @@ def _bench(benchmark, fn, **info):
 
 def _attention_methods():
     if GPU:
-        methods = {"mupfast": lambda q, k, v, scale: A.mup_attention(q, k, v, scale=scale)}
+        methods = {"mupfast": lambda q, k, v, scale: attention.mup_attention(q, k, v, scale=scale)}
     else:
-        methods = {"mupfast": lambda q, k, v, scale: A.attention_reference(q, k, v, scale=scale)}
+        methods = {"mupfast": lambda q, k, v, scale: attention.attention_reference(q, k, v, scale=scale)}
     methods["sdpa"] = lambda q, k, v, scale: F.scaled_dot_product_attention(
         q, k, v, is_causal=True, scale=scale
     )
@@ -80,7 +80,7 @@ def test_readout_fwd_bwd(benchmark, ceiling, shape, method):
     W = (torch.randn(V, d, device=DEVICE, dtype=DTYPE) * 0.02).requires_grad_()
     t = torch.randint(0, V, (N,), device=DEVICE)
     if method == "mupfast":
-        fn = CE.fused_linear_cross_entropy if GPU else CE.linear_cross_entropy_reference
+        fn = cross_entropy.fused_linear_cross_entropy if GPU else cross_entropy.linear_cross_entropy_reference
 
         def step():
             fn(h, W, t, logit_scale=0.5).backward()
@@ -128,11 +128,11 @@ def test_clip_adamw_step(benchmark, ceiling, width, method):
             torch.full((G,), 0.1, **f32),
             torch.full((G,), 1e6, **f32),
         )
-        norms = K.group_sq_norms if GPU else K.group_sq_norms_reference
-        update = K.clip_adamw_step if GPU else K.clip_adamw_reference
+        norms = clip_adamw.group_sq_norms if GPU else clip_adamw.group_sq_norms_reference
+        update = clip_adamw.clip_adamw_step if GPU else clip_adamw.clip_adamw_reference
 
         def step():
-            coef = K.clip_coefficients(norms(grads, ids, G), maxn)
+            coef = clip_adamw.clip_coefficients(norms(grads, ids, G), maxn)
             update(
                 params,
                 grads,

@@ -1,0 +1,127 @@
+"""``mupfast export``: a trained run as a plain Hugging Face checkpoint, every μP multiplier folded in.
+
+:func:`export_run` loads the run (:mod:`mupfast.export.load`), folds the multipliers into the weights
+and checks the result against the model in SP form (:mod:`mupfast.export.fold`), then writes
+``model.safetensors``, ``config.json``, the tokenizer and a record of what was folded in the Llama
+or GPT-2 layout (:mod:`mupfast.export.layouts`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mupfast.errors import ConfigError
+from mupfast.export.fold import check_folding, fold_multipliers
+from mupfast.export.layouts import byte_level_tokenizer_json, hf_config, layout_for, layout_tensors
+from mupfast.export.load import load_run, run_tokenizer
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    layout: str
+    tied: bool
+    factors: dict[str, float]
+    fold_error: float
+    files: list[str]
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def export_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str = "float32",
+    config: str | None = None,
+    overrides: list[str] = (),
+    force: bool = False,
+) -> ExportResult:
+    """Write RUN's latest checkpoint to OUT as safetensors + HF config + tokenizer, μP folded in."""
+    from safetensors.torch import save_file
+
+    if dtype not in _DTYPES:
+        raise ConfigError(f"--dtype: must be one of {', '.join(_DTYPES)} (got {dtype!r})")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not force)):
+        raise ConfigError(f"--out: {out_dir} exists and is not empty (pass --force to overwrite)")
+    run = load_run(run_dir, config=config, overrides=overrides)
+    cfg = run.cfg
+    layout = layout_for(cfg.model)
+    tokenizer = run_tokenizer(cfg, run.run_dir)
+    folded = fold_multipliers(run.model)
+    err = check_folding(run.model, folded)
+    tensors = layout_tensors(cfg.model, layout, folded)
+    tensors = {k: v.to(_DTYPES[dtype]).contiguous() for k, v in tensors.items()}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config_json = hf_config(cfg.model, layout, folded.tied, dtype)
+    _write_json(out_dir / "config.json", config_json)
+    generation = {"max_length": cfg.model.max_seq_len, "do_sample": True, "temperature": 1.0}
+    _write_json(out_dir / "generation_config.json", generation)
+    if tokenizer.kind == "bpe":
+        tokenizer.save(out_dir / "tokenizer.json")
+        how = "tokenizer.json: the run's byte-level BPE (HF tokenizers), ids as in training"
+    else:
+        (out_dir / "tokenizer.json").write_text(byte_level_tokenizer_json())
+        how = "byte-level: token id = UTF-8 byte value (0–255); tokenizer.json does exactly that"
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.model.max_seq_len}
+    _write_json(out_dir / "tokenizer_config.json", tok_config)
+    shutil.copyfile(run.run_dir / "config.yaml", out_dir / "mupfast_config.yaml")
+    record = {
+        "source_run": str(run.run_dir.resolve()),
+        "checkpoint": str(run.checkpoint.resolve()),
+        "step": run.step,
+        "layout": layout,
+        "dtype": dtype,
+        "parametrization": cfg.model.parametrization,
+        "folded_multipliers": folded.factors,
+        "readout_tied": folded.tied,
+        "fold_check_relative_logit_error": err,
+        "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "how_to_encode": how},
+    }
+    _write_json(out_dir / "mupfast_export.json", record)
+    files = sorted(p.name for p in out_dir.iterdir())
+    return ExportResult(out_dir, layout, folded.tied, folded.factors, err, files)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """One of the export's JSON files: indented, newline-terminated."""
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # export reads RUN/config.yaml; --config (optional) replaces it, overrides apply on top.
+    parser.add_argument("--run", help="run directory (config.yaml + checkpoints/)")
+    parser.add_argument("--out", help="output directory: model.safetensors, config.json, tokenizer")
+    parser.add_argument(
+        "--dtype", default="float32", help="float32, bfloat16 or float16 (default %(default)s)"
+    )
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out")
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``export`` verb."""
+    if not args.run:
+        raise ConfigError("export: --run DIR is required")
+    if not args.out:
+        raise ConfigError("export: --out DIR is required")
+    res = export_run(
+        args.run, args.out, dtype=args.dtype, config=args.config, overrides=args.overrides, force=args.force
+    )
+    f = res.factors
+    print(
+        f"exported {args.run} to {res.out_dir} ({res.layout} layout, readout {'tied' if res.tied else 'untied'}; "
+        f"folded: embedding × {f['embedding']:.6g}, readout × {f['readout']:.6g}, W_q × {f['attention_q']:.6g}, "
+        f"residual × {f['residual_branches']:.6g}; fold check {res.fold_error:.1e})"
+    )
+    return 0

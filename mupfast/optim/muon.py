@@ -1,0 +1,83 @@
+"""Muon on the Frobenius sphere (HyperP's "MuonH", research/mup-anchors.md §B).
+
+For every hidden matrix W with gradient G (already clipped by its group's coefficient):
+
+    M ← β·M + (1−β)·G                       momentum (β = 0.95)
+    U ← NS5((1−β)·G + β·M)                   Nesterov look-ahead, orthogonalised by Newton–Schulz
+    W ← W − η·(‖W‖_F/‖U‖_F)·U                relative step size η
+    W ← W·r/‖W‖_F                            back onto the sphere, r = ‖W₀‖_F recorded at the first step
+
+The radius is recorded once and re-imposed every step, so it cannot drift; weight decay has no
+first-order effect on the sphere and is not applied. ``newton_schulz`` is the quintic iteration
+with the coefficients (3.4445, −4.7750, 2.0315) the anchors use: it maps every singular value of
+the normalised input into a band around 1 (not exactly 1: tests/test_muon.py pins the band),
+working in fp32 on CPU and bf16 on GPU, on the wide orientation (tall inputs are transposed).
+Its two implementations (plain torch matmuls, and a Triton one that computes only half of the
+symmetric products) live in ``mupfast.kernels.newton_schulz``; ``optim.newton_schulz_backend`` picks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mupfast.kernels.newton_schulz import NS_COEFFS, NS_STEPS, newton_schulz_reference, newton_schulz_triton
+from mupfast.optim.sphere import sphere_step
+
+__all__ = ["NS_COEFFS", "NS_STEPS", "MOMENTUM", "AUTO_NS_BACKEND", "newton_schulz", "muon_sphere_update"]
+
+MOMENTUM = 0.95
+#: The implementation ``backend="auto"`` picks: plain torch matmuls everywhere, until
+#: benchmarks/bench_newton_schulz.py, run on a GPU, shows the symmetric Triton kernel faster on the
+#: hidden-matrix shapes (no GPU measurement has been recorded yet).
+AUTO_NS_BACKEND = "torch"
+NS_BACKENDS = ("auto", "torch", "triton")
+
+
+def newton_schulz(
+    g: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype | None = None, backend: str = "auto"
+) -> torch.Tensor:
+    """Approximately orthogonalise a matrix (or a batch of them): U·Vᵀ of its SVD, same shape.
+
+    ``dtype`` defaults to bf16 on CUDA and fp32 elsewhere; the result is returned in g's dtype.
+    ``backend``: ``torch`` (plain matmuls), ``triton`` (mupfast.kernels.newton_schulz: symmetric
+    matmuls for X·Xᵀ and A·A, a one-line error where Triton cannot run) or ``auto`` (AUTO_NS_BACKEND).
+    """
+    if backend == "auto":
+        backend = AUTO_NS_BACKEND
+    if backend == "torch":
+        return newton_schulz_reference(g, steps, dtype)
+    if backend == "triton":
+        return newton_schulz_triton(g, steps, dtype)
+    raise ValueError(f"newton_schulz backend must be one of {', '.join(NS_BACKENDS)} (got {backend!r})")
+
+
+@torch.no_grad()
+def muon_sphere_update(
+    p: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict,
+    *,
+    lr: float,
+    coef: torch.Tensor | float = 1.0,
+    beta: float = MOMENTUM,
+    ns_backend: str = "auto",
+) -> None:
+    """One MuonH step of ``p`` in place; ``state`` holds its momentum buffer and sphere radius.
+
+    ``coef`` is the group's clip coefficient (a device tensor: no host sync). The radius is
+    ‖p‖_F at the first call. A matrix with a zero gradient (or zero radius) is left unchanged.
+    """
+    look_ahead = nesterov_look_ahead(grad, state, coef=coef, beta=beta)
+    sphere_step(p, newton_schulz(look_ahead, backend=ns_backend), state, lr=lr)
+
+
+def nesterov_look_ahead(grad: torch.Tensor, state: dict, *, coef, beta: float) -> torch.Tensor:
+    """M ← β·M + (1−β)·G for the clipped gradient G (M kept in ``state``); returns (1−β)·G + β·M.
+
+    Elementwise, so it serves a whole matrix and a ZeRO slice of one alike."""
+    g = grad.float() * coef
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(g)
+    buf = state["momentum_buffer"]
+    buf.lerp_(g, 1 - beta)
+    return g.lerp(buf, beta)
