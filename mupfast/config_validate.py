@@ -1,6 +1,6 @@
 """Cross-field checks of a run config: what each key's type alone cannot say.
 
-``validate(cfg)`` raises :class:`~mupfast.errors.ConfigError` naming the key and the problem, which the
+``validate(cfg)`` raises :class:`~mupfast.config.ConfigError` naming the key and the problem, which the
 CLI prints as one ``error: …`` line; ``load_config`` calls it on every config it builds.
 """
 
@@ -57,8 +57,19 @@ def read_ds_overrides(path: str | Path) -> dict:
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks; each failure names the key and the problem."""
-    m, t, o = cfg.model, cfg.train, cfg.optim
+    """Cross-field checks, one section at a time; each failure names the key and the problem."""
+    _check_model(cfg)
+    _check_train(cfg)
+    _check_optim(cfg)
+    _check_data(cfg)
+    _check_zero(cfg)
+    _check_clip(cfg)
+    _check_schedule(cfg)
+
+
+def _check_model(cfg: Config) -> None:
+    """model.*: sizes, heads, RoPE, CompleteP, MoE (with zero.stage), the vocab (with data.*) and hyperp."""
+    m = cfg.model
     _require_positive(
         [
             ("model.vocab_size", m.vocab_size),
@@ -67,11 +78,6 @@ def validate(cfg: Config) -> None:
             ("model.num_heads", m.num_heads),
             ("model.filter_size", m.filter_size),
             ("model.max_seq_len", m.max_seq_len),
-            ("train.steps", t.steps),
-            ("train.seq_len", t.seq_len),
-            ("train.micro_batch_size", t.micro_batch_size),
-            ("train.grad_accum_steps", t.grad_accum_steps),
-            ("train.dist_timeout_s", t.dist_timeout_s),
         ]
     )
     _require_positive(
@@ -87,8 +93,6 @@ def validate(cfg: Config) -> None:
         [
             ("model.init_std", m.init_std),
             ("model.norm_eps", m.norm_eps),
-            ("optim.lr", o.lr),
-            ("optim.eps", o.eps),
             ("model.attention_logits_alpha", m.attention_logits_alpha),
         ]
     )
@@ -107,65 +111,80 @@ def validate(cfg: Config) -> None:
     if m.moe_experts < 0:
         raise ConfigError(f"model.moe_experts: must be non-negative, 0 for dense (got {m.moe_experts})")
     if m.moe_experts:
-        if not 1 <= m.moe_top_k <= m.moe_experts:
-            raise ConfigError(
-                f"model.moe_top_k: must be in [1, moe_experts={m.moe_experts}] (got {m.moe_top_k})"
-            )
-        if m.moe_granularity < 1 or m.filter_size % m.moe_granularity:
-            raise ConfigError(
-                f"model.moe_granularity: must divide model.filter_size ({m.filter_size}) (got {m.moe_granularity})"
-            )
-        if not 0 <= m.moe_shared_p <= 1:
-            raise ConfigError(f"model.moe_shared_p: must be in [0, 1] (got {m.moe_shared_p})")
-        for key, value in [
-            ("model.moe_aux_loss_coef", m.moe_aux_loss_coef),
-            ("model.moe_router_z_coef", m.moe_router_z_coef),
-        ]:
-            if value < 0:
-                raise ConfigError(f"{key}: must be non-negative, 0 disables (got {value})")
-        if not 1 <= m.moe_every <= m.num_layers:
-            raise ConfigError(
-                f"model.moe_every: must be in [1, num_layers={m.num_layers}] (got {m.moe_every})"
-            )
-        if m.moe_dispatch == "grouped" and cfg.zero.stage == 3:
-            # ZeRO-3 gathers a module's weights when its own forward runs; grouped reads the experts'
-            # weights without calling them, so it would see their empty partitions.
-            raise ConfigError("model.moe_dispatch: grouped does not run under zero.stage 3 (use loop)")
-        expert_hidden = m.filter_size // m.moe_granularity
-        if m.moe_dispatch == "grouped" and (m.hidden_size % 8 or expert_hidden % 8):
-            raise ConfigError(
-                "model.moe_dispatch: grouped needs hidden_size and the expert hidden size "
-                f"(filter_size / moe_granularity) to be multiples of 8 (got {m.hidden_size}, {expert_hidden})"
-            )
-    for key, value in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)]:
-        if not 0 <= value < 1:
-            raise ConfigError(f"{key}: must be in [0, 1) (got {value})")
-    if o.weight_decay < 0:
-        raise ConfigError(f"optim.weight_decay: must be non-negative (got {o.weight_decay})")
-    if t.seq_len > m.max_seq_len:
-        raise ConfigError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len ({m.max_seq_len})")
-    if not 0 < cfg.data.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction: must be between 0 and 1 (got {cfg.data.val_fraction})")
-    if cfg.data.prepared and not Path(cfg.data.prepared).is_dir():
-        raise ConfigError(f"data.prepared: directory does not exist: {cfg.data.prepared}")
-    if not cfg.data.prepared and cfg.data.corpus != "stdlib" and not Path(cfg.data.corpus).exists():
-        raise ConfigError(f"data.corpus: path does not exist: {cfg.data.corpus}")
+        _check_moe(cfg)
     if cfg.data.tokenizer == "byte" and m.vocab_size < 256:
         raise ConfigError(f"model.vocab_size: the byte tokenizer needs at least 256 (got {m.vocab_size})")
     if cfg.data.tokenizer == "bpe" and m.vocab_size < cfg.data.bpe_vocab_size:
         raise ConfigError(
             f"model.vocab_size: {m.vocab_size} is smaller than data.bpe_vocab_size ({cfg.data.bpe_vocab_size})"
         )
-    if cfg.zero.stage not in (0, 1, 2, 3):
-        raise ConfigError(f"zero.stage: must be 0, 1, 2 or 3 (got {cfg.zero.stage})")
     if m.parametrization == "hyperp":
         if m.readout_zero_init and not m.tie_embeddings and m.hyperp_readout_sphere:
             raise ConfigError(
                 "model.readout_zero_init: not with hyperp's readout sphere (set model.hyperp_readout_sphere=false)"
             )
+        _require_positive([("model.hyperp_base_depth", m.hyperp_base_depth)])
+
+
+def _check_moe(cfg: Config) -> None:
+    """model.moe_*: the expert keys when model.moe_experts > 0, grouped dispatch against zero.stage."""
+    m = cfg.model
+    if not 1 <= m.moe_top_k <= m.moe_experts:
+        raise ConfigError(f"model.moe_top_k: must be in [1, moe_experts={m.moe_experts}] (got {m.moe_top_k})")
+    if m.moe_granularity < 1 or m.filter_size % m.moe_granularity:
+        raise ConfigError(
+            f"model.moe_granularity: must divide model.filter_size ({m.filter_size}) (got {m.moe_granularity})"
+        )
+    if not 0 <= m.moe_shared_p <= 1:
+        raise ConfigError(f"model.moe_shared_p: must be in [0, 1] (got {m.moe_shared_p})")
+    for key, value in [
+        ("model.moe_aux_loss_coef", m.moe_aux_loss_coef),
+        ("model.moe_router_z_coef", m.moe_router_z_coef),
+    ]:
+        if value < 0:
+            raise ConfigError(f"{key}: must be non-negative, 0 disables (got {value})")
+    if not 1 <= m.moe_every <= m.num_layers:
+        raise ConfigError(f"model.moe_every: must be in [1, num_layers={m.num_layers}] (got {m.moe_every})")
+    if m.moe_dispatch == "grouped" and cfg.zero.stage == 3:
+        # ZeRO-3 gathers a module's weights when its own forward runs; grouped reads the experts'
+        # weights without calling them, so it would see their empty partitions.
+        raise ConfigError("model.moe_dispatch: grouped does not run under zero.stage 3 (use loop)")
+    expert_hidden = m.filter_size // m.moe_granularity
+    if m.moe_dispatch == "grouped" and (m.hidden_size % 8 or expert_hidden % 8):
+        raise ConfigError(
+            "model.moe_dispatch: grouped needs hidden_size and the expert hidden size "
+            f"(filter_size / moe_granularity) to be multiples of 8 (got {m.hidden_size}, {expert_hidden})"
+        )
+
+
+def _check_train(cfg: Config) -> None:
+    """train.*: positive sizes and timeout, and train.seq_len within model.max_seq_len."""
+    t = cfg.train
+    _require_positive(
+        [
+            ("train.steps", t.steps),
+            ("train.seq_len", t.seq_len),
+            ("train.micro_batch_size", t.micro_batch_size),
+            ("train.grad_accum_steps", t.grad_accum_steps),
+            ("train.dist_timeout_s", t.dist_timeout_s),
+        ]
+    )
+    if t.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len ({cfg.model.max_seq_len})")
+
+
+def _check_optim(cfg: Config) -> None:
+    """optim.*: AdamW's lr, eps, betas and weight decay; under model.parametrization=hyperp, its keys."""
+    o = cfg.optim
+    _require_positive([("optim.lr", o.lr), ("optim.eps", o.eps)])
+    for key, value in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)]:
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key}: must be in [0, 1) (got {value})")
+    if o.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay: must be non-negative (got {o.weight_decay})")
+    if cfg.model.parametrization == "hyperp":
         _require_positive(
             [
-                ("model.hyperp_base_depth", m.hyperp_base_depth),
                 ("optim.hyperp_base_lr", o.hyperp_base_lr),
                 ("optim.hyperp_base_batch_tokens", o.hyperp_base_batch_tokens),
                 ("optim.hyperp_base_tokens", o.hyperp_base_tokens),
@@ -178,11 +197,37 @@ def validate(cfg: Config) -> None:
 
             if find_spec("triton") is None:
                 raise ConfigError("optim.newton_schulz_backend: triton is not installed (use auto or torch)")
+
+
+def _check_data(cfg: Config) -> None:
+    """data.*: the validation share, and that data.prepared or data.corpus exists."""
+    d = cfg.data
+    if not 0 < d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction: must be between 0 and 1 (got {d.val_fraction})")
+    if d.prepared and not Path(d.prepared).is_dir():
+        raise ConfigError(f"data.prepared: directory does not exist: {d.prepared}")
+    if not d.prepared and d.corpus != "stdlib" and not Path(d.corpus).exists():
+        raise ConfigError(f"data.corpus: path does not exist: {d.corpus}")
+
+
+def _check_zero(cfg: Config) -> None:
+    """zero.*: the stage, and a zero.ds_config file that reads and leaves our keys alone."""
+    if cfg.zero.stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero.stage: must be 0, 1, 2 or 3 (got {cfg.zero.stage})")
     if cfg.zero.ds_config:
         read_ds_overrides(cfg.zero.ds_config)
-    c, s = cfg.clip, cfg.schedule
+
+
+def _check_clip(cfg: Config) -> None:
+    """clip.*: non-negative thresholds."""
+    c = cfg.clip
     if c.max_norm < 0 or c.global_max_norm < 0:
         raise ConfigError("clip.max_norm: thresholds must be non-negative (0 disables)")
+
+
+def _check_schedule(cfg: Config) -> None:
+    """schedule.*: ratios and step counts, then the schedule itself built against train.steps."""
+    s = cfg.schedule
     if not 0 <= s.min_lr_ratio <= 1:
         raise ConfigError(f"schedule.min_lr_ratio: must be in [0, 1] (got {s.min_lr_ratio})")
     if not 0 <= s.decay_fraction <= 1:
@@ -190,6 +235,6 @@ def validate(cfg: Config) -> None:
     if s.warmup_steps < 0 or s.cycle_steps < 0:
         raise ConfigError("schedule.warmup_steps: warmup_steps and cycle_steps must be non-negative")
     try:
-        build_schedule(s, t.steps)
+        build_schedule(s, cfg.train.steps)
     except ValueError as e:
         raise ConfigError(f"schedule: {e}") from None
