@@ -1,20 +1,16 @@
-"""THE table of parametrization rules (SP, μP, CompleteP): per parameter, its component, init,
-learning-rate and weight-decay multipliers and forward multiplier. Everything else reads from here.
+"""THE rules of every parametrization (SP, μP, CompleteP, HyperP): per parameter, its component, init,
+learning-rate and weight-decay multipliers, forward multiplier and optimizer. Everything else reads
+from here: the model its init and multipliers, the optimizer its groups, ``mupfast explain`` the table.
 
-Notation: m = hidden_size / mup_base_hidden_size, m_f = filter_size / mup_base_filter_size,
-L = num_layers, m_L = L / mup_base_num_layers. Under AdamW (the project's convention, DESIGN.md):
-
-    parameter              init std               Adam lr mult       forward
-    token/pos embedding    σ_emb                  1                  × embeddings_scale
-    q, k, v, ffn_in        σ/√m                   1/m
-    o                      σ/√m · 1/√(2L)         1/m                (completep: branch × m_L^-α)
-    ffn_out                σ/√m_f · 1/√(2L)       1/m_f              (completep: branch × m_L^-α)
-    norms / biases         1 / 0                  1 (no wd)
-    readout (untied)       σ_out (or 0)           1                  logits × α_out/m (or /√m)
-    attention logits                                                 × α_attn/d_head (or /√d_head)
-    MoE expert_in          σ/√m                   1/m                (mupfast/moe.py)
-    MoE expert_out         σ/√m_e · 1/√(2L)       1/m_e              m_e = expert fan-in / base filter
-    MoE router             σ                      1                  router logits × 1/m
+The table itself is not written out here: ``mupfast explain --config FILE`` prints it for any config,
+from this code (the README shows one). Notation: m = hidden_size / mup_base_hidden_size,
+m_f = filter_size / mup_base_filter_size, L = num_layers, m_L = L / mup_base_num_layers. Under AdamW
+(the project's convention, DESIGN.md) a matrix whose fan-in and fan-out both grow with the width
+(q, k, v, o, ffn_in, ffn_out, the experts) gets init σ/√(its width multiplier) and Adam lr × 1/m
+(resp. 1/m_f, 1/m_e); the embedding (only its fan-out grows) a constant init and lr × 1 with the
+``embeddings_scale`` multiplier; the readout (only its fan-in grows) a constant init, lr × 1 and
+logits × α_out/m; the output projections of the residual branches carry an extra 1/√(2L) in their
+init; attention logits are × α_attn/d_head. Weight decay follows ``weight_decay_scaling``.
 
 MoE experts are the FFN matrices they replace, with the expert's own fan-in: m_e = (filter_size /
 moe_granularity) / mup_base_filter_size, so finer experts get a larger init and lr exactly as μP's
@@ -30,8 +26,8 @@ SP uses m = m_f = 1, every forward multiplier 1 and 1/√d_head attention. Compl
 
 HyperP (ArchScale's MuonH, research/mup-anchors.md §B): the hidden matrices (q, k, v, o, ffn_in,
 ffn_out) are trained by Muon on the Frobenius sphere of their init (``optimizer = "muon_sphere"``,
-mupfast/muon.py), weight decay 0; the untied readout by AdamW on its sphere (``adamw_sphere``,
-mupfast/sphere.py), weight decay 0; embedding and norms by AdamW. Every lr_mult is 1: one
+mupfast/optim/muon.py), weight decay 0; the untied readout by AdamW on its sphere (``adamw_sphere``,
+mupfast/optim/sphere.py), weight decay 0; embedding and norms by AdamW. Every lr_mult is 1: one
 lr η = η0·√(B/B0)·√(d0/L)·(T/T0)^-0.32 (:func:`hyperp_transfer`) for every group. Init: hidden
 matrices N(0, 1/(3·fan_in)) (the std of the anchor's kaiming-uniform, which fixes the radius at
 √(fan_out/3)); embedding σ_emb or 1e-4 (0.02 tied); readout σ_out or 0.02. Forward: residual
@@ -39,7 +35,7 @@ branches × 1/√(2L) (instead of the 2L init factor), embeddings × embeddings_
 1/√d_head — the anchor's √128/d_head at its fixed d_head = 128; it never varies d_head. Logits ×
 α_out/m as under μP: × 1 (the anchor) when no mup_base_hidden_size is set. The anchor grows width
 with depth (n_embd = 128·L), so its √(d0/L) also absorbs the readout's growth with width; at a fixed
-depth the logits need the 1/m, or η's optimum falls with width (README, "Seeing μP work").
+depth the logits need the 1/m, or η's optimum falls with width (docs/hyperp.md).
 
 Rules are matched against the model's real parameter names: a parameter claimed by no rule, or by
 more than one, is an error that names it — μP that silently does not apply is the failure to avoid.
@@ -50,6 +46,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -90,14 +87,13 @@ class Rule:
     shape: tuple[int, ...]
     component: str
     layer: int | None
-    init: str  # "normal" | "ones" | "zeros"
+    init: Literal["normal", "ones", "zeros"]
     init_std: float
     lr_mult: float
     wd_mult: float
     forward_mult: float
-    optimizer: str = (
-        "adamw"  # "adamw" | "muon_sphere" (hyperp hidden matrices) | "adamw_sphere" (its readout)
-    )
+    optimizer: Literal["adamw", "muon_sphere", "adamw_sphere"] = "adamw"
+    """adamw; muon_sphere: hyperp's hidden matrices (MuonH); adamw_sphere: hyperp's readout (AdamH)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -156,7 +152,7 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
 )
 
 
-#: Optimizers that keep each matrix on the Frobenius sphere of its init (mupfast/sphere.py).
+#: Optimizers that keep each matrix on the Frobenius sphere of its init (mupfast/optim/sphere.py).
 SPHERE_OPTIMIZERS = frozenset({"muon_sphere", "adamw_sphere"})
 
 #: Components HyperP trains with Muon on the sphere.

@@ -1,15 +1,19 @@
 """The transformer: options, the μP forward multipliers, and μP ≡ SP at the base width."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from mupfast.explain import rules_table
 from mupfast.model import build_model
 from mupfast.optim import build_optimizer
 from mupfast.parametrization import multipliers
 from tests.helpers import tiny_config
+
+MOE = ["model.moe_experts=4", "model.moe_top_k=2"]
 
 
 @pytest.mark.parametrize(
@@ -48,6 +52,57 @@ def test_logits_carry_the_output_multiplier():
     raw = h @ model.readout.weight.t()
     assert multipliers(cfg).logit_scale == pytest.approx(3.0 / 4)
     torch.testing.assert_close(model(tokens), raw * 0.75)
+
+
+PARAMETRIZATIONS = ["sp", "mup", "completep", "hyperp"]
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+@pytest.mark.parametrize("moe", [False, True])
+def test_every_forward_multiplier_the_model_uses_is_its_rules(parametrization, moe):
+    opts = ["model.hidden_size=64", "model.mup_base_hidden_size=16", "model.mup_base_filter_size=32"]
+    opts += ["model.embeddings_scale=3.0", "model.output_logits_alpha=2.0", "model.mup_base_num_layers=1"]
+    cfg = tiny_config(f"model.parametrization={parametrization}", *opts, *(MOE if moe else [])).model
+    model = build_model(cfg)
+    rules = {r.name: r for r in rules_table(cfg)}
+    assert (
+        model.embedding_scale
+        == rules["tok_emb.weight"].forward_mult
+        == (1.0 if parametrization == "sp" else 3.0)
+    )
+    assert model.readout.logit_scale == rules["readout.weight"].forward_mult == multipliers(cfg).logit_scale
+    assert model.readout.logit_scale != 1.0 or parametrization == "sp"  # SP: no width multiplier
+    for i, block in enumerate(model.blocks):
+        assert block.attn_branch_scale == rules[f"blocks.{i}.attn.o.weight"].forward_mult
+        down = f"blocks.{i}.mlp.experts.0.down.weight" if moe else f"blocks.{i}.mlp.down.weight"
+        assert block.mlp_branch_scale == rules[down].forward_mult
+        if moe:
+            assert block.mlp.router_scale == rules[f"blocks.{i}.mlp.router.weight"].forward_mult
+
+
+def test_editing_a_rule_changes_the_model(monkeypatch):
+    """The model takes its multipliers from the table: a rule that silences the attention branch
+    gives the function of the same weights with W_o zeroed."""
+    import mupfast.parametrization as parametrization
+
+    cfg = tiny_config("model.hidden_size=64", "model.mup_base_hidden_size=16").model
+    original = parametrization._rule
+
+    def silenced(cfg, mult, name, shape, component, layer):
+        rule = original(cfg, mult, name, shape, component, layer)
+        return dataclasses.replace(rule, forward_mult=0.0) if component == "o" else rule
+
+    torch.manual_seed(0)
+    plain = build_model(cfg)
+    monkeypatch.setattr(parametrization, "_rule", silenced)
+    edited = build_model(cfg)
+    edited.load_state_dict(plain.state_dict())
+    assert all(b.attn_branch_scale == 0.0 for b in edited.blocks)
+    with torch.no_grad():
+        for block in plain.blocks:
+            block.attn.o.weight.zero_()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(edited(tokens), plain(tokens))
 
 
 def test_attention_uses_alpha_over_d_head():

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mupfast.model import build_model
-from mupfast.optim import build_optimizer, build_param_groups
+from mupfast.optim import ClipAdamW, build_optimizer, build_param_groups
+from mupfast.parametrization import hyperp_transfer
 from mupfast.schedules import GroupLR, build_schedule
 from tests.helpers import tiny_config
 
@@ -29,6 +30,34 @@ def test_one_group_per_component_with_multipliers():
         build_model(cfg.model), tiny_config(*MUP, "clip.granularity=layer_component")
     )
     assert {"layer0.q", "layer1.q", "embedding", "readout"} <= {g["name"] for g in layered}
+
+
+def test_group_lrs_are_written_by_the_optimizers_group_lr_alone():
+    cfg = tiny_config(*MUP, "optim.lr=0.01", "schedule.warmup_steps=4", "train.steps=20")
+    model = build_model(cfg.model)
+    bare = ClipAdamW(build_param_groups(model, cfg))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="no lr: a GroupLR"):
+        bare.step()
+    opt = build_optimizer(model, cfg)
+    fn = build_schedule(cfg.schedule, cfg.train.steps)
+    for t in range(3):
+        assert opt.lr_schedule.last_step == t
+        for g in opt.param_groups:
+            assert g["lr"] == pytest.approx(0.01 * fn(t) * g["lr_mult"], rel=1e-12)
+        opt.lr_schedule.step()
+
+
+def test_hyperp_base_lr_counts_every_ranks_tokens():
+    cfg = tiny_config("model.parametrization=hyperp", "schedule.kind=constant")
+    model = build_model(cfg.model)
+    for world in (1, 4):
+        opt = build_optimizer(model, cfg, world_size=world)
+        lrs = [g["lr"] for g in opt.param_groups]
+        assert lrs == pytest.approx([hyperp_transfer(cfg, world)["lr"]] * len(lrs), rel=1e-12)
+    # 4 ranks: B and T × 4, so η × √4 · 4^-0.32
+    assert hyperp_transfer(cfg, 4)["lr"] == pytest.approx(hyperp_transfer(cfg, 1)["lr"] * 4**0.5 * 4**-0.32)
 
 
 def test_unknown_component_in_clip_overrides_is_an_error():
