@@ -24,8 +24,8 @@ import numpy as np
 
 from mupfast.config import DataConfig, load_config
 from mupfast.data.shards import TokenShard, temp_path, write_shard
-from mupfast.errors import DataError
 from mupfast.data.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
+from mupfast.errors import DataError
 
 # ----------------------------------------------------------------------------------------------
 # Corpus

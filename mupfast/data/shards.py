@@ -8,8 +8,6 @@ one-line message naming the file.
 
 from __future__ import annotations
 
-from mupfast.errors import DataError
-
 import os
 import struct
 import uuid
@@ -18,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from mupfast.data.tokenizer import MAX_VOCAB
-
+from mupfast.errors import DataError
 
 MAGIC = b"MUPFTOK\0"
 VERSION = 1
