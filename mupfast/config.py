@@ -206,13 +206,38 @@ class ScheduleConfig:
 
 
 @dataclass
-class DataConfig:
-    """Corpus, tokenizer and token shards."""
+class SourceConfig:
+    """One corpus of a mixture (``data.sources``): prepared on its own, drawn from in proportion."""
 
-    corpus: str = "stdlib"
-    """'stdlib' (the running Python's standard-library sources, embedded and deterministic) or a path to a text file or directory of .txt/.py/.md files."""
-    tokenizer: Literal["byte", "bpe"] = "byte"
-    """Byte-level (vocab 256) or a BPE trained locally with HF tokenizers."""
+    corpus: str | list[str] = ""
+    """As data.corpus: a path, a glob or a list of them."""
+    weight: float = 1.0
+    """Share of the training rows (normalised over the sources)."""
+    text_field: str | None = None
+    """The document field of its JSON Lines / Parquet files; None means data.text_field."""
+    prepared: str = ""
+    """A directory made by `mupfast prepare-data` to use as this source instead of preparing corpus."""
+
+
+@dataclass
+class DataConfig:
+    """Corpus, tokenizer, token shards and how batches are drawn from them."""
+
+    corpus: str | list[str] = "stdlib"
+    """'stdlib' (the running Python's standard-library sources, embedded and deterministic), or a path,
+    a glob or a list of them: text files (.txt/.md/.py/.rst, one document each), JSON Lines (.jsonl,
+    .json, also .gz/.zst) and Parquet (.parquet); directories are searched recursively."""
+    text_field: str = "text"
+    """The field holding a document's text in JSON Lines records and Parquet rows."""
+    on_bad_record: Literal["error", "skip"] = "error"
+    """A record that is not valid JSON or UTF-8, lacks the field or holds a non-string: stop with an
+    error naming the file and line, or skip it (counted in meta.json and on stderr)."""
+    tokenizer: str = "byte"
+    """byte (UTF-8 bytes, vocab 256), bpe (trained locally on the corpus with HF tokenizers), or the
+    path of an existing Hugging Face tokenizer.json or of a directory holding one."""
+    eos_token: str | None = None
+    """The token that ends every document; None: the tokenizer's own (or <|endoftext|>). The byte
+    tokenizer's EOS is byte 0, the trained BPE's <|endoftext|>."""
     bpe_vocab_size: int = 4096
     """Vocabulary size of the trained BPE."""
     dir: str = "data"
@@ -220,9 +245,19 @@ class DataConfig:
     prepared: str = ""
     """A directory made by `mupfast prepare-data` to train on as it is (no preparation; corpus ignored); every file is checked."""
     val_fraction: float = 0.02
-    """Share of the tokens held out for validation."""
-    max_corpus_bytes: int = 16_000_000
-    """Cap on the corpus text read (keeps preparation quick); 0 means no cap."""
+    """Share of the documents held out for validation (chosen by a hash of each document's position)."""
+    max_corpus_bytes: int = 0
+    """Optional cap on the corpus text read, in document order (keeps a CPU run quick); 0: no cap."""
+    shard_tokens: int = 100_000_000
+    """Tokens per shard (shards end at a document boundary, so they run slightly over)."""
+    workers: int = 0
+    """Processes that tokenize in parallel (0: one per CPU core); the result does not depend on it."""
+    sampling: Literal["random", "epoch"] = "random"
+    """random: windows at uniform random offsets (with replacement); epoch: every sequence window of
+    the shards once per epoch, in a shuffled order. Either way a batch is a pure function of the step."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A mixture: corpora prepared on their own with this tokenizer and drawn from in proportion to
+    their weights (each source's own corpus/prepared replace data.corpus/prepared)."""
 
 
 @dataclass
@@ -392,7 +427,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        for option in inner[:-1]:  # the first type the value fits; the last one's error otherwise
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        return _coerce(value, inner[-1], key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list (got {value!r})")
+        if dataclasses.is_dataclass(args[0]):
+            return [_build(args[0], v, f"{key}[{i}].") for i, v in enumerate(value)]
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))} (got {value!r})")

@@ -200,14 +200,43 @@ def _check_optim(cfg: Config) -> None:
 
 
 def _check_data(cfg: Config) -> None:
-    """data.*: the validation share, and that data.prepared or data.corpus exists."""
+    """data.*: the validation share, sizes, data.prepared, and the mixture's sources.
+
+    The corpus and tokenizer paths are checked when the data is prepared (a config whose corpus
+    is not on this machine must still load, e.g. for ``mupfast explain``)."""
     d = cfg.data
     if not 0 < d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction: must be between 0 and 1 (got {d.val_fraction})")
     if d.prepared and not Path(d.prepared).is_dir():
         raise ConfigError(f"data.prepared: directory does not exist: {d.prepared}")
-    if not d.prepared and d.corpus != "stdlib" and not Path(d.corpus).exists():
-        raise ConfigError(f"data.corpus: path does not exist: {d.corpus}")
+    if not d.corpus:
+        raise ConfigError("data.corpus: empty (give a path, a glob, a list of them, or stdlib)")
+    if not d.text_field:
+        raise ConfigError("data.text_field: empty (the JSON Lines / Parquet field of the text)")
+    if not d.tokenizer:
+        raise ConfigError("data.tokenizer: empty (byte, bpe, or the path of a tokenizer.json)")
+    if d.eos_token is not None and not d.eos_token:
+        raise ConfigError("data.eos_token: empty (leave it out to use the tokenizer's own)")
+    _require_positive([("data.shard_tokens", d.shard_tokens)])
+    if d.workers < 0 or d.max_corpus_bytes < 0:
+        raise ConfigError(
+            "data.workers: workers and max_corpus_bytes must be non-negative (0: all cores, no cap)"
+        )
+    if d.sources:
+        if d.prepared:
+            raise ConfigError("data.sources: a mixture names each source's data; leave data.prepared empty")
+        if d.tokenizer == "bpe":
+            raise ConfigError(
+                "data.sources: a mixture needs one tokenizer for every source; train the BPE with "
+                "`mupfast prepare-data` on one corpus and set data.tokenizer to its tokenizer.json"
+            )
+        for i, s in enumerate(d.sources):
+            if not (s.weight > 0 and s.weight < float("inf")):
+                raise ConfigError(f"data.sources[{i}].weight: must be a positive number (got {s.weight})")
+            if not s.corpus and not s.prepared:
+                raise ConfigError(f"data.sources[{i}]: give its corpus or its prepared directory")
+            if s.prepared and not Path(s.prepared).is_dir():
+                raise ConfigError(f"data.sources[{i}].prepared: directory does not exist: {s.prepared}")
 
 
 def _check_zero(cfg: Config) -> None:

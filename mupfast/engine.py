@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from mupfast.atomic import write_text_atomically
 from mupfast.config import Config
 from mupfast.config_validate import read_ds_overrides
 from mupfast.errors import CheckpointError
@@ -99,15 +100,6 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tag
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, client_state: dict) -> str:
     """Engine checkpoint (every rank) + this rank's RNG state; returns the tag.
 
@@ -130,7 +122,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, client_state: 
         if dist.is_initialized():
             dist.barrier()
         if rank == 0:
-            _write_atomically(ckpt_dir / "latest", tag)
+            write_text_atomically(ckpt_dir / "latest", tag)
     except (OSError, RuntimeError) as e:
         if rank == 0:
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)  # never leave a half-written tag behind

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import torch.distributed as dist
 import yaml
 
 from mupfast.config import Config, load_config
-from mupfast.data import BatchSampler, TokenShard, load_prepared, prepare_data
+from mupfast.data import BatchSampler, prepare_sources
 from mupfast.engine import (
     checkpoint_dir,
     ds_config,
@@ -71,6 +70,16 @@ def evaluate(engine, sampler: BatchSampler, n_batches: int, device: torch.device
     return sum(losses) / len(losses)
 
 
+def _source_names(data) -> list[str]:
+    """A metrics name per mixture source: its corpus's file stem, made unique."""
+    names: list[str] = []
+    for i, s in enumerate(data.sources):
+        corpus = s.prepared or (s.corpus if isinstance(s.corpus, str) else s.corpus[0])
+        stem = Path(corpus.rstrip("/")).name.split("*")[0].split(".")[0] or f"source{i}"
+        names.append(stem if stem not in names else f"{stem}{i}")
+    return names
+
+
 def train(cfg: Config) -> TrainResult:
     """Run (or resume) the training the config describes; return what it measured."""
     import deepspeed
@@ -87,26 +96,34 @@ def train(cfg: Config) -> TrainResult:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     # Data: rank 0 prepares (cached by fingerprint), the others wait and then open the same shards.
-    if cfg.data.prepared:
-        prepared = load_prepared(cfg.data.prepared)
-    else:
-        if rank == 0:
-            prepared = prepare_data(cfg.data, progress=t.progress)
-        if world > 1:
-            dist.barrier()
-        if rank != 0:
-            prepared = prepare_data(cfg.data, progress=False)
-    if rank == 0 and (prepared.dir / "tokenizer.json").is_file():  # the run carries its own tokenizer
-        shutil.copyfile(prepared.dir / "tokenizer.json", run_dir / "tokenizer.json")
-    if prepared.vocab_size > cfg.model.vocab_size:
+    if rank == 0:
+        sources = prepare_sources(cfg.data, progress=t.progress)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        sources = prepare_sources(cfg.data, progress=False)
+    if rank == 0:  # the run carries its own tokenizer: export and generate read it from here
+        sources[0].tokenizer().save(run_dir)
+    if sources[0].vocab_size > cfg.model.vocab_size:
         raise TrainingError(
-            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary ({prepared.vocab_size})"
+            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary ({sources[0].vocab_size})"
         )
-    sampler_args = dict(seq_len=t.seq_len, micro_batch_size=t.micro_batch_size, seed=t.seed)
-    # Batches are keyed by (seed, step, global micro-batch index), not by rank: the same global batch
-    # gives the same data whatever the split into ranks × accumulation steps.
-    train_sampler = BatchSampler(TokenShard(prepared.train_path), **sampler_args)
-    val_sampler = BatchSampler(TokenShard(prepared.val_path), **sampler_args)
+    # A batch is a pure function of (seed, step, global micro-batch index), not of the rank: the same
+    # global batch whatever the split into ranks × accumulation steps, and a resume needs only the step.
+    common = dict(
+        seq_len=t.seq_len,
+        micro_batch_size=t.micro_batch_size,
+        seed=t.seed,
+        weights=[s.weight for s in cfg.data.sources] or None,
+    )
+    train_sampler = BatchSampler(
+        [s.train_set() for s in sources],
+        micro_batches_per_step=t.grad_accum_steps * world,
+        sampling=cfg.data.sampling,
+        **common,
+    )
+    val_sampler = BatchSampler([s.val_set() for s in sources], **common)
+    source_names = _source_names(cfg.data) if len(sources) > 1 else []
 
     # Model, optimizer and schedule: every lr is optim.lr · schedule(t) · lr_mult of its group.
     torch.manual_seed(t.seed)
@@ -201,6 +218,9 @@ def train(cfg: Config) -> TrainResult:
             values.update({f"grad_norm/{k}": v for k, v in client_opt.last_grad_norms.items()})
             values.update({f"clip_coef/{k}": v for k, v in client_opt.last_clip_coefs.items()})
             values.update(engine.module.stability_stats())
+            values.update(
+                {f"tokens/{n}": c for n, c in zip(source_names, train_sampler.tokens_seen(step + 1))}
+            )
             record = metrics.log(step + 1, values)
             result.train_losses[step + 1] = record["loss"]
             window_s, window_steps = 0.0, 0

@@ -229,10 +229,57 @@ RULES = [
         ["data.prepared=/nonexistent/dir"],
         exact("data.prepared: directory does not exist: /nonexistent/dir"),
     ),
+    # (a corpus path that is not on this machine is an error when the data is prepared: test_data)
     row(
-        "data.corpus-missing-path",
-        ["data.corpus=/nonexistent/corpus.txt"],
-        exact("data.corpus: path does not exist: /nonexistent/corpus.txt"),
+        "data.corpus-empty",
+        ["data.corpus=[]"],
+        exact("data.corpus: empty (give a path, a glob, a list of them, or stdlib)"),
+    ),
+    row(
+        "data.text_field-empty",
+        ["data.text_field=''"],
+        exact("data.text_field: empty (the JSON Lines / Parquet field of the text)"),
+    ),
+    row(
+        "data.tokenizer-empty",
+        ["data.tokenizer=''"],
+        exact("data.tokenizer: empty (byte, bpe, or the path of a tokenizer.json)"),
+    ),
+    row(
+        "data.eos_token-empty",
+        ["data.eos_token=''"],
+        exact("data.eos_token: empty (leave it out to use the tokenizer's own)"),
+    ),
+    row("data.shard_tokens-zero", ["data.shard_tokens=0"], positive("data.shard_tokens", "0")),
+    row(
+        "data.workers-negative",
+        ["data.workers=-1"],
+        exact("data.workers: workers and max_corpus_bytes must be non-negative (0: all cores, no cap)"),
+    ),
+    row(
+        "data.sources-with-prepared",
+        ["data.sources=[{corpus: a.jsonl}]", "data.prepared=/tmp"],
+        exact("data.sources: a mixture names each source's data; leave data.prepared empty"),
+    ),
+    row(
+        "data.sources-with-bpe",
+        ["data.sources=[{corpus: a.jsonl}]", "data.tokenizer=bpe", "model.vocab_size=5000"],
+        r"^data\.sources: a mixture needs one tokenizer for every source; train the BPE",
+    ),
+    row(
+        "data.sources-weight",
+        ["data.sources=[{corpus: a.jsonl, weight: 0}]"],
+        exact("data.sources[0].weight: must be a positive number (got 0.0)"),
+    ),
+    row(
+        "data.sources-nothing",
+        ["data.sources=[{corpus: a.jsonl}, {weight: 2}]"],
+        exact("data.sources[1]: give its corpus or its prepared directory"),
+    ),
+    row(
+        "data.sources-prepared-missing",
+        ["data.sources=[{prepared: /nonexistent/dir}]"],
+        exact("data.sources[0].prepared: directory does not exist: /nonexistent/dir"),
     ),
     # zero.*
     row("zero.stage-four", ["zero.stage=4"], exact("zero.stage: must be 0, 1, 2 or 3 (got 4)")),

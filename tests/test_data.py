@@ -16,7 +16,7 @@ from mupfast.data import (
     TokenShard,
     corpus_files,
     prepare_data,
-    read_corpus,
+    read_documents,
     write_shard,
 )
 from mupfast.data.tokenizer import BPETokenizer, ByteTokenizer
@@ -58,7 +58,8 @@ def test_byte_tokenizer_round_trips_non_ascii():
     assert tok.decode(ids) == TEXT
     assert tok.decode([0xFF, 0x41]) == "\ufffdA"  # invalid UTF-8 is replaced, not raised
     assert tok.fingerprint == ByteTokenizer().fingerprint and len(tok.fingerprint) <= 32
-    assert np.array_equal(tok.encode_arrays([TEXT])[0], np.array(ids, dtype=np.uint16))
+    (doc,) = tok.encode_documents([TEXT])  # a document ends with the byte tokenizer's EOS, 0
+    assert doc.dtype == np.uint16 and np.array_equal(doc, np.array([*ids, 0], dtype=np.uint16))
 
 
 def test_bpe_trains_round_trips_respects_vocab_and_reloads_with_the_same_fingerprint(tmp_path):
@@ -76,9 +77,10 @@ def test_bpe_trains_round_trips_respects_vocab_and_reloads_with_the_same_fingerp
     assert BPETokenizer.train([TEXT * 20], vocab_size=280).fingerprint != tok.fingerprint
 
 
-def test_bpe_rejects_vocab_beyond_uint16():
-    with pytest.raises(ValueError, match="65536"):
-        BPETokenizer.train(["abc"], vocab_size=70_000)
+def test_bpe_needs_room_beyond_the_bytes_and_its_eos():
+    # (ids are stored as uint32 above 65,536 now, so the old uint16 ceiling is gone)
+    with pytest.raises(ValueError, match="vocab_size"):
+        BPETokenizer.train(["abc"], vocab_size=257)
 
 
 # ---------------------------------------------------------------- shards
@@ -150,36 +152,52 @@ def test_each_corruption_raises_a_one_line_data_error_naming_the_file(tmp_path, 
 # ---------------------------------------------------------------- corpus and prepare_data
 
 
+def read_corpus(corpus, cap: int = 0) -> str:
+    """The corpus's documents in order, as preparation reads them, cut to ``cap`` UTF-8 bytes."""
+    text = "".join(doc for f in corpus_files(corpus) for _, doc in read_documents(f))
+    return text.encode("utf-8")[:cap].decode("utf-8", errors="ignore") if cap else text
+
+
+def documents_of(data) -> list[str]:
+    """Every document of a prepared directory (train shards then val shards), split at EOS."""
+    tok = data.tokenizer()
+    ids = np.concatenate([s.tokens for split in ("train", "val") for s in data.shards(split)])
+    return tok.decode(ids.tolist()).split(tok.eos_token)[:-1]
+
+
 def test_user_corpus_directory_is_recursive_sorted_and_filtered(corpus_dir):
-    assert [rel for rel, _ in corpus_files(str(corpus_dir))] == ["a.txt", "sub/b.md", "sub/c.py"]
-    assert [rel for rel, _ in corpus_files(str(corpus_dir / "a.txt"))] == ["a.txt"]
-    with pytest.raises(DataError, match="not found"):
+    assert [f.rel for f in corpus_files(str(corpus_dir))] == ["a.txt", "sub/b.md", "sub/c.py"]
+    assert [f.rel for f in corpus_files(str(corpus_dir / "a.txt"))] == ["a.txt"]
+    with pytest.raises(DataError, match="does not exist"):
         corpus_files(str(corpus_dir / "nope"))
 
 
-def test_corpus_cap_is_respected_on_a_character_boundary(corpus_dir):
-    files = corpus_files(str(corpus_dir))
-    full = "".join(read_corpus(files))
-    for cap in (1000, 3013, 10**9):
-        text = "".join(read_corpus(files, cap))
-        assert len(text.encode("utf-8")) <= cap
-        assert full.startswith(text)
+def test_corpus_cap_is_respected_on_a_character_boundary(corpus_dir, tmp_path):
+    full = read_corpus(str(corpus_dir))
     assert "# file: sub/b.md" in full
+    for cap in (1000, 3013):
+        data = prepare_data(data_cfg(corpus_dir, tmp_path / f"d{cap}", max_corpus_bytes=cap), progress=False)
+        text = "".join(documents_of(data))
+        assert len(text.encode("utf-8")) <= cap and full.startswith(text) and data.meta["corpus_bytes"] <= cap
+        assert len(text.encode("utf-8")) > cap - 4  # cut inside a character at most
 
 
 def test_prepare_data_writes_shards_and_is_idempotent(corpus_dir, tmp_path):
     cfg = data_cfg(corpus_dir, tmp_path / "data", val_fraction=0.1)
     first = prepare_data(cfg, progress=False)
     assert not first.reused and first.dir.parent == tmp_path / "data"
-    train, val = first.train_shard(), first.val_shard()
+    (train,), (val,) = first.shards("train"), first.shards("val")
     meta = json.loads((first.dir / "meta.json").read_text())
+    index = json.loads((first.dir / "index.json").read_text())
     assert (len(train), len(val)) == (meta["train_tokens"], meta["val_tokens"])
+    assert [e["tokens"] for e in index["train"]] == [len(train)] and index["val"][0]["tokens"] == len(val)
+    # three documents are too few for the hash split: the last tenth of the stream is held out
     assert len(val) == round(0.1 * (len(train) + len(val)))
     assert first.vocab_size == 256 and first.tokenizer_fingerprint == ByteTokenizer().fingerprint
-    # the val split is the end of the token stream: train + val is the whole corpus, in order
-    text = "".join(read_corpus(corpus_files(str(corpus_dir)), cfg.max_corpus_bytes))
+    # train + val is the whole corpus, in order, each document ended by EOS (0)
     stream = np.concatenate([train.tokens, val.tokens])
-    assert first.tokenizer().decode(stream) == text
+    assert first.tokenizer().decode(stream[stream != 0]) == read_corpus(str(corpus_dir))
+    assert int((stream == 0).sum()) == 3 and stream[-1] == 0
 
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in first.dir.iterdir()}
     second = prepare_data(cfg, progress=False)
@@ -197,11 +215,19 @@ def test_prepare_data_is_deterministic_across_fresh_directories(corpus_dir, tmp_
     )
     assert a.dir.name == b.dir.name
     assert tree_bytes(a.dir) == tree_bytes(b.dir)
-    assert set(tree_bytes(a.dir)) == {"train.bin", "val.bin", "tokenizer.json", "meta.json"}
+    assert set(tree_bytes(a.dir)) == {
+        "train-00000.bin",
+        "val-00000.bin",
+        "index.json",
+        "tokenizer.json",
+        "mupfast_tokenizer.json",
+        "meta.json",
+    }
     tok = a.tokenizer()
     assert isinstance(tok, BPETokenizer) and tok.fingerprint == a.tokenizer_fingerprint
     assert a.vocab_size == tok.vocab_size <= 400
-    assert a.train_shard().tokens.max() < a.vocab_size
+    assert a.shards("train")[0].tokens.max() < a.vocab_size
+    assert documents_of(a) == [doc for f in corpus_files(str(corpus_dir)) for _, doc in read_documents(f)]
 
 
 def test_settings_and_corpus_changes_select_a_new_directory(corpus_dir, tmp_path):
@@ -209,6 +235,8 @@ def test_settings_and_corpus_changes_select_a_new_directory(corpus_dir, tmp_path
     base = prepare_data(cfg, progress=False).dir
     assert prepare_data(replace(cfg, val_fraction=0.3), progress=False).dir != base
     assert prepare_data(replace(cfg, max_corpus_bytes=2000), progress=False).dir != base
+    assert prepare_data(replace(cfg, shard_tokens=1000), progress=False).dir != base
+    assert prepare_data(replace(cfg, workers=2), progress=False).dir == base  # not a setting of the result
     (corpus_dir / "a.txt").write_text(TEXT)  # edited corpus: never reuse stale shards
     assert prepare_data(cfg, progress=False).dir != base
 
@@ -217,7 +245,7 @@ def test_a_broken_prepared_directory_is_rebuilt(corpus_dir, tmp_path):
     cfg = data_cfg(corpus_dir, tmp_path / "d")
     first = prepare_data(cfg, progress=False)
     good = tree_bytes(first.dir)
-    _corrupt(first.train_path, "truncated")
+    _corrupt(first.train_shards[0], "truncated")
     again = prepare_data(cfg, progress=False)
     assert not again.reused and again.dir == first.dir and tree_bytes(again.dir) == good
 
@@ -229,11 +257,11 @@ def test_losing_an_install_race_keeps_the_winners_valid_directory(corpus_dir, tm
     import mupfast.data.prepare as data_mod
 
     calls = []
-    real = data_mod._load_prepared
+    real = data_mod.find_prepared
     # the fast path misses (as if the other process had not finished yet), the install then collides
     monkeypatch.setattr(
         data_mod,
-        "_load_prepared",
+        "find_prepared",
         lambda d, reused=True: calls.append(d) or (None if len(calls) == 1 else real(d, reused)),
     )
     loser = prepare_data(cfg, progress=False)
@@ -242,29 +270,32 @@ def test_losing_an_install_race_keeps_the_winners_valid_directory(corpus_dir, tm
 
 
 def test_too_small_or_empty_corpus_is_a_data_error(tmp_path):
-    (tmp_path / "one.txt").write_text("x")
+    (tmp_path / "one.jsonl").write_text('{"text": ""}\n')  # one empty document: its EOS alone
     with pytest.raises(DataError, match="only 1 tokens, too few"):
-        prepare_data(data_cfg(tmp_path / "one.txt", tmp_path / "d", max_corpus_bytes=1), progress=False)
+        prepare_data(data_cfg(tmp_path / "one.jsonl", tmp_path / "d"), progress=False)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no .* files found"):
+    with pytest.raises(DataError, match="no supported file under"):
         prepare_data(data_cfg(tmp_path / "empty", tmp_path / "d"), progress=False)
+    with pytest.raises(DataError, match="data.corpus: path does not exist: /no/such/corpus"):
+        prepare_data(data_cfg("/no/such/corpus", tmp_path / "d"), progress=False)
 
 
 def test_stdlib_corpus_is_deterministic_and_excludes_tests(tmp_path):
     files = corpus_files("stdlib")
-    rels = [rel for rel, _ in files]
+    rels = [f.rel for f in files]
     assert rels == sorted(rels) and len(rels) > 100
     assert not any(
         part in {"test", "tests", "idlelib", "lib2to3", "site-packages"}
         for r in rels
         for part in r.split("/")
     )
-    assert read_corpus(files, 200_000) == read_corpus(corpus_files("stdlib"), 200_000)
+    assert read_corpus("stdlib", 200_000) == read_corpus("stdlib", 200_000)
     cfg = DataConfig(corpus="stdlib", dir=str(tmp_path / "a"), max_corpus_bytes=200_000)
     a = prepare_data(cfg, progress=False)
-    b = prepare_data(replace(cfg, dir=str(tmp_path / "b")), progress=False)
+    b = prepare_data(replace(cfg, dir=str(tmp_path / "b"), workers=2), progress=False)
     assert a.dir.name.startswith("stdlib-byte-") and tree_bytes(a.dir) == tree_bytes(b.dir)
-    assert 190_000 < len(a.train_shard()) + len(a.val_shard()) <= 200_000
+    tokens = a.meta["train_tokens"] + a.meta["val_tokens"]
+    assert 190_000 < tokens - a.meta["documents"] <= 200_000  # the text, and an EOS per document
 
 
 # ---------------------------------------------------------------- sampler
@@ -295,24 +326,30 @@ def test_sampler_batches_are_shifted_windows_within_vocab(shard):
 
 
 def test_sampler_is_a_pure_function_of_the_key(shard, tmp_path):
-    a, b = sampler(shard), sampler(TokenShard(shard.path))
+    a, b = sampler(shard, micro_batches_per_step=4), sampler(TokenShard(shard.path), micro_batches_per_step=4)
     for step, micro in [(0, 0), (5, 0), (5, 3), (10_000, 1)]:
         xa, ya = a.batch(step, micro)
         xb, yb = b.batch(step, micro)
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     assert torch.equal(a.batch(9)[0], a.batch(9, micro_step=0)[0])
+    with pytest.raises(ValueError, match="micro"):  # a micro-batch the step does not have
+        a.batch(0, 4)
 
 
 def test_sampler_differs_across_steps_micro_steps_ranks_and_seeds(shard):
-    ref = sampler(shard).batch(4, 1)[0]
+    # The trainer numbers micro-batches globally (micro_step × world + rank), so rank 1 of 2 reads
+    # global micro-batch 1 where rank 0 reads 0: ranks differ through the index, not a rank key.
+    four = dict(micro_batches_per_step=4)
+    ref = sampler(shard, **four).batch(4, 1)[0]
     others = [
-        sampler(shard).batch(5, 1),
-        sampler(shard).batch(4, 0),
-        sampler(shard, rank=1, world_size=2).batch(4, 1),
-        sampler(shard, seed=8).batch(4, 1),
+        sampler(shard, **four).batch(5, 1),
+        sampler(shard, **four).batch(4, 0),
+        sampler(shard, **four).batch(4, 0 * 2 + 1),  # rank 1 of 2 at micro step 0 …
+        sampler(shard, **four, seed=8).batch(4, 1),
     ]
-    for x, _ in others:
+    for x, _ in others[:2] + others[3:]:
         assert not torch.equal(ref, x)
+    assert torch.equal(ref, others[2][0])  # … is global micro-batch 1, whatever the split
 
 
 def test_eval_batches_are_stable_and_independent_of_the_training_seed(shard):
@@ -349,8 +386,8 @@ def test_sampler_argument_errors(shard):
 
 def test_prepared_data_feeds_the_sampler(corpus_dir, tmp_path):
     data = prepare_data(data_cfg(corpus_dir, tmp_path / "d"), progress=False)
-    s = BatchSampler(data.train_shard(), seq_len=16, micro_batch_size=2, seed=0)
+    s = BatchSampler(data.train_set(), seq_len=16, micro_batch_size=2, seed=0)
     x, y = s.batch(0)
     text = data.tokenizer().decode(x[0].tolist())
-    assert text in data.tokenizer().decode(data.train_shard().tokens)
-    assert os.path.samefile(data.train_path, data.dir / "train.bin")
+    assert text in data.tokenizer().decode(data.shards("train")[0].tokens)
+    assert os.path.samefile(data.train_shards[0], data.dir / "train-00000.bin")

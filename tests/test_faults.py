@@ -127,20 +127,20 @@ def test_bad_files_give_one_line_errors_naming_them_and_exit_2(tmp_path):
 
     truncated = tmp_path / "truncated"
     shutil.copytree(prepared, truncated)
-    with open(truncated / "train.bin", "r+b") as f:
-        f.truncate(os.path.getsize(truncated / "train.bin") - 7)
-    cases.append(([f"data.prepared={truncated}"], str(truncated / "train.bin")))
+    with open(truncated / "train-00000.bin", "r+b") as f:
+        f.truncate(os.path.getsize(truncated / "train-00000.bin") - 7)
+    cases.append(([f"data.prepared={truncated}"], str(truncated / "train-00000.bin")))
 
     corrupted = tmp_path / "corrupted"
     shutil.copytree(prepared, corrupted)
-    with open(corrupted / "val.bin", "r+b") as f:
+    with open(corrupted / "val-00000.bin", "r+b") as f:
         f.write(b"garbage!")
-    cases.append(([f"data.prepared={corrupted}"], str(corrupted / "val.bin")))
+    cases.append(([f"data.prepared={corrupted}"], str(corrupted / "val-00000.bin")))
 
     missing = tmp_path / "missing"
     shutil.copytree(prepared, missing)
-    (missing / "train.bin").unlink()
-    cases.append(([f"data.prepared={missing}"], str(missing / "train.bin")))
+    (missing / "train-00000.bin").unlink()
+    cases.append(([f"data.prepared={missing}"], str(missing / "train-00000.bin")))
 
     run = Path(cfg.train.run_dir)
     (state,) = (run / "checkpoints" / "step00000003").glob("*model_states.pt")

@@ -149,7 +149,7 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path):
         (["model.num_heads=4", "model.num_kv_heads=3"], "not a multiple of model.num_kv_heads"),
         (["model.num_layers=0"], "model.num_layers: must be positive"),
         (["optim.lr=-1"], "optim.lr: must be positive"),
-        (["data.corpus=/no/such/corpus"], "data.corpus: path does not exist"),
+        (["data.val_fraction=2"], "data.val_fraction: must be between 0 and 1"),
         (["--config", str(tmp_path / "missing.yaml")], "config file not found"),
         (["nonsense"], "expected section.key=value"),
     ]
@@ -160,6 +160,21 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path):
         assert proc.returncode == 2, (args, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, proc.stderr)
+    # a corpus that is not on this machine loads (explain works) and fails where the data is read
+    args = ["data.corpus=/no/such/corpus", f"data.dir={tmp_path}/data"]
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "mupfast.cli", "explain", *args], capture_output=True
+        ).returncode
+        == 0
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "mupfast.cli", "prepare-data", *args], capture_output=True, text=True
+    )
+    assert (
+        proc.returncode == 2
+        and proc.stderr.strip() == "error: data.corpus: path does not exist: /no/such/corpus"
+    )
 
 
 def test_explain_json_lists_every_parameter():

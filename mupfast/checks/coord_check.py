@@ -158,7 +158,7 @@ def coord_check(
     """
     from tqdm.auto import tqdm
 
-    from mupfast.data import BatchSampler, TokenShard, prepare_data
+    from mupfast.data import BatchSampler, prepare_sources
     from mupfast.parametrization import hyperp_own_bases
 
     if steps < 1 or seeds < 1:
@@ -177,13 +177,18 @@ def coord_check(
         for p in parametrizations
         for w in widths
     }
-    prepared = prepare_data(cfg.data, progress=progress)
-    shard = TokenShard(prepared.train_path)
+    sources = prepare_sources(cfg.data, progress=progress)
+    train_sets = [p.train_set() for p in sources]
+    weights = [s.weight for s in cfg.data.sources] or None
     t = cfg.train
     batches = {
         s: [
             BatchSampler(
-                shard, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size, seed=t.seed + s
+                train_sets,
+                weights=weights,
+                seq_len=t.seq_len,
+                micro_batch_size=t.micro_batch_size,
+                seed=t.seed + s,
             ).batch(k)
             for k in range(steps + 1)
         ]

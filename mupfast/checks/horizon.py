@@ -228,7 +228,7 @@ def horizon_test(
     n_boot: int = 2000,
 ) -> dict[str, Any]:
     """Run (or finish) the grid and fit α; returns the dict ``horizon-test`` writes as JSON."""
-    from mupfast.data import prepare_data
+    from mupfast.data import prepare_sources
 
     horizons = sorted(horizons)
     if len(horizons) < 3:
@@ -243,7 +243,7 @@ def horizon_test(
     points = make_points(
         cfg, horizons=horizons, lrs=lrs, seeds=seeds, parametrization=parametrization, out=out
     )
-    prepare_data(cfg.data, progress=progress)
+    prepare_sources(cfg.data, progress=progress)
     t0 = time.perf_counter()
     values = run_points(points, jobs=jobs, progress=progress, desc="horizon-test")
     by_key = {(pt.size, pt.lr, pt.seed): values[pt.run_dir] for pt in points}

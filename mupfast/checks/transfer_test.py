@@ -223,7 +223,7 @@ def transfer_test(
 
     ``hyperp_lrs``: the grid of η0 for hyperp (its lrs sit higher than AdamW's); default ``lrs``.
     """
-    from mupfast.data import prepare_data
+    from mupfast.data import prepare_sources
 
     if (widths is None) == (depths is None):
         raise ConfigError("transfer-test: give either --widths or --depths")
@@ -247,7 +247,7 @@ def transfer_test(
         steps=steps,
         out=out,
     )
-    prepare_data(cfg.data, progress=progress)  # once, before the workers start
+    prepare_sources(cfg.data, progress=progress)  # once, before the workers start
     t0 = time.perf_counter()
     values = run_points(points, jobs=jobs, progress=progress)
     t = points[0].cfg.train

@@ -1,9 +1,14 @@
-"""Data preparation: reading a corpus, tokenizing it, and the prepared directory of shards it makes.
+"""Data preparation: a corpus tokenized into shards, in parallel, resumably; and opening the result.
 
-:func:`prepare_data` turns a corpus (``"stdlib"``: this Python's standard-library sources, or a text
-file / directory) into ``train.bin`` / ``val.bin`` shards (:mod:`mupfast.data.shards`) in a
-directory named by a hash of everything that determines them; a second call finds them and does no
-work. :func:`load_prepared` opens such a directory, checking every file.
+:func:`prepare_data` (the ``prepare-data`` verb; the trainer calls it too) reads the corpus
+(:mod:`~mupfast.data.corpus`), cuts it into units (:mod:`~mupfast.data.units`) that ``workers``
+processes tokenize independently, then cuts the token stream into shards
+(:mod:`~mupfast.data.assemble`). The result lives in a directory named by a hash of everything
+that determines it — corpus listing, reading settings, tokenizer, split, shard size, not the
+worker count — so a second call finds it and does no work, and a changed corpus never reuses
+stale shards. Work in progress sits in ``.<name>.partial`` beside it: a killed preparation keeps
+its finished units and continues from there. Concurrent preparations of the same data end with
+one valid directory. The directory it makes is opened by :func:`~mupfast.data.prepared.load_prepared`.
 """
 
 from __future__ import annotations
@@ -11,238 +16,242 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import sys
-import sysconfig
+import time
 import uuid
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from mupfast.config import DataConfig, load_config
-from mupfast.data.shards import TokenShard, temp_path, write_shard
-from mupfast.data.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
-from mupfast.errors import DataError
+from mupfast.data.assemble import assemble
+from mupfast.data.corpus import CorpusFile, corpus_files, corpus_listing, read_documents
+from mupfast.data.prepared import PreparedData, find_prepared, load_prepared
+from mupfast.data.shards import token_dtype
+from mupfast.data.tokenizer import BPETokenizer, load_saved_tokenizer, load_tokenizer
+from mupfast.data.units import Unit, cap_limits, plan_units, tokenize_unit, unit_done
+from mupfast.errors import ConfigError, DataError
 
-# ----------------------------------------------------------------------------------------------
-# Corpus
-
-STDLIB_EXCLUDED_DIRS = {
-    "test",
-    "tests",
-    "idlelib",
-    "lib2to3",
-    "site-packages",
-    "dist-packages",
-    "__pycache__",
-}
-USER_SUFFIXES = {".txt", ".md", ".py", ".rst"}
-
-
-def corpus_files(corpus: str) -> list[tuple[str, Path]]:
-    """The corpus's files as (relative posix path, path), sorted by relative path.
-
-    ``"stdlib"``: ``*.py`` under ``sysconfig.get_paths()["stdlib"]`` minus test directories, idlelib,
-    lib2to3, site-/dist-packages and the build-specific ``_sysconfigdata*`` module. Otherwise a text
-    file, or a directory searched recursively for .txt/.md/.py/.rst (hidden entries skipped).
-    """
-    if corpus == "stdlib":
-        root, suffixes, skip = Path(sysconfig.get_paths()["stdlib"]), {".py"}, STDLIB_EXCLUDED_DIRS
-    else:
-        root, suffixes, skip = Path(corpus), USER_SUFFIXES, set()
-        if root.is_file():
-            return [(root.name, root)]
-        if not root.is_dir():
-            raise DataError(f"corpus not found: {corpus}")
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in skip and not d.startswith(".")]
-        for name in filenames:
-            if Path(name).suffix in suffixes and not name.startswith((".", "_sysconfigdata")):
-                path = Path(dirpath) / name
-                files.append((path.relative_to(root).as_posix(), path))
-    if not files:
-        raise DataError(f"corpus {corpus}: no {'/'.join(sorted(suffixes))} files found under {root}")
-    return sorted(files)
-
-
-def read_corpus(files: list[tuple[str, Path]], max_bytes: int = 0) -> list[str]:
-    """Documents ``"# file: <rel>\\n<text>\\n\\n"`` in order, cut so that their UTF-8 total ≤ max_bytes (0: no cap)."""
-    docs, total = [], 0
-    for rel, path in files:
-        text = path.read_bytes().decode("utf-8", errors="replace").rstrip()
-        doc = f"# file: {rel}\n{text}\n\n"
-        size = len(doc.encode("utf-8"))
-        if max_bytes and total + size > max_bytes:
-            cut = doc.encode("utf-8")[: max_bytes - total].decode("utf-8", errors="ignore")
-            if cut:
-                docs.append(cut)
-            break
-        docs.append(doc)
-        total += size
-    return docs
+PREP_FORMAT = 2  # bump when reading, splitting or the shard layout changes, to invalidate old directories
 
 
 # ----------------------------------------------------------------------------------------------
-# Preparation
-
-PREP_FORMAT = 1  # bump when the corpus reading or splitting changes, to invalidate old directories
+# Preparing
 
 
-@dataclass
-class PreparedData:
-    """A prepared data directory: train/val shards, their vocab and tokenizer."""
-
-    dir: Path
-    train_path: Path
-    val_path: Path
-    vocab_size: int
-    tokenizer_fingerprint: str
-    tokenizer_kind: str = "byte"
-    reused: bool = False
-    """True when prepare_data found the directory already prepared."""
-
-    def tokenizer(self) -> ByteTokenizer | BPETokenizer:
-        return load_tokenizer(self.tokenizer_kind, self.dir)
-
-    def train_shard(self) -> TokenShard:
-        return TokenShard(self.train_path)
-
-    def val_shard(self) -> TokenShard:
-        return TokenShard(self.val_path)
-
-
-def _source_key(cfg: DataConfig, files: list[tuple[str, Path]]) -> dict:
-    if cfg.corpus == "stdlib":
-        listing = [(rel, p.stat().st_size) for rel, p in files]
-        source = {"corpus": "stdlib", "python": ".".join(map(str, sys.version_info[:3]))}
+def _source_key(cfg: DataConfig, files: list[CorpusFile]) -> dict:
+    """What the corpus contributes to the cache key: which files, as they are now."""
+    if cfg.corpus == "stdlib":  # the embedded corpus: this Python's version, not file times
+        listing = [(rel, size) for rel, size, _ in corpus_listing(files)]
+        source: dict = {"corpus": "stdlib", "python": ".".join(map(str, sys.version_info[:3]))}
     else:
-        listing = [(rel, p.stat().st_size, p.stat().st_mtime_ns) for rel, p in files]
-        source = {"corpus": str(Path(cfg.corpus).resolve())}
+        listing = corpus_listing(files)
+        corpus = [cfg.corpus] if isinstance(cfg.corpus, str) else list(cfg.corpus)
+        source = {"corpus": [str(Path(c).resolve()) if Path(c).exists() else c for c in corpus]}
     source["files"] = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
-    return {
-        "format": PREP_FORMAT,
-        "source": source,
-        "max_corpus_bytes": cfg.max_corpus_bytes,
-        "tokenizer": cfg.tokenizer,
-        "bpe_vocab_size": cfg.bpe_vocab_size if cfg.tokenizer == "bpe" else None,
-        "val_fraction": cfg.val_fraction,
-    }
+    return source
+
+
+def _tokenizer_key(cfg: DataConfig):
+    if cfg.tokenizer == "bpe":  # trained on the corpus, so the corpus key covers it
+        return {"kind": "bpe", "vocab_size": cfg.bpe_vocab_size}
+    return {"fingerprint": load_tokenizer(cfg.tokenizer, eos_token=cfg.eos_token).fingerprint}
 
 
 def _dir_name(cfg: DataConfig, key: dict) -> str:
-    stem = "stdlib" if cfg.corpus == "stdlib" else re.sub(r"[^A-Za-z0-9_.]+", "_", Path(cfg.corpus).stem)
-    tok = "byte" if cfg.tokenizer == "byte" else f"bpe{cfg.bpe_vocab_size}"
+    corpus = cfg.corpus if isinstance(cfg.corpus, str) else cfg.corpus[0]
+    stem = (
+        "stdlib" if corpus == "stdlib" else re.sub(r"[^A-Za-z0-9_.]+", "_", Path(corpus).name.split("*")[0])
+    )
+    tok = {"byte": "byte", "bpe": f"bpe{cfg.bpe_vocab_size}"}.get(cfg.tokenizer, "hf")
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{stem}-{tok}-{digest}"
+    return f"{stem.strip('._') or 'corpus'}-{tok}-{digest}"
 
 
-def load_prepared(d: str | Path, reused: bool = True) -> PreparedData:
-    """Open a prepared directory, checking every file; a problem is a DataError naming the file."""
-    d = Path(d)
-    meta_path = d / "meta.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-        vocab, fingerprint, kind = meta["vocab_size"], meta["tokenizer_fingerprint"], meta["tokenizer"]
-        counts = (meta["train_tokens"], meta["val_tokens"])
-    except FileNotFoundError:
-        raise DataError(f"{meta_path}: missing (not a directory made by `mupfast prepare-data`)") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{meta_path}: unreadable or incomplete ({type(e).__name__}: {e})") from None
-    train, val = TokenShard(d / "train.bin"), TokenShard(d / "val.bin")
-    data = PreparedData(d, train.path, val.path, vocab, fingerprint, kind, reused)
-    for shard, count in ((train, counts[0]), (val, counts[1])):
-        if shard.fingerprint != fingerprint:
-            raise DataError(
-                f"{shard.path}: tokenizer fingerprint {shard.fingerprint} differs from meta.json's {fingerprint}"
-            )
-        if len(shard) != count:
-            raise DataError(f"{shard.path}: {len(shard)} tokens, meta.json says {count}")
-    try:
-        tok_fp = data.tokenizer().fingerprint
-    except (OSError, ValueError) as e:
-        raise DataError(f"{d}: tokenizer unreadable ({type(e).__name__}: {e})") from None
-    if tok_fp != fingerprint:
-        raise DataError(
-            f"{d / 'tokenizer.json'}: fingerprint {tok_fp} differs from meta.json's {fingerprint}"
+def _tokenizer(cfg: DataConfig, files: list[CorpusFile], work: Path, read: dict, progress: bool):
+    """The tokenizer the shards are written with (the trained BPE is saved, so a resume reuses it)."""
+    if cfg.tokenizer != "bpe":
+        return load_tokenizer(cfg.tokenizer, eos_token=cfg.eos_token)
+    if (work / "tokenizer" / "mupfast_tokenizer.json").is_file():
+        return load_saved_tokenizer(work / "tokenizer")
+    caps = cap_limits(files, cfg.max_corpus_bytes, **read) if cfg.max_corpus_bytes else {}
+
+    def documents():  # the corpus as the shards will hold it, streamed (the cap included)
+        last = max(caps) if caps else len(files) - 1
+        for i, f in enumerate(files[: last + 1]):
+            for n, (_, text) in enumerate(read_documents(f, **read), start=1):
+                if i in caps and n == caps[i][0]:
+                    yield text.encode("utf-8")[: caps[i][1]].decode("utf-8", errors="ignore")
+                    break
+                yield text
+
+    tok = BPETokenizer.train(documents(), cfg.bpe_vocab_size, progress=progress)
+    (work / "tokenizer").mkdir(parents=True, exist_ok=True)
+    tok.save(work / "tokenizer")
+    return tok
+
+
+def _run_units(todo: list[Unit], files, tok_dir: Path, work: Path, read: dict, workers: int, bar):
+    """Tokenize the units not yet done: in this process, or on ``workers`` spawned processes (at
+    most two units per worker in flight, so memory and unread results stay bounded)."""
+    args = dict(
+        text_field=read["text_field"], on_bad_record=read["on_bad_record"], val_fraction=read["val_fraction"]
+    )
+    if workers <= 1:
+        tok = load_saved_tokenizer(tok_dir)
+        for unit in todo:
+            bar(tokenize_unit(unit, files, tok, work, **args))
+        return
+    ctx = multiprocessing.get_context("spawn")  # no forked tokenizer thread pools; the same on every OS
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok_dir),)) as pool:
+        pending = []
+        for unit in todo:
+            pending.append(pool.apply_async(_worker_unit, (unit, files, str(work), args)))
+            while len(pending) >= 2 * workers or (pending and pending[0].ready()):
+                bar(pending.pop(0).get())
+        for p in pending:
+            bar(p.get())
+
+
+_WORKER_TOKENIZER = None
+
+
+def _init_worker(tok_dir: str) -> None:
+    global _WORKER_TOKENIZER
+    os.environ["RAYON_NUM_THREADS"] = "1"  # one core per worker: the workers are the parallelism
+    _WORKER_TOKENIZER = load_saved_tokenizer(Path(tok_dir))
+
+
+def _worker_unit(unit: Unit, files, work: str, args: dict) -> dict:
+    return tokenize_unit(unit, files, _WORKER_TOKENIZER, Path(work), **args)
+
+
+class _Progress:
+    """Documents, tokens and tokens/s of the units as they finish (tqdm over units on stderr)."""
+
+    def __init__(self, total: int, done: list[dict], name: str, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=total, initial=len(done), desc=f"preparing {name}", unit="unit", disable=not enabled
         )
-    return data
+        self.docs = sum(c["train_documents"] + c["val_documents"] for c in done)
+        self.tokens = sum(c["train_tokens"] + c["val_tokens"] for c in done)
+        self.t0, self.new_tokens = time.perf_counter(), 0
+
+    def __call__(self, counts: dict) -> None:
+        self.docs += counts["train_documents"] + counts["val_documents"]
+        n = counts["train_tokens"] + counts["val_tokens"]
+        self.tokens, self.new_tokens = self.tokens + n, self.new_tokens + n
+        rate = self.new_tokens / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"{self.docs:,} docs, {self.tokens:,} tokens, {rate:,.0f} tok/s")
+        self.bar.update(1)
 
 
-def _load_prepared(d: Path, reused: bool = True) -> PreparedData | None:
-    """The prepared data in d, or None when d is missing, incomplete or inconsistent (a cache miss)."""
-    try:
-        return load_prepared(d, reused)
-    except DataError:
-        return None
+def prepare_data(cfg: DataConfig, *, progress: bool = True, workers: int | None = None) -> PreparedData:
+    """Tokenize the corpus into ``<cfg.dir>/<name>-<hash>/`` (shards, index.json, meta.json, tokenizer).
 
-
-def prepare_data(cfg: DataConfig, *, progress: bool = True) -> PreparedData:
-    """Tokenize the corpus into ``<cfg.dir>/<name>-<hash>/{train,val}.bin`` (+ tokenizer.json, meta.json).
-
-    Idempotent: when that directory already holds valid shards they are returned (``reused=True``).
-    Deterministic: the same corpus and settings give byte-identical files. The val split is the last
-    ``val_fraction`` of the token stream (contiguous held-out text). Files are written to a temp dir
-    renamed into place, so concurrent processes never see half-written data and all end with a
-    valid directory.
+    Idempotent (an existing valid directory is returned, ``reused=True``), deterministic (the same
+    corpus and settings give byte-identical files for any ``workers``: default ``cfg.workers``, 0
+    meaning one per core), resumable, bounded in memory. Validation documents are chosen by a hash
+    of their position (see :func:`~mupfast.data.units.is_val`).
     """
-    from tqdm.auto import tqdm
-
     files = corpus_files(cfg.corpus)
-    key = _source_key(cfg, files)
+    read = {"text_field": cfg.text_field, "on_bad_record": cfg.on_bad_record}
+    key = {
+        "format": PREP_FORMAT,
+        "source": _source_key(cfg, files),
+        **read,
+        "max_corpus_bytes": cfg.max_corpus_bytes,
+        "tokenizer": _tokenizer_key(cfg),
+        "eos_token": cfg.eos_token,
+        "val_fraction": cfg.val_fraction,
+        "shard_tokens": cfg.shard_tokens,
+    }
     out = Path(cfg.dir) / _dir_name(cfg, key)
-    if (done := _load_prepared(out)) is not None:
+    if (done := find_prepared(out)) is not None:
         return done
+    work = out.with_name(f".{out.name}.partial")
+    work.mkdir(parents=True, exist_ok=True)
+    tok = _tokenizer(cfg, files, work, read, progress)
+    tok_dir = work / "tokenizer"
+    if not (tok_dir / "mupfast_tokenizer.json").is_file():
+        tok_dir.mkdir(exist_ok=True)
+        tok.save(tok_dir)
+    units = plan_units(
+        files, cap_limits(files, cfg.max_corpus_bytes, **read) if cfg.max_corpus_bytes else None
+    )
+    counts = {u.index: c for u in units if (c := unit_done(work, u.index)) is not None}
+    todo = [u for u in units if u.index not in counts]
+    n_workers = min(workers or cfg.workers or os.cpu_count() or 1, max(1, len(todo)))
+    bar = _Progress(len(units), list(counts.values()), out.name, progress)
+    _run_units(todo, files, tok_dir, work, {**read, "val_fraction": cfg.val_fraction}, n_workers, bar)
+    bar.bar.close()
+    counts = {u.index: unit_done(work, u.index) for u in units}
+    total = sum(c["train_tokens"] + c["val_tokens"] for c in counts.values())
+    if total < 2:
+        raise DataError(f"corpus {cfg.corpus}: only {total} tokens, too few to split into train and val")
+    skipped = sum((Counter(c["skipped"]) for c in counts.values()), Counter())
+    if skipped:
+        what = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(skipped.items()))
+        print(f"prepare-data: skipped {sum(skipped.values())} bad records ({what})", file=sys.stderr)
+    try:
+        return _assemble_and_install(cfg, key, out, work, units, counts, tok, dict(skipped))
+    except (OSError, DataError):
+        if (won := find_prepared(out)) is not None:  # a concurrent preparation finished first
+            return won
+        raise
 
-    docs = read_corpus(files, cfg.max_corpus_bytes)
-    if cfg.tokenizer == "bpe":
-        tok: ByteTokenizer | BPETokenizer = BPETokenizer.train(docs, cfg.bpe_vocab_size, progress=progress)
-    else:
-        tok = ByteTokenizer()
-    corpus_bytes = sum(len(d.encode("utf-8")) for d in docs)
-    parts: list[np.ndarray] = []
-    with tqdm(
-        total=corpus_bytes, unit="B", unit_scale=True, desc=f"tokenizing {out.name}", disable=not progress
-    ) as bar:
-        for i in range(0, len(docs), 64):
-            chunk = docs[i : i + 64]
-            parts.extend(tok.encode_arrays(chunk))
-            bar.update(sum(len(d.encode("utf-8")) for d in chunk))
-    tokens = np.concatenate(parts) if parts else np.zeros(0, np.uint16)
-    n = len(tokens)
-    if n < 2:
-        raise DataError(f"corpus {cfg.corpus}: only {n} tokens, too few to split into train and val")
-    n_val = min(max(1, round(n * cfg.val_fraction)), n - 1)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(out)
+def _assemble_and_install(cfg, key, out, work, units, counts, tok, skipped) -> PreparedData:
+    tmp = work / f"out.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        write_shard(tmp / "train.bin", tokens[: n - n_val], tok.vocab_size, tok.fingerprint)
-        write_shard(tmp / "val.bin", tokens[n - n_val :], tok.vocab_size, tok.fingerprint)
-        if isinstance(tok, BPETokenizer):
-            tok.save(tmp / "tokenizer.json")
+        index = assemble(
+            work,
+            tmp,
+            units,
+            counts,
+            vocab_size=tok.vocab_size,
+            fingerprint=tok.fingerprint,
+            dtype=token_dtype(tok.vocab_size),
+            shard_tokens=cfg.shard_tokens,
+            val_fraction=cfg.val_fraction,
+        )
+        tok.save(tmp)
+        split_total = {
+            s: (sum(e["tokens"] for e in index[s]), sum(e["documents"] for e in index[s]))
+            for s in ("train", "val")
+        }
         meta = {
             "name": out.name,
             "key": key,
+            "index_format": PREP_FORMAT,
             "tokenizer": tok.kind,
             "vocab_size": tok.vocab_size,
             "tokenizer_fingerprint": tok.fingerprint,
-            "documents": len(docs),
-            "corpus_bytes": corpus_bytes,
-            "train_tokens": n - n_val,
-            "val_tokens": n_val,
+            "eos_id": tok.eos_id,
+            "bos_id": tok.bos_id,
+            "corpus_bytes": sum(c["text_bytes"] for c in counts.values()),
+            "documents": sum(c["train_documents"] + c["val_documents"] for c in counts.values()),
+            "train_tokens": split_total["train"][0],
+            "val_tokens": split_total["val"][0],
+            "train_documents": split_total["train"][1],
+            "val_documents": split_total["val"][1],
+            "skipped_records": skipped,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         _install(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    data = _load_prepared(out, reused=False)
+    data = find_prepared(out, reused=False)
     if data is None:
         raise DataError(f"{out}: prepared data failed validation right after writing")
+    shutil.rmtree(work, ignore_errors=True)
     return data
 
 
@@ -255,7 +264,7 @@ def _install(tmp: Path, out: Path) -> None:
         except OSError:
             if not out.exists():
                 raise
-            if _load_prepared(out) is not None:
+            if find_prepared(out) is not None:
                 return  # a concurrent process won the race
             stale = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.stale"
             try:
@@ -266,16 +275,54 @@ def _install(tmp: Path, out: Path) -> None:
     raise DataError(f"{out}: could not install the prepared data (directory keeps changing)")
 
 
+def prepare_sources(cfg: DataConfig, *, progress: bool = True) -> list[PreparedData]:
+    """Every source's prepared data: ``data.prepared``, or each mixture source's, or the corpus's."""
+    if cfg.prepared:
+        return [load_prepared(cfg.prepared)]
+    if not cfg.sources:
+        return [prepare_data(cfg, progress=progress)]
+    out = []
+    for s in cfg.sources:
+        if s.prepared:
+            out.append(load_prepared(s.prepared))
+        else:
+            one = replace(cfg, corpus=s.corpus, text_field=s.text_field or cfg.text_field, sources=[])
+            out.append(prepare_data(one, progress=progress))
+    fingerprints = {p.tokenizer_fingerprint for p in out}
+    if len(fingerprints) > 1:
+        raise DataError(
+            "data.sources: the sources were tokenized differently ("
+            + ", ".join(f"{p.dir}: {p.tokenizer_fingerprint}" for p in out)
+            + "); prepare them with one tokenizer"
+        )
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # The verb
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``prepare-data`` has no flags of its own: the data section of the config says everything."""
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="tokenizing processes (default data.workers; 0: one per core)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    """The ``prepare-data`` verb: prepare (or find) the shards and say where they are."""
-    prepared = prepare_data(load_config(args.config, args.overrides).data)
-    print(f"prepared {prepared.dir} (vocab {prepared.vocab_size})")
+    """The ``prepare-data`` verb: prepare (or find) every source's shards and say where they are."""
+    cfg = load_config(args.config, args.overrides).data
+    if args.workers is not None:
+        if args.workers < 0:
+            raise ConfigError(f"--workers: must be non-negative (got {args.workers})")
+        cfg = replace(cfg, workers=args.workers)
+    for prepared in prepare_sources(cfg):
+        m = prepared.meta
+        print(
+            f"prepared {prepared.dir} (vocab {prepared.vocab_size}; {m.get('documents', 0):,} documents, "
+            f"{m.get('train_tokens', 0):,} train + {m.get('val_tokens', 0):,} val tokens in "
+            f"{len(prepared.train_shards)} + {len(prepared.val_shards)} shards)"
+        )
     return 0

@@ -166,14 +166,15 @@ def rebuild_buffers(model: Transformer, cfg: ModelConfig) -> None:
 
 
 def run_tokenizer(cfg: Config, run_dir: Path | None = None):
-    """The run's tokenizer: byte-level needs nothing; BPE is the copy the trainer keeps in the run
-    directory, else the prepared data directory's."""
-    from mupfast.data import BPETokenizer, ByteTokenizer, load_prepared, prepare_data
+    """The run's tokenizer: the copy the trainer saves in the run directory; for runs made before it
+    saved one, byte-level, the BPE's tokenizer.json there, or the prepared data directory's."""
+    from mupfast.data import BPETokenizer, ByteTokenizer, load_saved_tokenizer, prepare_sources
 
+    run_dir = Path(run_dir) if run_dir is not None else None
+    if run_dir is not None and (run_dir / "mupfast_tokenizer.json").is_file():
+        return load_saved_tokenizer(run_dir)
     if cfg.data.tokenizer == "byte":
         return ByteTokenizer()
-    if run_dir is not None and (Path(run_dir) / "tokenizer.json").is_file():
-        return BPETokenizer.load(Path(run_dir) / "tokenizer.json")
-    if cfg.data.prepared:
-        return load_prepared(cfg.data.prepared).tokenizer()
-    return prepare_data(cfg.data, progress=False).tokenizer()  # cached by corpus fingerprint
+    if run_dir is not None and (run_dir / "tokenizer.json").is_file():
+        return BPETokenizer.load(run_dir / "tokenizer.json")
+    return prepare_sources(cfg.data, progress=False)[0].tokenizer()  # cached by corpus fingerprint

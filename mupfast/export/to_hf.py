@@ -68,13 +68,17 @@ def export_run(
     _write_json(out_dir / "config.json", config_json)
     generation = {"max_length": cfg.model.max_seq_len, "do_sample": True, "temperature": 1.0}
     _write_json(out_dir / "generation_config.json", generation)
-    if tokenizer.kind == "bpe":
-        tokenizer.save(out_dir / "tokenizer.json")
-        how = "tokenizer.json: the run's byte-level BPE (HF tokenizers), ids as in training"
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.model.max_seq_len}
+    if tokenizer.kind in ("bpe", "hf"):
+        tokenizer.save(out_dir)  # tokenizer.json exactly as trained on (and mupfast's note of EOS/BOS)
+        how = f"tokenizer.json: the run's {'trained BPE' if tokenizer.kind == 'bpe' else 'tokenizer'}, ids as in training"
+        if tokenizer.eos_id is not None:  # a BPE trained before documents ended with EOS has none
+            tok_config["eos_token"] = tokenizer.eos_token
+        if tokenizer.bos_id is not None:
+            tok_config["bos_token"] = tokenizer.decode([tokenizer.bos_id])
     else:
         (out_dir / "tokenizer.json").write_text(byte_level_tokenizer_json())
-        how = "byte-level: token id = UTF-8 byte value (0–255); tokenizer.json does exactly that"
-    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.model.max_seq_len}
+        how = "byte-level: token id = UTF-8 byte value (0–255, 0 ends a document); tokenizer.json does exactly that"
     _write_json(out_dir / "tokenizer_config.json", tok_config)
     shutil.copyfile(run.run_dir / "config.yaml", out_dir / "mupfast_config.yaml")
     record = {
