@@ -36,6 +36,7 @@ bench: $(STAMP)  ## benchmarks (GPU where present), results under benchmarks/res
 	$(PY) -m benchmarks.bench_newton_schulz
 	$(PY) -m benchmarks.bench_moe_dispatch
 	$(PY) -m benchmarks.bench_e2e
+	$(PY) -m benchmarks.bench_prepare
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mupfast kernels tests benchmarks

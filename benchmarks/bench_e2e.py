@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> Path:
         "train.save_every=0",
         "train.progress=false",
         "schedule.warmup_steps=1",
+        "data.corpus=stdlib",  # the targets' corpus is the user's; the embedded one stands in
         "data.tokenizer=byte",
         "zero.stage=1",
     ]

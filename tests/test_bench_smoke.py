@@ -98,6 +98,15 @@ def check_newton_schulz(result, out_dir):
         assert r["speedup_vs_torch"] > 0 and r["rel_err_vs_fp64"] < 1e-5  # fp32 on CPU
 
 
+def check_prepare(result, out_dir):
+    assert "SMOKE RUN" in result["meta"]["notes"] and "RAYON_NUM_THREADS=1" in result["meta"]["notes"]
+    rows = result["rows"]
+    # prepare-data stores exactly the ids the tokenizer's own encode_batch gives (its EOS aside)
+    assert len({r["tokens"] for r in rows}) == 1 and rows[0]["tokens"] > 0
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["per_core_vs_encode_batch"] > 0 and r["peak_rss_mb"] > 0
+
+
 def bench(module, name, provider_key, providers, columns, check, marks=()):
     """One row of the table, its test id the result name."""
     return pytest.param(Bench(module, name, provider_key, providers, columns, check), id=name, marks=marks)
@@ -146,6 +155,15 @@ BENCHES = [
         {"method", "status", "shape", "median_ms", "effective_TFLOPs", "frac_of_ceiling"}
         | {"speedup_vs_torch", "rel_err_vs_fp64"},
         check_newton_schulz,
+    ),
+    bench(
+        "bench_prepare",
+        "prepare",
+        "run",
+        {"encode_batch (tokenizer alone)", "prepare-data --workers 1", "prepare-data --workers 2"},
+        {"run", "workers", "corpus_mb", "tokens", "seconds", "tokens_per_s", "per_core_vs_encode_batch"}
+        | {"peak_rss_mb"},
+        check_prepare,
     ),
 ]
 
