@@ -28,7 +28,7 @@ from mupfast.engine import (
     load_checkpoint,
     save_checkpoint,
 )
-from mupfast.errors import TrainingError
+from mupfast.errors import ConfigError, TrainingError
 from mupfast.metrics import MetricsWriter, read_metrics
 from mupfast.model import build_model
 from mupfast.optim import build_optimizer
@@ -105,7 +105,7 @@ def train(cfg: Config) -> TrainResult:
     if rank == 0:  # the run carries its own tokenizer: export and generate read it from here
         sources[0].tokenizer().save(run_dir)
     if sources[0].vocab_size > cfg.model.vocab_size:
-        raise TrainingError(
+        raise ConfigError(
             f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary ({sources[0].vocab_size})"
         )
     # A batch is a pure function of (seed, step, global micro-batch index), not of the rank: the same

@@ -19,7 +19,7 @@ import mupfast.data.prepare as prepare_module
 from mupfast.config import DataConfig
 from mupfast.data import BPETokenizer, TokenShard, prepare_data
 from mupfast.data.shards import HEADER_BYTES, MAGIC
-from mupfast.errors import DataError
+from mupfast.errors import ConfigError, DataError
 from mupfast.metrics import read_metrics
 from tests.helpers import assert_resume_is_bitwise, tiny_config
 
@@ -233,3 +233,36 @@ def test_a_two_source_mixture_trains_in_proportion_and_logs_tokens_per_source(tm
 def test_epoch_sampling_over_a_mixture_resumes_bitwise(tmp_path, monkeypatch):
     overrides = [*_mixture(tmp_path), "data.sampling=epoch", "train.steps=6", "train.save_every=3"]
     assert_resume_is_bitwise(overrides, tmp_path, monkeypatch, steps=6, crash_step=3)
+
+
+def test_a_run_on_an_existing_tokenizer_generates_and_exports_with_it(tmp_path, capsys):
+    """tokenizer.json in, tokenizer.json out: the run keeps the user's tokenizer, generate encodes
+    prompts with it, and the export loads in transformers with the same ids and EOS."""
+    from transformers import PreTrainedTokenizerFast
+
+    from mupfast.cli import main
+    from mupfast.train import train
+
+    user_tok = tmp_path / "user-tokenizer"
+    user_tok.mkdir()
+    BPETokenizer.train((document(i) for i in range(300)), 500).save(user_tok / "tokenizer.json")
+    write_corpus(tmp_path / "corpus", n=200)
+    common = [
+        f"data.corpus={tmp_path / 'corpus'}",
+        f"data.tokenizer={user_tok}",
+        "train.steps=2",
+        "train.eval_every=0",
+    ]
+    with pytest.raises(ConfigError, match="model.vocab_size: 256 is smaller than the tokenizer's vocabulary"):
+        train(tiny_config(*common, tmp_path=tmp_path / "small"))
+    cfg = tiny_config(*common, "model.vocab_size=512", tmp_path=tmp_path)
+    train(cfg)
+    run = cfg.train.run_dir
+    capsys.readouterr()  # what training printed
+    assert main(["generate", "--run", run, "--prompt", "doc 3:", "--max-new-tokens", "5", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("doc 3:")
+    assert main(["export", "--run", run, "--out", str(tmp_path / "hf")]) == 0
+    exported = PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "hf"))
+    ours = prepare_module.load_tokenizer(str(user_tok))
+    assert exported.eos_token == "<|endoftext|>" == ours.eos_token
+    assert exported.encode("naïve café 東京", add_special_tokens=False) == ours.encode("naïve café 東京")
