@@ -29,11 +29,11 @@ from pathlib import Path
 
 from mupfast.config import DataConfig, load_config
 from mupfast.data.assemble import assemble
-from mupfast.data.corpus import CorpusFile, corpus_files, corpus_listing, read_documents
+from mupfast.data.corpus import CorpusFile, corpus_files, corpus_listing
 from mupfast.data.prepared import PreparedData, find_prepared, load_prepared
 from mupfast.data.shards import token_dtype
 from mupfast.data.tokenizer import BPETokenizer, load_saved_tokenizer, load_tokenizer
-from mupfast.data.units import Unit, cap_limits, plan_units, tokenize_unit, unit_done
+from mupfast.data.units import Caps, Unit, cap_limits, capped_documents, plan_units, tokenize_unit, unit_done
 from mupfast.errors import ConfigError, DataError
 
 PREP_FORMAT = 2  # bump when reading, splitting or the shard layout changes, to invalidate old directories
@@ -72,45 +72,34 @@ def _dir_name(cfg: DataConfig, key: dict) -> str:
     return f"{stem.strip('._') or 'corpus'}-{tok}-{digest}"
 
 
-def _tokenizer(cfg: DataConfig, files: list[CorpusFile], work: Path, read: dict, progress: bool):
+def _tokenizer(cfg: DataConfig, files: list[CorpusFile], caps: Caps, work: Path, read: dict, progress: bool):
     """The tokenizer the shards are written with (the trained BPE is saved, so a resume reuses it)."""
     if cfg.tokenizer != "bpe":
         return load_tokenizer(cfg.tokenizer, eos_token=cfg.eos_token)
     if (work / "tokenizer" / "mupfast_tokenizer.json").is_file():
         return load_saved_tokenizer(work / "tokenizer")
-    caps = cap_limits(files, cfg.max_corpus_bytes, **read) if cfg.max_corpus_bytes else {}
-
-    def documents():  # the corpus as the shards will hold it, streamed (the cap included)
-        last = max(caps) if caps else len(files) - 1
-        for i, f in enumerate(files[: last + 1]):
-            for n, (_, text) in enumerate(read_documents(f, **read), start=1):
-                if i in caps and n == caps[i][0]:
-                    yield text.encode("utf-8")[: caps[i][1]].decode("utf-8", errors="ignore")
-                    break
-                yield text
-
-    tok = BPETokenizer.train(documents(), cfg.bpe_vocab_size, progress=progress)
+    # trained on the corpus as the shards will hold it, streamed (the cap included)
+    texts = (text for _, _, text in capped_documents(files, range(len(files)), caps, **read))
+    tok = BPETokenizer.train(texts, cfg.bpe_vocab_size, progress=progress)
     (work / "tokenizer").mkdir(parents=True, exist_ok=True)
     tok.save(work / "tokenizer")
     return tok
 
 
-def _run_units(todo: list[Unit], files, tok_dir: Path, work: Path, read: dict, workers: int, bar):
-    """Tokenize the units not yet done: in this process, or on ``workers`` spawned processes (at
-    most two units per worker in flight, so memory and unread results stay bounded)."""
-    args = dict(
-        text_field=read["text_field"], on_bad_record=read["on_bad_record"], val_fraction=read["val_fraction"]
-    )
+def _run_units(todo: list[Unit], files, tok_dir: Path, work: Path, settings: dict, workers: int, bar):
+    """Tokenize the units not yet done (``settings``: tokenize_unit's keywords): in this process,
+    or on ``workers`` spawned processes with at most two units each in flight, so memory and
+    unread results stay bounded."""
     if workers <= 1:
         tok = load_saved_tokenizer(tok_dir)
         for unit in todo:
-            bar(tokenize_unit(unit, files, tok, work, **args))
+            bar(tokenize_unit(unit, files, tok, work, **settings))
         return
     ctx = multiprocessing.get_context("spawn")  # no forked tokenizer thread pools; the same on every OS
     with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok_dir),)) as pool:
         pending = []
         for unit in todo:
-            pending.append(pool.apply_async(_worker_unit, (unit, files, str(work), args)))
+            pending.append(pool.apply_async(_worker_unit, (unit, files, str(work), settings)))
             while len(pending) >= 2 * workers or (pending and pending[0].ready()):
                 bar(pending.pop(0).get())
         for p in pending:
@@ -126,8 +115,8 @@ def _init_worker(tok_dir: str) -> None:
     _WORKER_TOKENIZER = load_saved_tokenizer(Path(tok_dir))
 
 
-def _worker_unit(unit: Unit, files, work: str, args: dict) -> dict:
-    return tokenize_unit(unit, files, _WORKER_TOKENIZER, Path(work), **args)
+def _worker_unit(unit: Unit, files, work: str, settings: dict) -> dict:
+    return tokenize_unit(unit, files, _WORKER_TOKENIZER, Path(work), **settings)
 
 
 class _Progress:
@@ -177,19 +166,19 @@ def prepare_data(cfg: DataConfig, *, progress: bool = True, workers: int | None 
         return done
     work = out.with_name(f".{out.name}.partial")
     work.mkdir(parents=True, exist_ok=True)
-    tok = _tokenizer(cfg, files, work, read, progress)
+    caps = cap_limits(files, cfg.max_corpus_bytes, **read) if cfg.max_corpus_bytes else {}
+    tok = _tokenizer(cfg, files, caps, work, read, progress)
     tok_dir = work / "tokenizer"
     if not (tok_dir / "mupfast_tokenizer.json").is_file():
         tok_dir.mkdir(exist_ok=True)
         tok.save(tok_dir)
-    units = plan_units(
-        files, cap_limits(files, cfg.max_corpus_bytes, **read) if cfg.max_corpus_bytes else None
-    )
+    units = plan_units(files, caps)
     counts = {u.index: c for u in units if (c := unit_done(work, u.index)) is not None}
     todo = [u for u in units if u.index not in counts]
     n_workers = min(workers or cfg.workers or os.cpu_count() or 1, max(1, len(todo)))
     bar = _Progress(len(units), list(counts.values()), out.name, progress)
-    _run_units(todo, files, tok_dir, work, {**read, "val_fraction": cfg.val_fraction}, n_workers, bar)
+    settings = dict(caps=caps, **read, val_fraction=cfg.val_fraction)
+    _run_units(todo, files, tok_dir, work, settings, n_workers, bar)
     bar.bar.close()
     counts = {u.index: unit_done(work, u.index) for u in units}
     total = sum(c["train_tokens"] + c["val_tokens"] for c in counts.values())

@@ -16,6 +16,7 @@ import collections
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,19 +33,21 @@ BATCH_DOCS, BATCH_BYTES = 1024, 8 << 20
 SPLITS = ("train", "val")
 
 
+#: Where a corpus cap ends (:func:`cap_limits`): {file index: (documents it keeps, bytes of its last)}.
+Caps = dict[int, tuple[int, int]]
+
+
 @dataclass(frozen=True)
 class Unit:
-    """Files ``files`` (indices into the corpus listing); ``limit``: (documents taken from the last
-    file, UTF-8 bytes kept of the last of them) when the corpus cap ends inside this unit."""
+    """Files ``files`` (indices into the corpus listing) tokenized together."""
 
     index: int
     files: tuple[int, ...]
-    limit: tuple[int, int] | None = None
 
 
-def plan_units(files: list[CorpusFile], caps: dict[int, tuple[int, int]] | None = None) -> list[Unit]:
-    """Consecutive text files grouped, every other file a unit of its own; with ``caps`` (from
-    :func:`cap_limits`) the plan stops at the file the cap ends in."""
+def plan_units(files: list[CorpusFile], caps: Caps) -> list[Unit]:
+    """Consecutive text files grouped, every other file a unit of its own, up to the file the cap
+    ``caps`` ends in (all of them without a cap)."""
     last = max(caps) if caps else len(files) - 1
     units: list[Unit] = []
     group: list[int] = []
@@ -53,13 +56,13 @@ def plan_units(files: list[CorpusFile], caps: dict[int, tuple[int, int]] | None 
     def flush() -> None:
         nonlocal group, size
         if group:
-            units.append(Unit(len(units), tuple(group), caps.get(group[-1]) if caps else None))
+            units.append(Unit(len(units), tuple(group)))
         group, size = [], 0
 
     for i, f in enumerate(files[: last + 1]):
         if f.format != "text":
             flush()
-            units.append(Unit(len(units), (i,), caps.get(i) if caps else None))
+            units.append(Unit(len(units), (i,)))
             continue
         if len(group) == TEXT_FILES_PER_UNIT or (
             group and size + f.path.stat().st_size > TEXT_BYTES_PER_UNIT
@@ -71,7 +74,7 @@ def plan_units(files: list[CorpusFile], caps: dict[int, tuple[int, int]] | None 
     return units
 
 
-def cap_limits(files: list[CorpusFile], max_bytes: int, **read) -> dict[int, tuple[int, int]]:
+def cap_limits(files: list[CorpusFile], max_bytes: int, **read) -> Caps:
     """Where a cap of ``max_bytes`` of document text ends: {file index: (documents, last one's bytes)}.
 
     Reads the corpus in order only as far as the cap (so it costs O(cap)); an empty dict when the
@@ -85,6 +88,22 @@ def cap_limits(files: list[CorpusFile], max_bytes: int, **read) -> dict[int, tup
                 return {i: (n, max_bytes - total)}
             total += size
     return {}
+
+
+def capped_documents(
+    files: list[CorpusFile], indices, caps: Caps, **read
+) -> Iterator[tuple[CorpusFile, int, str]]:
+    """(file, record, text) of the files ``indices`` in order, ending where the cap ``caps`` does:
+    the document it ends in keeps its first bytes, cut at a character."""
+    for i in indices:
+        if caps and i > max(caps):
+            return
+        limit = caps.get(i)
+        for n, (record, text) in enumerate(read_documents(files[i], **read), start=1):
+            if limit is not None and n == limit[0]:
+                yield files[i], record, text.encode("utf-8")[: limit[1]].decode("utf-8", errors="ignore")
+                break
+            yield files[i], record, text
 
 
 def is_val(rel: str, record: int, val_fraction: float) -> bool:
@@ -111,6 +130,7 @@ def tokenize_unit(
     tokenizer,
     work: Path,
     *,
+    caps: Caps,
     text_field: str,
     on_bad_record: str,
     val_fraction: float,
@@ -138,28 +158,20 @@ def tokenize_unit(
                 counts[f"{split}_tokens"] += sum(len(a) for a in chosen)
         batch, batch_bytes = [], 0
 
+    read = dict(text_field=text_field, on_bad_record=on_bad_record, skipped=skipped)
     try:
-        for position, i in enumerate(unit.files):
-            f = files[i]
-            limit = unit.limit if position == len(unit.files) - 1 else None
-            docs = read_documents(f, text_field=text_field, on_bad_record=on_bad_record, skipped=skipped)
-            for n, (record, text) in enumerate(docs, start=1):
-                last = limit is not None and n == limit[0]
-                if last:  # the document the cap ends in: its first bytes, cut at a character
-                    text = text.encode("utf-8")[: limit[1]].decode("utf-8", errors="ignore")
-                if tokenizer.kind == "byte" and "\0" in text:
-                    where = f"{f.path}" + (f":{record}" if f.format == "jsonl" else f", record {record}")
-                    if on_bad_record == "error":
-                        raise DataError(f"{where}: holds a NUL byte, the byte tokenizer's end of document")
-                    skipped["nul_byte"] += 1
-                else:
-                    batch.append((text, is_val(f.rel, record, val_fraction)))
-                    batch_bytes += len(text)
-                    counts["text_bytes"] += len(text.encode("utf-8"))
-                    if len(batch) >= BATCH_DOCS or batch_bytes >= BATCH_BYTES:
-                        flush()
-                if last:
-                    break
+        for f, record, text in capped_documents(files, unit.files, caps, **read):
+            if tokenizer.kind == "byte" and "\0" in text:
+                where = f"{f.path}" + (f":{record}" if f.format == "jsonl" else f", record {record}")
+                if on_bad_record == "error":
+                    raise DataError(f"{where}: holds a NUL byte, the byte tokenizer's end of document")
+                skipped["nul_byte"] += 1
+                continue
+            batch.append((text, is_val(f.rel, record, val_fraction)))
+            batch_bytes += len(text)
+            counts["text_bytes"] += len(text.encode("utf-8"))
+            if len(batch) >= BATCH_DOCS or batch_bytes >= BATCH_BYTES:
+                flush()
         flush()
     except BaseException:
         for handles in outs.values():
