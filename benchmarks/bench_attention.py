@@ -6,6 +6,12 @@
 Shapes follow FlashAttention's plots: batch·T ≈ 16k tokens, hidden 2048, so heads = 2048 / d_head.
 FLOPs: forward = 4·B·H·T²·D (halved when causal), forward+backward = 3.5 × forward. The scale is α/d_head
 (μP); SDPA and flash_attn get the same float. Every row also records how far the peer's output is from ours.
+
+Packed documents (``--doc-lens``, rows with ``doc_len``): causal attention within documents of random
+lengths around the mean (T = 8k, d_head 128 on a GPU), ours with ``doc_ids`` against FlexAttention with
+a document BlockMask (compiled); TFLOP/s count only the within-document pairs (useful work), and
+``tiles_skipped`` is the share of the causal key tiles our forward never loads. The smoke run's peer
+is SDPA's math backend with the dense block-diagonal mask.
 """
 
 from __future__ import annotations
@@ -102,6 +108,95 @@ def _time(
     return row
 
 
+def document_ids(batch: int, seqlen: int, mean_len: int, device) -> torch.Tensor:
+    """(B, T) ids of documents with lengths uniform in [mean/2, 3·mean/2], cut at the row's end."""
+    g = torch.Generator().manual_seed(mean_len * 7 + seqlen)
+    rows = []
+    for _ in range(batch):
+        lens = []
+        while sum(lens) < seqlen:
+            lens.append(int(torch.randint(max(1, mean_len // 2), mean_len * 3 // 2 + 1, (1,), generator=g)))
+        rows.append(torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))[:seqlen])
+    return torch.stack(rows).to(device)
+
+
+def useful_flops(doc_ids: torch.Tensor, heads: int, d_head: int, mode: str) -> float:
+    """4·D FLOPs per (query, key) pair within a document, causal: Σ n(n+1)/2 pairs per document."""
+    B, T = doc_ids.shape
+    unique_across_rows = (doc_ids.cpu().long() + torch.arange(B)[:, None] * (T + 1)).flatten()
+    n = torch.unique_consecutive(unique_across_rows, return_counts=True)[1].double()
+    return 4.0 * heads * d_head * float((n * (n + 1) / 2).sum()) * (3.5 if mode == "fwd+bwd" else 1.0)
+
+
+def doc_providers(smoke: bool, doc_ids: torch.Tensor) -> dict[str, Attn]:
+    """Ours with doc_ids, and the peer: FlexAttention with a document BlockMask (GPU), SDPA math + dense mask."""
+    found: dict[str, Attn] = {
+        "mupfast": lambda q, k, v, scale, causal: mup_attention(
+            q, k, v, scale=scale, causal=True, doc_ids=doc_ids
+        )
+    }
+    if smoke:
+        T = doc_ids.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+        mask = (doc_ids[:, None, :, None] == doc_ids[:, None, None, :]) & causal
+        found["sdpa-math"] = lambda q, k, v, scale, _: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=scale
+        )
+        return found
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return found
+
+    def document_causal(b, h, q_idx, kv_idx):
+        return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (q_idx >= kv_idx)
+
+    B, T = doc_ids.shape
+    block_mask = create_block_mask(document_causal, B, None, T, T, device=doc_ids.device)
+    flex = torch.compile(flex_attention)
+    found["flex"] = lambda q, k, v, scale, causal: flex(q, k, v, block_mask=block_mask, scale=scale)
+    return found
+
+
+def run_documents(args: argparse.Namespace) -> list[dict]:
+    """The packed-document rows: ours against the peer at each mean document length."""
+    from mupfast.kernels.attention import skipped_tiles
+
+    device = "cpu" if args.smoke else "cuda"
+    rows, d_head, seqlen = [], args.doc_d_head, args.doc_seqlen
+    heads, batch = args.hidden // d_head, max(1, args.tokens // seqlen)
+    for mean_len in args.doc_lens:
+        q, k, v, do = _inputs(batch, heads, seqlen, d_head, getattr(torch, args.dtype), device)
+        doc_ids = document_ids(batch, seqlen, mean_len, device)
+        peers = doc_providers(args.smoke, doc_ids)
+        skipped, total = skipped_tiles(doc_ids, 64, 64)
+        scale = args.alpha / d_head
+        with torch.no_grad():
+            ours_out = peers["mupfast"](q, k, v, scale, True).float()
+        for mode in args.modes:
+            ours_ms = None
+            for name, fn in peers.items():
+                row = {"mode": mode, "causal": True, "d_head": d_head, "seqlen": seqlen, "batch": batch}
+                row |= {"heads": heads, "dtype": args.dtype, "provider": name, "doc_len": mean_len}
+                row["tiles_skipped"] = skipped / total
+                rows.append(row)
+                try:
+                    row |= _time(fn, q, k, v, do, scale, True, mode, args, ours_out)
+                except (RuntimeError, ValueError) as e:
+                    row["status"] = f"skipped: {str(e).splitlines()[0][:80]}"
+                    continue
+                ours_ms = row["median_ms"] if name == "mupfast" else ours_ms
+                row["tflops"] = useful_flops(doc_ids, heads, d_head, mode) / row["median_ms"] / 1e9
+                row["ours_speedup"] = row["median_ms"] / ours_ms if ours_ms else None
+                row["status"] = "ok"
+                print(
+                    f"{mode:8s} docs~{mean_len:5d} T={seqlen:5d} {name:11s} {row['tflops']:8.2f} TFLOP/s useful "
+                    f"{row['median_ms']:9.3f} ms  ours x{row['ours_speedup'] or 0:.2f}  tiles skipped {skipped}/{total}",
+                    flush=True,
+                )
+    return rows
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     device = "cpu" if args.smoke else "cuda"
     peers, rows = providers(args.smoke), []
@@ -149,9 +244,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     p.add_argument("--alpha", type=float, default=1.0, help="scale = alpha / d_head")
+    p.add_argument(
+        "--doc-lens", type=int, nargs="*", default=None, help="mean document lengths (packed rows)"
+    )
+    p.add_argument("--doc-seqlen", type=int, default=None, help="T of the packed rows")
+    p.add_argument("--doc-d-head", type=int, default=None, help="d_head of the packed rows")
     args = p.parse_args(argv)
     full = dict(dtype="bfloat16", d_heads=[64, 128], seqlens=[1024, 2048, 4096, 8192, 16384], tokens=16384)
+    full |= dict(doc_lens=[512, 1024, 4096], doc_seqlen=8192, doc_d_head=128)
     smoke = dict(dtype="float32", d_heads=[32], seqlens=[40, 72], tokens=80)
+    smoke |= dict(doc_lens=[16], doc_seqlen=160, doc_d_head=32)
     for key, value in (smoke if args.smoke else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -167,7 +269,7 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit("--smoke runs under the Triton interpreter: set TRITON_INTERPRET=1 before starting")
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("the full benchmark needs a CUDA GPU (use --smoke on CPU)")
-    rows = run(args)
+    rows = run(args) + run_documents(args)
     missing = [p for p in ("sdpa-flash", "sdpa-cudnn", "flash_attn") if p not in providers(args.smoke)]
     notes = (
         f"scale = {args.alpha}/d_head; batch·T ≈ {args.tokens}, heads = {args.hidden}/d_head; "

@@ -255,6 +255,12 @@ class DataConfig:
     sampling: Literal["random", "epoch"] = "random"
     """random: windows at uniform random offsets (with replacement); epoch: every sequence window of
     the shards once per epoch, in a shuffled order. Either way a batch is a pure function of the step."""
+    document_masking: bool = False
+    """Attention stops at document boundaries (the EOS that ends each document): a token sees only
+    its own document's tokens, as if every document had a row of its own (targets across a
+    boundary are kept: EOS predicts the next document's first token)."""
+    reset_position_ids: bool = False
+    """Positions (RoPE, or the learned table) restart at 0 at each document's start."""
     sources: list[SourceConfig] = field(default_factory=list)
     """A mixture: corpora prepared on their own with this tokenizer and drawn from in proportion to
     their weights (each source's own corpus/prepared replace data.corpus/prepared)."""

@@ -35,8 +35,11 @@ def block_stats(attn_branch: torch.Tensor, mlp_branch: torch.Tensor, out: torch.
 
 
 @torch.no_grad()
-def attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool = True) -> torch.Tensor:
-    """logsumexp over keys of scale·q·kᵀ (causal), (B, Hq, T) in fp32 (fp64 stays fp64); GQA as SDPA's."""
+def attention_lse(
+    q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool = True, doc_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """logsumexp over keys of scale·q·kᵀ (causal; within a document with ``doc_ids`` (B, T)), (B, Hq, T)
+    in fp32 (fp64 stays fp64); GQA as SDPA's."""
     dtype = torch.promote_types(q.dtype, torch.float32)
     q, k = q.to(dtype), k.to(dtype)
     if k.shape[1] != q.shape[1]:
@@ -50,6 +53,9 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool =
         if causal:
             r = torch.arange(s, s + scores.shape[2], device=q.device)
             scores.masked_fill_(cols[None, :] > r[:, None], float("-inf"))
+        if doc_ids is not None:
+            other = doc_ids[:, None, s : s + scores.shape[2], None] != doc_ids[:, None, None, :]
+            scores.masked_fill_(other, float("-inf"))
         out.append(scores.logsumexp(-1))
     return torch.cat(out, dim=2)
 
@@ -65,17 +71,18 @@ class AttentionZ:
     def __init__(self) -> None:
         self.record = True  # Transformer.record_attention_z: whether a training forward keeps q, k
         self.value: torch.Tensor | None = None
-        self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.inputs: tuple | None = None  # q, k and doc_ids, detached
 
     def from_lse(self, lse: torch.Tensor) -> None:
         self.value, self.inputs = lse.detach().square().mean(), None
 
-    def keep(self, q: torch.Tensor, k: torch.Tensor) -> None:
-        self.value, self.inputs = None, ((q.detach(), k.detach()) if self.record else None)
+    def keep(self, q: torch.Tensor, k: torch.Tensor, doc_ids: torch.Tensor | None = None) -> None:
+        self.value, self.inputs = None, ((q.detach(), k.detach(), doc_ids) if self.record else None)
 
     def read(self, scale: float) -> torch.Tensor | None:
         if self.inputs is not None:
-            self.value = attention_lse(*self.inputs, scale).square().mean()
+            q, k, doc_ids = self.inputs
+            self.value = attention_lse(q, k, scale, doc_ids=doc_ids).square().mean()
             self.inputs = None
         return self.value
 

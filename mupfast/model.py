@@ -3,7 +3,8 @@
 ``model(tokens)`` returns float32 logits (B, T, V) with the μP output multiplier applied;
 ``model(tokens, targets)`` returns the mean cross-entropy over targets != -100;
 ``model(tokens, cache=KVCache(model, batch))`` decodes incrementally (the cache keeps every block's
-keys and values). Attention and the readout go through a backend switch: ``torch`` (SDPA with
+keys and values); ``model(tokens, targets, doc_ids=…, position_ids=…)`` trains on packed documents,
+attention stopping at their boundaries and positions restarting at their starts. Attention and the readout go through a backend switch: ``torch`` (SDPA with
 scale = α/d, chunked cross-entropy) or ``triton`` (the kernels of mupfast.kernels); ``auto`` picks
 Triton on CUDA.
 
@@ -49,9 +50,13 @@ class Rotary(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:  # x (B, H, T, D) at positions start…
+    def forward(self, x: torch.Tensor, start: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, H, T, D) at positions start…start+T-1, or at ``positions`` (B, T) when given."""
         T = x.shape[-2]
-        cos, sin = self.cos[start : start + T].to(x.dtype), self.sin[start : start + T].to(x.dtype)
+        if positions is not None:  # per token (packed documents restart at 0): (B, 1, T, D/2)
+            cos, sin = (table[positions].unsqueeze(1).to(x.dtype) for table in (self.cos, self.sin))
+        else:
+            cos, sin = self.cos[start : start + T].to(x.dtype), self.sin[start : start + T].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -86,27 +91,39 @@ class Attention(nn.Module):
         self.rotary = Rotary(hd, cfg.max_seq_len, cfg.rope_theta) if cfg.position == "rope" else None
         self.z = AttentionZ()
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        doc_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Causal attention; with ``doc_ids`` (B, T) each token attends only within its document;
+        ``position_ids`` (B, T) are RoPE's positions (default 0…T-1 after the cache's)."""
         B, T, _ = x.shape
         start = cache.length if cache is not None else 0
         q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if self.rotary is not None:
-            q, k = self.rotary(q, start), self.rotary(k, start)
+            q, k = self.rotary(q, start, position_ids), self.rotary(k, start, position_ids)
         if cache is not None:
             y = self._cached(q, k, v, cache, layer, start)
         elif _use_triton(self.backend, x):
             from mupfast.kernels.attention import mup_attention
 
-            y, lse = mup_attention(q, k, v, scale=self.scale, causal=True, return_lse=True)
+            y, lse = mup_attention(q, k, v, scale=self.scale, causal=True, doc_ids=doc_ids, return_lse=True)
             self.z.from_lse(lse)
         else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=self.scale, enable_gqa=self.n_kv != self.n_heads
-            )
+            gqa = self.n_kv != self.n_heads
+            if doc_ids is None:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
+            else:  # the block-diagonal causal mask (the torch path is the CPU path and the reference)
+                mask = document_mask(doc_ids)[:, None]
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
             if self.training:  # SDPA gives no lse: attention Z keeps q, k to compute it when read
-                self.z.keep(q, k)
+                self.z.keep(q, k, doc_ids)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def _cached(self, q, k, v, cache: KVCache, layer: int, start: int) -> torch.Tensor:
@@ -126,6 +143,14 @@ class Attention(nn.Module):
             scale=self.scale,
             enable_gqa=self.n_kv != self.n_heads,
         )
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T, T) bool: key s is visible to query t when s ≤ t and both are in one document (doc_ids
+    as the data layer makes them: nondecreasing along a row, a document per value)."""
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return causal & (doc_ids[:, :, None] == doc_ids[:, None, :])
 
 
 class MLP(nn.Module):
@@ -155,8 +180,15 @@ class Block(nn.Module):
         # Instability indicators of the last training forward (detached device scalars, no host sync).
         self.stats: dict[str, torch.Tensor] = {}
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        a = self.attn_branch_scale * self.attn(self.attn_norm(x), cache, layer)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        doc_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        a = self.attn_branch_scale * self.attn(self.attn_norm(x), cache, layer, doc_ids, position_ids)
         x = x + a
         f = self.mlp_branch_scale * self.mlp(self.mlp_norm(x))
         x = x + f
@@ -211,8 +243,18 @@ class Transformer(nn.Module):
         self.embedding_scale = 1.0
         set_forward_multipliers(self, rules_for(self, cfg), mult)
 
-    def hidden(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final-norm output (B, T, d): everything but the readout (after the cache's positions)."""
+    def hidden(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache | None = None,
+        *,
+        doc_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-norm output (B, T, d): everything but the readout (after the cache's positions).
+
+        Packed documents: ``doc_ids`` (B, T) keep attention within each document, ``position_ids``
+        (B, T) restart the positions (RoPE or the learned table) at each document's start."""
         T = tokens.shape[1]
         start = cache.length if cache is not None else 0
         limit = cache.max_len if cache is not None else self.cfg.max_seq_len
@@ -220,20 +262,33 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"sequence length {start + T} exceeds model.max_seq_len ({self.cfg.max_seq_len})"
             )
+        if cache is not None and (doc_ids is not None or position_ids is not None):
+            raise ValueError("the KV cache decodes one document: no doc_ids or position_ids with it")
         x = self.tok_emb(tokens)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=tokens.device))
+            pos = (
+                position_ids
+                if position_ids is not None
+                else torch.arange(start, start + T, device=tokens.device)
+            )
+            x = x + self.pos_emb(pos)
         x = x * self.embedding_scale
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i)
+            x = block(x, cache, i, doc_ids, position_ids)
         if cache is not None:
             cache.length = start + T
         return self.final_norm(x)
 
     def forward(
-        self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        doc_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = self.hidden(tokens, cache)
+        h = self.hidden(tokens, cache, doc_ids=doc_ids, position_ids=position_ids)
         if targets is None:
             return self.readout.logits(h)
         loss = self.readout.loss(h, targets)

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import yaml
 
 from mupfast.config import Config, load_config
 from mupfast.data import BatchSampler, prepare_sources
+from mupfast.data.packing import document_ids, position_ids
 from mupfast.engine import (
     checkpoint_dir,
     ds_config,
@@ -62,10 +64,36 @@ def _mean_over_ranks(x: float) -> float:
     return x
 
 
+def packing(cfg: Config, eos_id: int | None) -> Callable[[torch.Tensor], dict]:
+    """What a batch's input ids tell the model besides themselves: the document of every token
+    (data.document_masking) and its position in it (data.reset_position_ids), read off the EOS that
+    ends each document."""
+    d = cfg.data
+    if not (d.document_masking or d.reset_position_ids):
+        return lambda x: {}
+    if eos_id is None:
+        raise ConfigError(
+            "data.document_masking: the prepared data has no end-of-document token (prepared by an older "
+            "mupfast); prepare it again"
+        )
+
+    def model_kwargs(x: torch.Tensor) -> dict:
+        docs = document_ids(x, eos_id)
+        out = {"doc_ids": docs} if d.document_masking else {}
+        if d.reset_position_ids:
+            out["position_ids"] = position_ids(docs)
+        return out
+
+    return model_kwargs
+
+
 @torch.no_grad()
-def evaluate(engine, sampler: BatchSampler, n_batches: int, device: torch.device) -> float:
+def evaluate(engine, sampler: BatchSampler, n_batches: int, device: torch.device, packed) -> float:
     engine.eval()
-    losses = [engine(x.to(device), y.to(device)).float().item() for x, y in sampler.eval_batches(n_batches)]
+    losses = []
+    for x, y in sampler.eval_batches(n_batches):
+        x = x.to(device)
+        losses.append(engine(x, y.to(device), **packed(x)).float().item())
     engine.train()
     return sum(losses) / len(losses)
 
@@ -124,6 +152,7 @@ def train(cfg: Config) -> TrainResult:
     )
     val_sampler = BatchSampler([s.val_set() for s in sources], **common)
     source_names = _source_names(cfg.data) if len(sources) > 1 else []
+    packed = packing(cfg, sources[0].tokenizer().eos_id)
 
     # Model, optimizer and schedule: every lr is optim.lr · schedule(t) · lr_mult of its group.
     torch.manual_seed(t.seed)
@@ -177,7 +206,8 @@ def train(cfg: Config) -> TrainResult:
         for micro in range(t.grad_accum_steps):
             engine.module.record_attention_z(logs and micro == t.grad_accum_steps - 1)
             x, y = train_sampler.batch(step, micro * world + rank)
-            loss = engine(x.to(device), y.to(device))
+            x = x.to(device)
+            loss = engine(x, y.to(device), **packed(x))
             engine.backward(loss)
             losses.append(loss.detach().float())
             if micro == t.grad_accum_steps - 1:
@@ -229,7 +259,7 @@ def train(cfg: Config) -> TrainResult:
 
         last = step + 1 == t.steps
         if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
-            val = evaluate(engine, val_sampler, t.eval_batches, device)
+            val = evaluate(engine, val_sampler, t.eval_batches, device, packed)
             metrics.log(step + 1, {"val_loss": val}, kind="eval")
             result.val_losses[step + 1] = val
             if bar is not None:
