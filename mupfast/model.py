@@ -119,9 +119,8 @@ class Attention(nn.Module):
             gqa = self.n_kv != self.n_heads
             if doc_ids is None:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
-            else:  # the block-diagonal causal mask (the torch path is the CPU path and the reference)
-                mask = document_mask(doc_ids)[:, None]
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
+            else:
+                y = document_attention(q, k, v, doc_ids, self.scale, gqa)
             if self.training:  # SDPA gives no lse: attention Z keeps q, k to compute it when read
                 self.z.keep(q, k, doc_ids)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
@@ -151,6 +150,30 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     T = doc_ids.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
     return causal & (doc_ids[:, :, None] == doc_ids[:, None, :])
+
+
+_FLEX = None  # FlexAttention, compiled once per process (CUDA only: it has no CPU backward)
+
+
+def document_attention(q, k, v, doc_ids: torch.Tensor, scale: float, gqa: bool) -> torch.Tensor:
+    """The torch backend's causal attention within documents: FlexAttention with a document BlockMask
+    on CUDA (the tiles outside a document skipped), SDPA with the dense block-diagonal mask elsewhere
+    (the CPU path and the reference)."""
+    global _FLEX
+    if q.is_cuda:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        if _FLEX is None:
+            _FLEX = torch.compile(flex_attention, dynamic=False)
+
+        def same_document(b, h, qi, ki):
+            return (doc_ids[b, qi] == doc_ids[b, ki]) & (qi >= ki)
+
+        B, T = doc_ids.shape
+        block_mask = create_block_mask(same_document, B, None, T, T, device=q.device)
+        return _FLEX(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    mask = document_mask(doc_ids)[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 class MLP(nn.Module):

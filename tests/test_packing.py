@@ -117,3 +117,20 @@ def test_the_trainer_with_document_masking_resumes_bitwise(tmp_path, monkeypatch
         "train.log_every=1",
     ]
     assert_resume_is_bitwise(overrides, tmp_path, monkeypatch, steps=6, crash_step=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_cuda_torch_path_uses_flex_attention_with_the_same_result():
+    from mupfast.model import document_attention, document_mask
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 256, 64, device="cuda", requires_grad=True) for _ in range(3))
+    docs = torch.repeat_interleave(
+        torch.arange(5, device="cuda"), torch.tensor([40, 100, 1, 60, 55], device="cuda")
+    )
+    docs = docs[None].repeat(2, 1)
+    got = document_attention(q, k, v, docs, 0.125, False)
+    mask = document_mask(docs)[:, None]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125)
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
