@@ -158,42 +158,54 @@ def doc_providers(smoke: bool, doc_ids: torch.Tensor) -> dict[str, Attn]:
     return found
 
 
+def _rows(peers: dict[str, Attn], inputs, scale: float, causal: bool, args, shape: dict, work, label: str,
+          extra: dict | None = None) -> list[dict]:  # fmt: skip
+    """One row per mode and provider: its timing, TFLOP/s of ``work(mode)`` FLOPs, and its speed and
+    output against ours (the first provider)."""
+    q, k, v, do = inputs
+    with torch.no_grad():
+        ours_out = peers["mupfast"](q, k, v, scale, causal).float()
+    rows = []
+    for mode in args.modes:
+        ours_ms = None
+        for name, fn in peers.items():
+            row = {"mode": mode, "causal": causal, **shape, "provider": name, **(extra or {})}
+            rows.append(row)
+            try:
+                row |= _time(fn, q, k, v, do, scale, causal, mode, args, ours_out)
+            except (RuntimeError, ValueError) as e:  # a backend that refuses this shape, or OOM
+                row["status"] = f"skipped: {str(e).splitlines()[0][:80]}"
+                print(f"{mode:8s} {label} {name:11s} {row['status']}")
+                continue
+            ours_ms = row["median_ms"] if name == "mupfast" else ours_ms
+            row["tflops"] = work(mode) / row["median_ms"] / 1e9
+            row["ours_speedup"] = row["median_ms"] / ours_ms if ours_ms else None
+            row["status"] = "ok"
+            print(
+                f"{mode:8s} {label} {name:11s} {row['tflops']:8.2f} TFLOP/s {row['median_ms']:9.3f} ms  "
+                f"ours x{row['ours_speedup'] or 0:.2f}",
+                flush=True,
+            )
+    return rows
+
+
 def run_documents(args: argparse.Namespace) -> list[dict]:
-    """The packed-document rows: ours against the peer at each mean document length."""
+    """The packed-document rows: ours with doc_ids against the peer at each mean document length."""
     from mupfast.kernels.attention import skipped_tiles
 
     device = "cpu" if args.smoke else "cuda"
     rows, d_head, seqlen = [], args.doc_d_head, args.doc_seqlen
     heads, batch = args.hidden // d_head, max(1, args.tokens // seqlen)
+    shape = {"d_head": d_head, "seqlen": seqlen, "batch": batch, "heads": heads, "dtype": args.dtype}
     for mean_len in args.doc_lens:
-        q, k, v, do = _inputs(batch, heads, seqlen, d_head, getattr(torch, args.dtype), device)
+        inputs = _inputs(batch, heads, seqlen, d_head, getattr(torch, args.dtype), device)
         doc_ids = document_ids(batch, seqlen, mean_len, device)
-        peers = doc_providers(args.smoke, doc_ids)
         skipped, total = skipped_tiles(doc_ids, 64, 64)
-        scale = args.alpha / d_head
-        with torch.no_grad():
-            ours_out = peers["mupfast"](q, k, v, scale, True).float()
-        for mode in args.modes:
-            ours_ms = None
-            for name, fn in peers.items():
-                row = {"mode": mode, "causal": True, "d_head": d_head, "seqlen": seqlen, "batch": batch}
-                row |= {"heads": heads, "dtype": args.dtype, "provider": name, "doc_len": mean_len}
-                row["tiles_skipped"] = skipped / total
-                rows.append(row)
-                try:
-                    row |= _time(fn, q, k, v, do, scale, True, mode, args, ours_out)
-                except (RuntimeError, ValueError) as e:
-                    row["status"] = f"skipped: {str(e).splitlines()[0][:80]}"
-                    continue
-                ours_ms = row["median_ms"] if name == "mupfast" else ours_ms
-                row["tflops"] = useful_flops(doc_ids, heads, d_head, mode) / row["median_ms"] / 1e9
-                row["ours_speedup"] = row["median_ms"] / ours_ms if ours_ms else None
-                row["status"] = "ok"
-                print(
-                    f"{mode:8s} docs~{mean_len:5d} T={seqlen:5d} {name:11s} {row['tflops']:8.2f} TFLOP/s useful "
-                    f"{row['median_ms']:9.3f} ms  ours x{row['ours_speedup'] or 0:.2f}  tiles skipped {skipped}/{total}",
-                    flush=True,
-                )
+        extra = {"doc_len": mean_len, "tiles_skipped": skipped / total}
+        label = f"docs~{mean_len:5d} T={seqlen:5d} (tiles skipped {skipped}/{total})"
+        work = lambda mode, doc_ids=doc_ids: useful_flops(doc_ids, heads, d_head, mode)
+        peers = doc_providers(args.smoke, doc_ids)
+        rows += _rows(peers, inputs, args.alpha / d_head, True, args, shape, work, label, extra)
     return rows
 
 
@@ -202,33 +214,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     peers, rows = providers(args.smoke), []
     for d_head, seqlen, causal in itertools.product(args.d_heads, args.seqlens, args.causal):
         heads, batch = args.hidden // d_head, max(1, args.tokens // seqlen)
-        q, k, v, do = _inputs(batch, heads, seqlen, d_head, getattr(torch, args.dtype), device)
-        scale = args.alpha / d_head
-        with torch.no_grad():
-            ours_out = peers["mupfast"](q, k, v, scale, causal).float()
-        for mode in args.modes:
-            ours_ms = None
-            for name, fn in peers.items():
-                row = {"mode": mode, "causal": causal, "d_head": d_head, "seqlen": seqlen, "batch": batch}
-                row |= {"heads": heads, "dtype": args.dtype, "provider": name}
-                rows.append(row)
-                try:
-                    row |= _time(fn, q, k, v, do, scale, causal, mode, args, ours_out)
-                except (RuntimeError, ValueError) as e:  # a backend that refuses this shape, or OOM
-                    row["status"] = f"skipped: {str(e).splitlines()[0][:80]}"
-                    print(
-                        f"{mode:8s} causal={causal!s:5s} d={d_head:3d} T={seqlen:5d} {name:11s} {row['status']}"
-                    )
-                    continue
-                ours_ms = row["median_ms"] if name == "mupfast" else ours_ms
-                row["tflops"] = flops(batch, heads, seqlen, d_head, causal, mode) / row["median_ms"] / 1e9
-                row["ours_speedup"] = row["median_ms"] / ours_ms if ours_ms else None
-                row["status"] = "ok"
-                print(
-                    f"{mode:8s} causal={causal!s:5s} d={d_head:3d} T={seqlen:5d} {name:11s} "
-                    f"{row['tflops']:8.2f} TFLOP/s {row['median_ms']:9.3f} ms  ours x{row['ours_speedup'] or 0:.2f}",
-                    flush=True,
-                )
+        inputs = _inputs(batch, heads, seqlen, d_head, getattr(torch, args.dtype), device)
+        shape = {"d_head": d_head, "seqlen": seqlen, "batch": batch, "heads": heads, "dtype": args.dtype}
+        work = lambda mode, b=batch, h=heads, t=seqlen, d=d_head, c=causal: flops(b, h, t, d, c, mode)
+        label = f"causal={causal!s:5s} d={d_head:3d} T={seqlen:5d}"
+        rows += _rows(peers, inputs, args.alpha / d_head, causal, args, shape, work, label)
     return rows
 
 
