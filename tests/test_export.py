@@ -268,3 +268,20 @@ def test_a_bpe_run_carries_its_tokenizer_when_the_data_directory_is_gone(tmp_pat
     assert tok.fingerprint == trained.fingerprint
     assert tok.decode(tok.encode("def f(x): return x")) == "def f(x): return x"
     assert not (tmp_path / "data").exists()  # nothing was re-prepared
+
+
+def test_a_run_whose_training_data_is_not_here_still_loads_its_config(tmp_path):
+    """Export and generate need the model, not the data: the corpus, data.prepared and a mixture's
+    prepared sources may all be on the training machine only."""
+    import yaml
+
+    from mupfast.config import load_config
+    from mupfast.export.load import read_run_config
+
+    raw = load_config(None).to_dict()
+    raw["data"].update(corpus="/elsewhere/*.jsonl", prepared="/elsewhere/prepared")
+    raw["data"]["sources"] = [{"prepared": "/elsewhere/a", "weight": 1.0}, {"corpus": "/elsewhere/b"}]
+    raw["zero"]["ds_config"] = "/elsewhere/ds.json"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    cfg = read_run_config(tmp_path)
+    assert cfg.data.sources[0].prepared == "/elsewhere/a" and cfg.data.prepared == "/elsewhere/prepared"

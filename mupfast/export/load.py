@@ -55,7 +55,7 @@ def read_run_config(run_dir: str | Path, config: str | None = None, overrides: l
     validate(
         replace(
             cfg,
-            data=replace(cfg.data, corpus="stdlib", prepared=""),
+            data=replace(cfg.data, prepared="", sources=[]),
             zero=replace(cfg.zero, ds_config=""),
         )
     )
