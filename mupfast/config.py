@@ -375,13 +375,18 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     key = key.strip().lstrip("-")
     if not sep or not key or "." not in key:
         raise ConfigError(f"override {item!r}: expected section.key=value, e.g. optim.lr=3e-3")
+    _set_dotted(raw, key, yaml.safe_load(value) if value.strip() else None, f"override {item!r}")
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, what: str) -> None:
+    """``raw[a][b]… = value`` for the dotted ``key``, making sections that are not there yet."""
     *parents, leaf = key.split(".")
     node = raw
     for p in parents:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {p} is not a section")
-    node[leaf] = yaml.safe_load(value) if value.strip() else None
+            raise ConfigError(f"{what}: {p} is not a section")
+    node[leaf] = value
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -396,11 +401,7 @@ def with_overrides(cfg: Config, values: dict[str, Any], *, check: bool = True) -
     """
     raw = cfg.to_dict()
     for key, value in values.items():
-        *parents, leaf = key.split(".")
-        node = raw
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+        _set_dotted(raw, key, value, key)
     new = config_from_dict(raw)
     if check:
         validate(new)
