@@ -130,8 +130,9 @@ def train(cfg: Config) -> TrainResult:
         dist.barrier()
     if rank != 0:
         sources = prepare_sources(cfg.data, progress=False)
+    tokenizer = sources[0].tokenizer()
     if rank == 0:  # the run carries its own tokenizer: export and generate read it from here
-        sources[0].tokenizer().save(run_dir)
+        tokenizer.save(run_dir)
     if sources[0].vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary ({sources[0].vocab_size})"
@@ -152,7 +153,7 @@ def train(cfg: Config) -> TrainResult:
     )
     val_sampler = BatchSampler([s.val_set() for s in sources], **common)
     source_names = _source_names(cfg.data) if len(sources) > 1 else []
-    packed = packing(cfg, sources[0].tokenizer().eos_id)
+    packed = packing(cfg, tokenizer.eos_id)
 
     # Model, optimizer and schedule: every lr is optim.lr · schedule(t) · lr_mult of its group.
     torch.manual_seed(t.seed)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mupfast.data.shards import ShardWriter
+from mupfast.data.shards import ShardWriter, token_dtype
 from mupfast.data.units import SPLITS, Unit, unit_files
 
 #: Tokens copied from a unit file into a shard at a time.
@@ -91,13 +91,13 @@ def assemble(
     *,
     vocab_size: int,
     fingerprint: str,
-    dtype,
     shard_tokens: int,
     val_fraction: float,
 ) -> dict:
     """Write every split's shards into ``out`` from the units (``counts``: each unit's counts);
     returns the index (also written as index.json)."""
     writers = {s: _SplitWriter(out, s, vocab_size, fingerprint, shard_tokens) for s in SPLITS}
+    dtype = token_dtype(vocab_size)  # the unit files hold the tokenizer's ids in this type
     held_out = any(counts[u.index]["val_documents"] for u in units)
     train_tokens = sum(counts[u.index]["train_tokens"] for u in units)
     # nothing held out (a corpus of fewer documents than 1/val_fraction): the stream's tail is validation
@@ -123,7 +123,7 @@ def assemble(
         "format": 2,
         "vocab_size": vocab_size,
         "tokenizer_fingerprint": fingerprint,
-        "token_bytes": np.dtype(dtype).itemsize,
+        "token_bytes": dtype.itemsize,
         **{split: writers[split].close() for split in SPLITS},
     }
     (out / "index.json").write_text(json.dumps(index, indent=1) + "\n")

@@ -31,7 +31,6 @@ from mupfast.config import DataConfig, load_config
 from mupfast.data.assemble import assemble
 from mupfast.data.corpus import CorpusFile, corpus_files, corpus_listing
 from mupfast.data.prepared import PreparedData, find_prepared, load_prepared
-from mupfast.data.shards import token_dtype
 from mupfast.data.tokenizer import BPETokenizer, load_saved_tokenizer, load_tokenizer
 from mupfast.data.units import Caps, Unit, cap_limits, capped_documents, plan_units, tokenize_unit, unit_done
 from mupfast.errors import ConfigError, DataError
@@ -56,12 +55,6 @@ def _source_key(cfg: DataConfig, files: list[CorpusFile]) -> dict:
     return source
 
 
-def _tokenizer_key(cfg: DataConfig):
-    if cfg.tokenizer == "bpe":  # trained on the corpus, so the corpus key covers it
-        return {"kind": "bpe", "vocab_size": cfg.bpe_vocab_size}
-    return {"fingerprint": load_tokenizer(cfg.tokenizer, eos_token=cfg.eos_token).fingerprint}
-
-
 def _dir_name(cfg: DataConfig, key: dict) -> str:
     corpus = cfg.corpus if isinstance(cfg.corpus, str) else cfg.corpus[0]
     stem = (
@@ -72,18 +65,15 @@ def _dir_name(cfg: DataConfig, key: dict) -> str:
     return f"{stem.strip('._') or 'corpus'}-{tok}-{digest}"
 
 
-def _tokenizer(cfg: DataConfig, files: list[CorpusFile], caps: Caps, work: Path, read: dict, progress: bool):
-    """The tokenizer the shards are written with (the trained BPE is saved, so a resume reuses it)."""
-    if cfg.tokenizer != "bpe":
-        return load_tokenizer(cfg.tokenizer, eos_token=cfg.eos_token)
-    if (work / "tokenizer" / "mupfast_tokenizer.json").is_file():
-        return load_saved_tokenizer(work / "tokenizer")
-    # trained on the corpus as the shards will hold it, streamed (the cap included)
+def _trained_bpe(
+    cfg: DataConfig, files: list[CorpusFile], caps: Caps, tok_dir: Path, read: dict, progress: bool
+):
+    """The BPE trained on the corpus as the shards will hold it (streamed, the cap included), or the
+    one an interrupted preparation already trained and saved in ``tok_dir``."""
+    if (tok_dir / "mupfast_tokenizer.json").is_file():
+        return load_saved_tokenizer(tok_dir)
     texts = (text for _, _, text in capped_documents(files, range(len(files)), caps, **read))
-    tok = BPETokenizer.train(texts, cfg.bpe_vocab_size, progress=progress)
-    (work / "tokenizer").mkdir(parents=True, exist_ok=True)
-    tok.save(work / "tokenizer")
-    return tok
+    return BPETokenizer.train(texts, cfg.bpe_vocab_size, progress=progress)
 
 
 def _run_units(todo: list[Unit], files, tok_dir: Path, work: Path, settings: dict, workers: int, bar):
@@ -151,12 +141,16 @@ def prepare_data(cfg: DataConfig, *, progress: bool = True, workers: int | None 
     """
     files = corpus_files(cfg.corpus)
     read = {"text_field": cfg.text_field, "on_bad_record": cfg.on_bad_record}
+    given = None if cfg.tokenizer == "bpe" else load_tokenizer(cfg.tokenizer, eos_token=cfg.eos_token)
     key = {
         "format": PREP_FORMAT,
         "source": _source_key(cfg, files),
         **read,
         "max_corpus_bytes": cfg.max_corpus_bytes,
-        "tokenizer": _tokenizer_key(cfg),
+        # a trained BPE is a function of the corpus, which the key covers
+        "tokenizer": {"kind": "bpe", "vocab_size": cfg.bpe_vocab_size}
+        if given is None
+        else {"fingerprint": given.fingerprint},
         "eos_token": cfg.eos_token,
         "val_fraction": cfg.val_fraction,
         "shard_tokens": cfg.shard_tokens,
@@ -167,8 +161,8 @@ def prepare_data(cfg: DataConfig, *, progress: bool = True, workers: int | None 
     work = out.with_name(f".{out.name}.partial")
     work.mkdir(parents=True, exist_ok=True)
     caps = cap_limits(files, cfg.max_corpus_bytes, **read) if cfg.max_corpus_bytes else {}
-    tok = _tokenizer(cfg, files, caps, work, read, progress)
-    tok_dir = work / "tokenizer"
+    tok_dir = work / "tokenizer"  # what the workers load; a resume finds a trained BPE here
+    tok = given or _trained_bpe(cfg, files, caps, tok_dir, read, progress)
     if not (tok_dir / "mupfast_tokenizer.json").is_file():
         tok_dir.mkdir(exist_ok=True)
         tok.save(tok_dir)
@@ -207,7 +201,6 @@ def _assemble_and_install(cfg, key, out, work, units, counts, tok, skipped) -> P
             counts,
             vocab_size=tok.vocab_size,
             fingerprint=tok.fingerprint,
-            dtype=token_dtype(tok.vocab_size),
             shard_tokens=cfg.shard_tokens,
             val_fraction=cfg.val_fraction,
         )

@@ -31,17 +31,19 @@ class PreparedData:
     meta: dict = field(default_factory=dict)
     reused: bool = False
     """True when prepare_data found the directory already prepared."""
-    _opened: dict = field(default_factory=dict, repr=False)
+    _opened: dict = field(default_factory=dict, repr=False)  # shards per split and the tokenizer, once read
 
     def tokenizer(self):
-        if (self.dir / "mupfast_tokenizer.json").is_file():
-            return load_saved_tokenizer(self.dir)
-        # a first-format directory: byte-level, or the BPE it trained (no end-of-document token)
-        return (
-            BPETokenizer.load(self.dir / "tokenizer.json")
-            if self.tokenizer_kind == "bpe"
-            else ByteTokenizer()
-        )
+        """The directory's tokenizer, loaded once."""
+        if "tokenizer" not in self._opened:
+            if (self.dir / "mupfast_tokenizer.json").is_file():
+                tok = load_saved_tokenizer(self.dir)
+            elif self.tokenizer_kind == "bpe":  # a first-format directory: the BPE it trained (no EOS)
+                tok = BPETokenizer.load(self.dir / "tokenizer.json")
+            else:
+                tok = ByteTokenizer()
+            self._opened["tokenizer"] = tok
+        return self._opened["tokenizer"]
 
     def shards(self, split: str) -> list[TokenShard]:
         """The split's shards, opened (and every id checked) once."""

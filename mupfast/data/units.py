@@ -64,12 +64,11 @@ def plan_units(files: list[CorpusFile], caps: Caps) -> list[Unit]:
             flush()
             units.append(Unit(len(units), (i,)))
             continue
-        if len(group) == TEXT_FILES_PER_UNIT or (
-            group and size + f.path.stat().st_size > TEXT_BYTES_PER_UNIT
-        ):
+        file_size = f.path.stat().st_size
+        if len(group) == TEXT_FILES_PER_UNIT or (group and size + file_size > TEXT_BYTES_PER_UNIT):
             flush()
         group.append(i)
-        size += f.path.stat().st_size
+        size += file_size
     flush()
     return units
 
