@@ -120,10 +120,24 @@ if triton is not None:
 
     @triton.jit
     def _clip_adamw_kernel(ptrs, n_tensors, numels, groups, blk_tensor, blk_index,
-                           coef_ptr, lr_ptr, wd_ptr, bc_ptr, bc1, bc2_sqrt, beta1c, beta2, beta2c, eps,
-                           P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
+                           coef_ptr, lr_ptr, wd_ptr, bc_ptr, skip_ptr, bc1, bc2_sqrt, beta1c, beta2, beta2c,
+                           eps, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
                            V_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BC_ON_DEVICE: tl.constexpr,
-                           BLOCK: tl.constexpr):  # fmt: skip
+                           SKIP_ON_DEVICE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+        run = True
+        if SKIP_ON_DEVICE:  # the update was cancelled on the device (a non-finite loss): write nothing
+            run = tl.load(skip_ptr) == 0
+        if run:
+            _clip_adamw_program(ptrs, n_tensors, numels, groups, blk_tensor, blk_index, coef_ptr, lr_ptr,
+                                wd_ptr, bc_ptr, bc1, bc2_sqrt, beta1c, beta2, beta2c, eps, P_DTYPE, G_DTYPE,
+                                M_DTYPE, V_DTYPE, ALIGNED, BC_ON_DEVICE, BLOCK)  # fmt: skip
+
+    @triton.jit
+    def _clip_adamw_program(ptrs, n_tensors, numels, groups, blk_tensor, blk_index,
+                            coef_ptr, lr_ptr, wd_ptr, bc_ptr, bc1, bc2_sqrt, beta1c, beta2, beta2c, eps,
+                            P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr,
+                            V_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BC_ON_DEVICE: tl.constexpr,
+                            BLOCK: tl.constexpr):  # fmt: skip
         pid = tl.program_id(0)
         t = tl.load(blk_tensor + pid)
         n = tl.load(numels + t)
@@ -202,18 +216,22 @@ def _plan(kind: str, lists: list[list[torch.Tensor]], groups: list[int], extra: 
 def _tables(lists: list[list[torch.Tensor]], groups: list[int], block: int, device) -> dict:
     """Device tables for one launch: addresses (operand-major), sizes, groups, block→(tensor, index)."""
     addrs = [t.data_ptr() for lst in lists for t in lst]
-    numels = torch.tensor([t.numel() for t in lists[0]], dtype=torch.int64)
+    # Sizes as Python ints: the tables are rebuilt whenever gradients move, which under DeepSpeed
+    # stage 0 is every step, so nothing here reads a tensor back.
+    sizes = [t.numel() for t in lists[0]]
+    total_blocks = sum(-(-n // block) for n in sizes)
+    numels = torch.tensor(sizes, dtype=torch.int64)
     n_blocks = (numels + block - 1) // block
-    blk_tensor = torch.repeat_interleave(torch.arange(len(numels)), n_blocks)
+    blk_tensor = torch.repeat_interleave(torch.arange(len(numels)), n_blocks, output_size=total_blocks)
     first = torch.cumsum(n_blocks, 0) - n_blocks
-    blk_index = torch.arange(int(n_blocks.sum())) - first[blk_tensor]
+    blk_index = torch.arange(total_blocks) - first[blk_tensor]
     return {
         "ptrs": torch.tensor(addrs, dtype=torch.int64).to(device),
         "numels": numels.to(device),
         "groups": torch.tensor(groups, dtype=torch.int32).to(device),
         "blk_tensor": blk_tensor.to(torch.int32).to(device),
         "blk_index": blk_index.to(torch.int32).to(device),
-        "n_blocks": int(n_blocks.sum()),
+        "n_blocks": total_blocks,
         "n_tensors": len(numels),
         "aligned": all(a % 16 == 0 for a in addrs),
         "_blk_tensor_cpu": blk_tensor,
@@ -249,7 +267,8 @@ def _norm_plan(gs: list[torch.Tensor], groups: list[int], num_groups: int, devic
     """Blocks laid out group by group, so each group's partials form one contiguous segment."""
     order = sorted(range(len(gs)), key=lambda j: groups[j])
     gs, groups = [gs[j] for j in order], [groups[j] for j in order]
-    counts = torch.tensor([-(-g.numel() // NORM_BLOCK) for g in gs], dtype=torch.int64)
+    per_tensor = [-(-g.numel() // NORM_BLOCK) for g in gs]
+    counts = torch.tensor(per_tensor, dtype=torch.int64)
     first_slot = torch.cumsum(counts, 0) - counts
     seg = torch.zeros(num_groups + 1, dtype=torch.int64).index_add_(0, torch.tensor(groups) + 1, counts)
     launches = []
@@ -258,7 +277,7 @@ def _norm_plan(gs: list[torch.Tensor], groups: list[int], num_groups: int, devic
         shift = first_slot[sub] - tab["_first_block"]  # a tensor's blocks -> its consecutive slots
         slot = torch.arange(tab["n_blocks"]) + shift[tab["_blk_tensor_cpu"]]
         launches.append((_TL[dtype], tab, slot.to(torch.int32).to(device)))
-    return {"seg": seg.cumsum(0).to(device), "n_partials": int(counts.sum()), "launches": launches}
+    return {"seg": seg.cumsum(0).to(device), "n_partials": sum(per_tensor), "launches": launches}
 
 
 def group_sq_norms(grads, group_ids, num_groups, *, device=None) -> torch.Tensor:
@@ -329,7 +348,7 @@ def _bias_corrections(step, beta1: float, beta2: float, device: torch.device):
 
 
 def clip_adamw_reference(params, grads, exp_avgs, exp_avg_sqs, group_ids, *, coef, lrs, weight_decays,
-                         beta1, beta2, eps, step) -> None:  # fmt: skip
+                         beta1, beta2, eps, step, skip=None) -> None:  # fmt: skip
     """The same update as ``clip_adamw_step`` in plain PyTorch, tensor by tensor (fp32 math)."""
     lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
     idx = _active(lists, group_ids, len(coef))
@@ -339,9 +358,12 @@ def clip_adamw_reference(params, grads, exp_avgs, exp_avg_sqs, group_ids, *, coe
     coef, lrs, wds = (_group_vec(n, t, len(coef), dev) for n, t in
                       (("coef", coef), ("lrs", lrs), ("weight_decays", weight_decays)))  # fmt: skip
     bc = _bias_corrections(step, beta1, beta2, dev)
+    keep = None if skip is None else _skip_flag(skip, dev).bool()
     for i in idx:
         grp = group_ids[i]
         p, m, v = params[i].float(), exp_avgs[i].float(), exp_avg_sqs[i].float()  # views when fp32
+        if keep is not None:  # the result is chosen on the device: work on copies
+            p, m, v = p.clone(), m.clone(), v.clone()
         g = grads[i].float() * coef[grp]
         p.mul_(1 - lrs[grp] * wds[grp])
         m.lerp_(g, 1 - beta1)
@@ -349,18 +371,32 @@ def clip_adamw_reference(params, grads, exp_avgs, exp_avg_sqs, group_ids, *, coe
         denom = (v.sqrt() / bc[1]).add_(eps)
         p.sub_(m / denom * (lrs[grp] / bc[0]))
         for dst, src in ((params[i], p), (exp_avgs[i], m), (exp_avg_sqs[i], v)):
-            if src is not dst:
+            if keep is not None:
+                dst.copy_(torch.where(keep, dst, src.to(dst.dtype)))
+            elif src is not dst:
                 dst.copy_(src)
 
 
+def _skip_flag(skip: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if not isinstance(skip, torch.Tensor) or skip.numel() != 1:
+        raise ValueError("skip must be a one-element tensor (nonzero: leave every tensor unchanged)")
+    if skip.device != device:
+        raise ValueError(f"skip is on {skip.device} but the tensors are on {device}")
+    return skip.reshape(()).to(torch.int32)
+
+
 def clip_adamw_step(params, grads, exp_avgs, exp_avg_sqs, group_ids, *, coef, lrs, weight_decays,
-                    beta1, beta2, eps, step) -> None:  # fmt: skip
+                    beta1, beta2, eps, step, skip=None) -> None:  # fmt: skip
     """In place, for tensor i of group g: g' = grad·coef_g, then torch.optim.AdamW's update with
     lr_g and weight_decay_g (decoupled decay, bias correction at ``step`` ≥ 1). One read and one
-    write of p, m, v in a single multi-tensor launch per dtype combination; no host sync."""
+    write of p, m, v in a single multi-tensor launch per dtype combination; no host sync.
+
+    ``skip``: a one-element device tensor; where it is nonzero the launch writes nothing (the
+    trainer's non-finite-loss skip, decided on the device)."""
     lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
     idx = _active(lists, group_ids, len(coef))
-    kw = dict(coef=coef, lrs=lrs, weight_decays=weight_decays, beta1=beta1, beta2=beta2, eps=eps, step=step)
+    kw = dict(coef=coef, lrs=lrs, weight_decays=weight_decays, beta1=beta1, beta2=beta2, eps=eps, step=step,
+              skip=skip)  # fmt: skip
     if not idx or not triton_usable(*(lst[i] for lst in lists.values() for i in idx)):
         return clip_adamw_reference(params, grads, exp_avgs, exp_avg_sqs, group_ids, **kw)
     for name in ("params", "exp_avgs", "exp_avg_sqs"):
@@ -374,6 +410,7 @@ def clip_adamw_step(params, grads, exp_avgs, exp_avg_sqs, group_ids, *, coef, lr
     bc = _bias_corrections(step, beta1, beta2, dev)
     on_dev = isinstance(bc, torch.Tensor)
     bc1, bc2_sqrt = (1.0, 1.0) if on_dev else bc
+    skip_flag = _skip_flag(skip, dev) if skip is not None else coef  # coef: an unread placeholder
     ts = [[lst[i] for i in idx] for lst in (params, grads, exp_avgs, exp_avg_sqs)]
     ts[1] = [g if g.is_contiguous() else g.contiguous() for g in ts[1]]
     groups = [int(group_ids[i]) for i in idx]
@@ -385,7 +422,7 @@ def clip_adamw_step(params, grads, exp_avgs, exp_avg_sqs, group_ids, *, coef, lr
     for (p_t, g_t, m_t, v_t), tab in _plan("step", ts, groups, (dev,), build):
         _clip_adamw_kernel[(tab["n_blocks"],)](
             tab["ptrs"], tab["n_tensors"], tab["numels"], tab["groups"], tab["blk_tensor"], tab["blk_index"],
-            coef, lrs, wds, bc if on_dev else coef, bc1, bc2_sqrt, 1 - beta1, beta2, 1 - beta2, eps,
-            P_DTYPE=p_t, G_DTYPE=g_t, M_DTYPE=m_t, V_DTYPE=v_t,
-            ALIGNED=tab["aligned"], BC_ON_DEVICE=on_dev, BLOCK=STEP_BLOCK, num_warps=8,
+            coef, lrs, wds, bc if on_dev else coef, skip_flag, bc1, bc2_sqrt, 1 - beta1, beta2, 1 - beta2, eps,
+            P_DTYPE=p_t, G_DTYPE=g_t, M_DTYPE=m_t, V_DTYPE=v_t, ALIGNED=tab["aligned"],
+            BC_ON_DEVICE=on_dev, SKIP_ON_DEVICE=skip is not None, BLOCK=STEP_BLOCK, num_warps=8,
         )  # fmt: skip

@@ -126,7 +126,8 @@ class ModelConfig:
     hidden_size and the expert hidden size multiples of 8; bf16 on a GPU; ZeRO 0–2). Not yet measured on a GPU."""
 
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
-    """auto: Triton on CUDA, torch SDPA elsewhere."""
+    """auto: on CUDA the fastest measured per shape of our Triton kernel, SDPA (cuDNN, flash) and
+    flash-attn, our kernel where document ids or determinism need it (cached on disk); torch SDPA elsewhere."""
     readout_backend: Literal["auto", "torch", "triton"] = "auto"
     """Fused logit multiplier + cross-entropy: auto means Triton on CUDA, chunked torch elsewhere."""
 
@@ -302,6 +303,13 @@ class TrainConfig:
     """Collective timeout: ranks exit instead of hanging when a peer dies."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    activation_checkpointing: Literal["none", "full", "every_k", "selective"] = "none"
+    """Recompute activations in the backward instead of keeping them: none; full (every block);
+    every_k (every train.checkpoint_every-th block); selective (every block, keeping matmul outputs)."""
+    checkpoint_every: int = 2
+    """every_k: checkpoint blocks 0, k, 2k, … (k = this)."""
+    compile: bool = False
+    """torch.compile each block (regional compilation): norms, RoPE, SwiGLU and residual adds fuse."""
 
     def tokens_per_step(self, world_size: int = 1) -> int:
         """Tokens one optimizer step consumes over ``world_size`` data-parallel ranks."""

@@ -167,6 +167,7 @@ def _check_train(cfg: Config) -> None:
             ("train.micro_batch_size", t.micro_batch_size),
             ("train.grad_accum_steps", t.grad_accum_steps),
             ("train.dist_timeout_s", t.dist_timeout_s),
+            ("train.checkpoint_every", t.checkpoint_every),
         ]
     )
     if t.seq_len > cfg.model.max_seq_len:

@@ -6,7 +6,8 @@
 keys and values); ``model(tokens, targets, doc_ids=…, position_ids=…)`` trains on packed documents,
 attention stopping at their boundaries and positions restarting at their starts. Attention and the readout go through a backend switch: ``torch`` (SDPA with
 scale = α/d, chunked cross-entropy) or ``triton`` (the kernels of mupfast.kernels); ``auto`` picks
-Triton on CUDA.
+Triton for the readout on CUDA, and for attention the fastest measured per shape of our kernel,
+SDPA's cuDNN and flash backends and flash-attn (:mod:`mupfast.attention_select`).
 
 Every multiplier a parameter carries (embedding scale, residual-branch scales, router and output
 logits) is read from that parameter's rule (``Rule.forward_mult``), so the table ``mupfast explain``
@@ -108,22 +109,44 @@ class Attention(nn.Module):
         v = self.v(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if self.rotary is not None:
             q, k = self.rotary(q, start, position_ids), self.rotary(k, start, position_ids)
-        if cache is not None:
+        backend = "cached" if cache is not None else self._backend(q, k, doc_ids)
+        if backend == "cached":
             y = self._cached(q, k, v, cache, layer, start)
-        elif _use_triton(self.backend, x):
+        elif backend == "triton":
             from mupfast.kernels.attention import mup_attention
 
             y, lse = mup_attention(q, k, v, scale=self.scale, causal=True, doc_ids=doc_ids, return_lse=True)
             self.z.from_lse(lse)
         else:
             gqa = self.n_kv != self.n_heads
-            if doc_ids is None:
+            if backend != "torch":  # the fastest measured peer for this shape (attention_select)
+                from mupfast.attention_select import run_attention
+
+                y = run_attention(backend, q, k, v, scale=self.scale, causal=True)
+            elif doc_ids is None:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
             else:
                 y = document_attention(q, k, v, doc_ids, self.scale, gqa)
-            if self.training:  # SDPA gives no lse: attention Z keeps q, k to compute it when read
+            if self.training:  # no lse from these: attention Z keeps q, k to compute it when read
                 self.z.keep(q, k, doc_ids)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _backend(self, q: torch.Tensor, k: torch.Tensor, doc_ids: torch.Tensor | None) -> str:
+        """torch, triton, or on CUDA under ``auto`` the fastest measured for the shape (our kernel
+        wherever document ids or a deterministic backward are needed)."""
+        if self.backend != "auto":
+            return self.backend
+        if not q.is_cuda:
+            return "torch"
+        from mupfast.attention_select import select_backend
+
+        return select_backend(
+            q,
+            k,
+            causal=True,
+            has_doc_ids=doc_ids is not None,
+            deterministic=torch.are_deterministic_algorithms_enabled(),
+        )
 
     def _cached(self, q, k, v, cache: KVCache, layer: int, start: int) -> torch.Tensor:
         """Attention of the new positions over the cache's and their own (SDPA; decoding only)."""
@@ -200,8 +223,10 @@ class Block(nn.Module):
         # Each branch's output multiplier, from the rule of its output matrix (W_o; W_down or the
         # experts'): CompleteP's (L_base / L)^α, hyperp's 1/√(2L), 1 otherwise.
         self.attn_branch_scale = self.mlp_branch_scale = 1.0
-        # Instability indicators of the last training forward (detached device scalars, no host sync).
+        # Instability indicators of the last recorded training forward (detached device scalars, no
+        # host sync); ``record_stats`` (Transformer.record_indicators) says whether a forward computes them.
         self.stats: dict[str, torch.Tensor] = {}
+        self.record_stats = True
 
     def forward(
         self,
@@ -215,7 +240,7 @@ class Block(nn.Module):
         x = x + a
         f = self.mlp_branch_scale * self.mlp(self.mlp_norm(x))
         x = x + f
-        if self.training:
+        if self.training and self.record_stats:
             self.stats = block_stats(a, f, x)
         return x
 
@@ -329,12 +354,14 @@ class Transformer(nn.Module):
             m.aux_loss = m.router_z = None
         return loss
 
-    def record_attention_z(self, enabled: bool) -> None:
-        """Whether the next training forwards keep q and k for attention Z on the torch backend.
+    def record_indicators(self, enabled: bool) -> None:
+        """Whether the next training forwards compute the blocks' stability indicators: branch RMS,
+        outlier share and (torch backend) the q and k that attention Z is computed from.
 
-        The trainer turns it on only for the last micro-batch of a step whose indicators it logs, so
-        the other steps hold no activations past their backward. On by default."""
+        The trainer turns it on only for the last micro-batch of a step whose metrics it logs, so the
+        other steps pay nothing for them and hold no activations past their backward. On by default."""
         for block in self.blocks:
+            block.record_stats = enabled
             block.attn.z.record = enabled
 
     def stability_stats(self) -> dict[str, torch.Tensor]:

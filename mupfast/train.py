@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from mupfast.activation_checkpoint import apply_activation_checkpointing
 from mupfast.config import Config, load_config
 from mupfast.data import BatchSampler, prepare_sources
 from mupfast.data.packing import document_ids, position_ids
@@ -31,11 +32,13 @@ from mupfast.engine import (
     save_checkpoint,
 )
 from mupfast.errors import ConfigError, TrainingError
+from mupfast.flops import flops_per_token, throughput_metrics
 from mupfast.metrics import MetricsWriter, read_metrics
 from mupfast.model import build_model
 from mupfast.optim import build_optimizer
 from mupfast.optim.zero_shards import attach as attach_to_zero
 from mupfast.parametrization import RULES_VERSION
+from mupfast.regional_compile import compile_blocks
 
 
 @dataclass
@@ -48,12 +51,48 @@ class TrainResult:
     skipped_steps: int = 0
 
 
-def _all_finite(loss: torch.Tensor) -> bool:
-    """True on every rank iff the loss is finite on every rank (one tiny collective)."""
-    flag = torch.isfinite(loss.detach()).float().reshape(1)
+def _nonfinite_anywhere(loss: torch.Tensor) -> torch.Tensor:
+    """A device flag, set on every rank iff the loss is non-finite on some rank (one tiny collective,
+    no host sync)."""
+    flag = (~torch.isfinite(loss.detach())).float().reshape(1)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag
+
+
+class SkippedSteps:
+    """The steps whose update was skipped, learnt by the host only when it syncs anyway.
+
+    Each step's device flag is kept until :meth:`read` (a logging, eval or checkpoint step) fetches
+    them all in one transfer; then the run's count and the current run of skipped steps are known,
+    and the stop-after-N rule is applied at the step where the N-th came.
+    """
+
+    def __init__(self, limit: int):
+        self.limit, self.total, self.in_row = limit, 0, 0
+        self._pending: list[tuple[int, torch.Tensor]] = []
+
+    def add(self, step: int, flag: torch.Tensor) -> None:
+        self._pending.append((step, flag))
+
+    def read(self) -> tuple[list[tuple[int, int]], int | None]:
+        """(each skipped step since the last read with the run's count up to it, the step where
+        ``limit`` in a row was reached or None); steps after that one are not counted: the run
+        stops there."""
+        if not self._pending:
+            return [], None
+        steps = [s for s, _ in self._pending]
+        flags = torch.cat([f for _, f in self._pending]).tolist()  # the one host sync
+        self._pending.clear()
+        skipped = []
+        for step, bad in zip(steps, flags):
+            self.in_row = self.in_row + 1 if bad else 0
+            if bad:
+                self.total += 1
+                skipped.append((step, self.total))
+                if self.in_row >= self.limit:
+                    return skipped, step
+        return skipped, None
 
 
 def _mean_over_ranks(x: float) -> float:
@@ -158,6 +197,9 @@ def train(cfg: Config) -> TrainResult:
     # Model, optimizer and schedule: every lr is optim.lr · schedule(t) · lr_mult of its group.
     torch.manual_seed(t.seed)
     model = build_model(cfg.model)
+    apply_activation_checkpointing(model, t.activation_checkpointing, t.checkpoint_every)
+    if t.compile:
+        compile_blocks(model)
     # every group's lr is base · schedule(t) · lr_mult, set by the optimizer's GroupLR (hyperp's base
     # η counts every rank's tokens in its batch)
     optimizer = build_optimizer(model, cfg, world_size=world, reduce_norms=cfg.zero.stage >= 1)
@@ -195,17 +237,21 @@ def train(cfg: Config) -> TrainResult:
         if start:
             bar.write(f"resumed from {ckpt_dir / tag} at step {start}")
 
-    nonfinite_in_row, last_saved = 0, start
-    # Throughput counts training time only (not eval or checkpoint writes).
-    window_s, window_steps, total_s, total_steps = 0.0, 0, 0.0, 0
+    skips, last_saved = SkippedSteps(t.max_nonfinite_in_row), start
+    flops_token = flops_per_token(cfg.model, t.seq_len)
+    # Throughput counts training time only (not eval or checkpoint writes), measured between the
+    # host syncs of logging steps so that the device's queue is drained at both ends.
+    window_t0, window_steps, paused_s, total_s, total_steps = time.perf_counter(), 0, 0.0, 0.0, 0
     for step in range(start, t.steps):
-        step_t0 = time.perf_counter()
         # Forward/backward over the micro-batches; DeepSpeed steps the optimizer at the boundary.
         step_lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the lrs this update uses
         losses = []
         logs = (step + 1) % t.log_every == 0 or step + 1 == t.steps
+        evals = (t.eval_every and (step + 1) % t.eval_every == 0) or step + 1 == t.steps
+        saves = (t.save_every and (step + 1) % t.save_every == 0) or (step + 1 == t.steps and t.save_final)
         for micro in range(t.grad_accum_steps):
-            engine.module.record_attention_z(logs and micro == t.grad_accum_steps - 1)
+            # Indicators only where they are logged: the last micro-batch of a logging step.
+            engine.module.record_indicators(logs and micro == t.grad_accum_steps - 1)
             x, y = train_sampler.batch(step, micro * world + rank)
             x = x.to(device)
             loss = engine(x, y.to(device), **packed(x))
@@ -213,38 +259,39 @@ def train(cfg: Config) -> TrainResult:
             losses.append(loss.detach().float())
             if micro == t.grad_accum_steps - 1:
                 step_loss = torch.stack(losses).mean()
-                finite = _all_finite(step_loss)
-                client_opt.skip_next_step = not finite  # the whole update is skipped on every rank
+                bad = _nonfinite_anywhere(step_loss)
+                client_opt.skip_step = bad  # read by the update on the device, on every rank alike
             engine.step()
-        client_opt.skip_next_step = False
+        client_opt.skip_step = False
+        skips.add(step + 1, bad)
         result.steps = step + 1
-        step_s = time.perf_counter() - step_t0
-        window_s, window_steps = window_s + step_s, window_steps + 1
-        total_s, total_steps = total_s + step_s, total_steps + 1
-
+        window_steps += 1
         if bar is not None:
             bar.update(1)
-        if not finite:
-            nonfinite_in_row += 1
-            result.skipped_steps += 1
-            metrics.log(
-                step + 1, {"nonfinite_loss": 1.0, "skipped_steps": result.skipped_steps}, kind="event"
+        if not (logs or evals or saves):
+            continue  # no host sync on this step
+
+        # A step that syncs anyway: learn which updates were skipped since the last one.
+        skipped, stop_at = skips.read()
+        for s, count in skipped:
+            metrics.log(s, {"nonfinite_loss": 1.0, "skipped_steps": count}, kind="event")
+        result.skipped_steps = skips.total
+        if stop_at is not None:
+            good_tag = latest_tag(ckpt_dir)
+            good = f"last good checkpoint: {ckpt_dir / good_tag}" if good_tag else "no checkpoint was saved"
+            raise TrainingError(
+                f"stopping: {skips.limit} non-finite losses in a row at step {stop_at} "
+                f"(updates skipped; {good}); lower optim.lr or check the data"
             )
-            if nonfinite_in_row >= t.max_nonfinite_in_row:
-                good_tag = latest_tag(ckpt_dir)
-                good = (
-                    f"last good checkpoint: {ckpt_dir / good_tag}" if good_tag else "no checkpoint was saved"
-                )
-                raise TrainingError(
-                    f"stopping: {nonfinite_in_row} non-finite losses in a row at step {step + 1} "
-                    f"(updates skipped; {good}); lower optim.lr or check the data"
-                )
-            continue
-        nonfinite_in_row = 0
+        if skipped and skipped[-1][0] == step + 1:
+            continue  # this step's update was skipped: nothing to log, evaluate or save
 
         if logs:
-            tok_s = tokens_per_step * window_steps / max(window_s, 1e-9)
+            elapsed = time.perf_counter() - window_t0 - paused_s
+            total_s, total_steps = total_s + elapsed, total_steps + window_steps
+            tok_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
             values = {"loss": _mean_over_ranks(step_loss.item()), "tokens_per_s": tok_s}
+            values.update(throughput_metrics(tok_s, flops_token, device))
             values.update({f"lr/{k}": v for k, v in step_lrs.items()})
             values.update({f"grad_norm/{k}": v for k, v in client_opt.last_grad_norms.items()})
             values.update({f"clip_coef/{k}": v for k, v in client_opt.last_clip_coefs.items()})
@@ -254,20 +301,21 @@ def train(cfg: Config) -> TrainResult:
             )
             record = metrics.log(step + 1, values)
             result.train_losses[step + 1] = record["loss"]
-            window_s, window_steps = 0.0, 0
+            window_t0, window_steps, paused_s = time.perf_counter(), 0, 0.0
             if bar is not None:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tok_s:,.0f}")
 
-        last = step + 1 == t.steps
-        if (t.eval_every and (step + 1) % t.eval_every == 0) or last:
+        pause_t0 = time.perf_counter()
+        if evals:
             val = evaluate(engine, val_sampler, t.eval_batches, device, packed)
             metrics.log(step + 1, {"val_loss": val}, kind="eval")
             result.val_losses[step + 1] = val
             if bar is not None:
                 bar.write(f"step {step + 1}: val loss {val:.4f}")
-        if (t.save_every and (step + 1) % t.save_every == 0) or (last and t.save_final):
+        if saves:
             save_checkpoint(engine, ckpt_dir, step + 1, rank, {"config": cfg.to_dict()})
             last_saved = step + 1
+        paused_s += time.perf_counter() - pause_t0
 
     if bar is not None:
         bar.close()

@@ -93,10 +93,10 @@ def test_torch_attention_z_is_computed_only_when_the_indicators_are_read():
         model(tokens[:, :-1], tokens[:, 1:])
     assert attn.z.inputs is None  # evaluation and generation keep nothing
     model.train()
-    model.record_attention_z(False)  # what the trainer does on steps it does not log
+    model.record_indicators(False)  # what the trainer does on steps it does not log
     model(tokens[:, :-1], tokens[:, 1:]).backward()
     assert attn.z.inputs is None and "attn_lse_sq_mean" not in model.stability_stats()
-    model.record_attention_z(True)
+    model.record_indicators(True)
     model(tokens[:, :-1], tokens[:, 1:]).backward()
     assert model.stability_stats()["attn_lse_sq_mean"] == pytest.approx(z.item(), rel=1e-6)
 
@@ -107,13 +107,13 @@ def test_the_trainer_keeps_q_k_only_for_the_steps_it_logs(tmp_path, monkeypatch)
     from mupfast.model import Transformer
 
     kept_at = []
-    original = Transformer.record_attention_z
+    original = Transformer.record_indicators
 
     def spy(self, enabled):
         kept_at.append(enabled)
         original(self, enabled)
 
-    monkeypatch.setattr(Transformer, "record_attention_z", spy)
+    monkeypatch.setattr(Transformer, "record_indicators", spy)
     cfg = tiny_config(
         "model.attention_backend=torch",
         "train.steps=6",

@@ -271,3 +271,22 @@ def test_gpu_large_step_matches_reference(pdtype):
     tol = 5e-3 if pdtype == torch.bfloat16 else 1e-6
     for a, b in zip(params + ms + vs, ref[0] + ref[1] + ref[2]):
         assert rel(a, b) < tol
+
+
+@pytest.mark.parametrize("update", [clip_adamw_step, clip_adamw_reference])
+def test_a_device_skip_flag_writes_nothing_and_a_clear_one_is_a_plain_step(update):
+    """The trainer's non-finite skip, decided on the device: skip=1 leaves p, m, v bitwise as they
+    were; skip=0 gives exactly the update without a flag."""
+    state = make_state(5)
+    grads = randn_list()
+    coef = fp32_vec([0.5, 1.0, 0.25, 1.0, 1.0])
+    before = [[t.clone() for t in ts] for ts in state]
+    update(*state[:1], grads, *state[1:], GROUPS, **hparams(coef, 3, skip=torch.ones(1, device=DEVICE)))
+    for a, b in zip(sum(state, []), sum(before, [])):
+        assert torch.equal(a, b)
+    update(*state[:1], grads, *state[1:], GROUPS, **hparams(coef, 3, skip=torch.zeros((), device=DEVICE)))
+    update(*before[:1], grads, *before[1:], GROUPS, **hparams(coef, 3))
+    for a, b in zip(sum(state, []), sum(before, [])):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="one-element"):
+        update(*state[:1], grads, *state[1:], GROUPS, **hparams(coef, 3, skip=torch.zeros(2, device=DEVICE)))

@@ -123,16 +123,49 @@ def test_a_spiking_component_is_clipped_while_the_others_are_untouched():
             assert torch.equal(p, q), n
 
 
-def test_skipped_step_changes_nothing():
-    cfg = tiny_config()
-    model = build_model(cfg.model)
-    opt = build_optimizer(model, cfg)
+@pytest.mark.parametrize(
+    "parametrization, backend", [("mup", "torch"), ("mup", "triton"), ("hyperp", "torch")]
+)
+def test_skipped_step_changes_nothing(parametrization, backend):
+    """A skip known on the host returns at once; one decided on the device (a flag tensor, no host
+    sync) leaves parameters, moments and step counts as they were, and the next step is the step
+    the skipped one would have been."""
+    cfg = tiny_config(f"model.parametrization={parametrization}", f"optim.backend={backend}")
+    tokens = torch.randint(0, 256, (2, 9))
+
+    def fresh():
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        return model, build_optimizer(model, cfg)
+
+    def step(model, opt, skip):
+        model.zero_grad()
+        model(tokens).sum().backward()
+        opt.skip_step = skip
+        opt.step()
+        opt.skip_step = False
+
+    model, opt = fresh()
     before = copy.deepcopy(model.state_dict())
-    model(torch.randint(0, 256, (2, 9))).sum().backward()
-    opt.skip_next_step = True
-    opt.step()
+    step(model, opt, True)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert not opt.state
+    step(model, opt, torch.tensor(1.0))  # the first update, skipped on the device
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    step(model, opt, torch.tensor(0.0))
+    step(model, opt, torch.tensor(1.0))
+    after_one = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()["state"])
+    step(model, opt, torch.tensor(0.0))
+
+    reference, ref_opt = fresh()  # the same two real updates, none skipped
+    step(reference, ref_opt, False)
+    one = copy.deepcopy(ref_opt.state_dict()["state"])
+    assert all(torch.equal(v, after_one[0][k]) for k, v in reference.state_dict().items())
+    for i, st in one.items():
+        for key, value in st.items():
+            assert torch.equal(value, after_one[1][i][key]), (i, key)
+    step(reference, ref_opt, False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in reference.state_dict().items())
 
 
 @pytest.mark.parametrize("kind", ["constant", "cosine", "wsd", "cyclic_cosine", "cyclic_wsd"])

@@ -72,8 +72,9 @@ class ClipAdamW(torch.optim.Optimizer):
         self.pending_sq_norms: torch.Tensor | None = None
         self.shards: dict = {}
         # Set by the trainer when the loss was non-finite on some rank: the update is skipped whole
-        # (no parameter, moment or step-count changes), on every rank alike.
-        self.skip_next_step = False
+        # (no parameter, moment or step-count changes), on every rank alike. True skips at once; a
+        # one-element device tensor is read by the update itself, so the host never waits for it.
+        self.skip_step: bool | torch.Tensor = False
 
     def kernels(self, device: torch.device):
         """(per-group squared norms, clipped AdamW update) for ``device``: Triton on CUDA, else torch."""
@@ -85,8 +86,9 @@ class ClipAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
         loss = closure() if closure is not None else None
-        if self.skip_next_step:
+        if self.skip_step is True:
             return loss
+        skip = self.skip_step if isinstance(self.skip_step, torch.Tensor) else None
         # Every group keeps its slot (zero norm when it has no gradient here), so the norm vector
         # has the same length on every rank and the all-reduce lines up.
         params, grads, m, v, ids = [], [], [], [], []
@@ -109,14 +111,15 @@ class ClipAdamW(torch.optim.Optimizer):
                 all_ids.append(gi)
                 st = self.state[p]
                 if not st:
-                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     st["exp_avg"] = torch.zeros_like(
                         p, dtype=torch.float32, memory_format=torch.preserve_format
                     )
                     st["exp_avg_sq"] = torch.zeros_like(
                         p, dtype=torch.float32, memory_format=torch.preserve_format
                     )
-                st["step"] += 1
+                elif st["step"].device != p.device:  # a checkpoint written when steps were on the CPU
+                    st["step"] = st["step"].to(p.device)
                 params.append(p)
                 grads.append(p.grad)
                 m.append(st["exp_avg"])
@@ -144,10 +147,13 @@ class ClipAdamW(torch.optim.Optimizer):
         coef_all = fused.clip_coefficients(sq_all, max_norms, self.global_max_norm)
         coef = coef_all[slots]
         if params:
+            # Step counts stay on the device (the bias correction is computed there), and a skipped
+            # update does not advance them.
+            steps = [self.state[q]["step"] for q in params]
+            torch._foreach_add_(steps, 1.0 if skip is None else (~skip.bool()).float().reshape(()))
             lrs = torch.tensor([self._lr(g) for g in groups], **f32)
             wds = torch.tensor([g["weight_decay"] for g in groups], **f32)
             beta1, beta2 = groups[0]["betas"]
-            step = int(self.state[params[0]]["step"])  # all tensors advance together
             update_fn(
                 params,
                 grads,
@@ -160,10 +166,13 @@ class ClipAdamW(torch.optim.Optimizer):
                 beta1=beta1,
                 beta2=beta2,
                 eps=groups[0]["eps"],
-                step=step,
+                step=steps[0],  # all tensors advance together
+                skip=skip,
             )
         for p, gi in sphere:
-            self._sphere_update(p, groups[gi], coef[gi])
+            unless_skipped(
+                skip, p, self.state[p], lambda p=p, gi=gi: self._sphere_update(p, groups[gi], coef[gi])
+            )
         norms = sq_all.sqrt()
         for name in logged:
             self.last_grad_norms[name] = norms[self._slot[name]]
@@ -213,6 +222,28 @@ class ClipAdamW(torch.optim.Optimizer):
             if g["params"]:
                 return g["params"][0].device
         return torch.device("cpu")
+
+
+def unless_skipped(
+    skip: torch.Tensor | None, p: torch.Tensor, state: dict, update: Callable[[], None]
+) -> None:
+    """Run ``update`` of ``p`` and its ``state``; where ``skip`` is set, undo it on the device.
+
+    For the updates that are not one fused launch (Muon, AdamH): one copy of the matrix and its state
+    is kept through the update. State the update created starts at zero, as it would have
+    (the sphere radius excepted: it is ‖p‖, which a skipped update leaves unchanged).
+    """
+    if skip is None:
+        update()
+        return
+    before = {k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    p_before = p.detach().clone()
+    update()
+    keep = skip.bool().reshape(())
+    p.copy_(torch.where(keep, p_before, p))
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and k != "radius":
+            v.copy_(torch.where(keep, before.get(k, torch.zeros_like(v)), v))
 
 
 def build_optimizer(

@@ -84,9 +84,11 @@ def adam_sphere_update(
     """One AdamH step of ``p`` in place: Adam's direction, taken as a relative step on the sphere."""
     g = grad.float() * coef
     if "exp_avg" not in state:
-        state["step"] = torch.zeros((), dtype=torch.float32)
+        state["step"] = torch.zeros((), dtype=torch.float32, device=g.device)
         state["exp_avg"] = torch.zeros_like(g)
         state["exp_avg_sq"] = torch.zeros_like(g)
+    elif state["step"].device != g.device:  # a checkpoint written when steps were on the CPU
+        state["step"] = state["step"].to(g.device)
     state["step"] += 1
     beta1, beta2 = betas
     m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]

@@ -234,7 +234,7 @@ def attach(engine, client_optimizer) -> None:
     sq_norms = client_optimizer.kernels(device)[0]
 
     def step(*args, **kwargs):
-        if not client_optimizer.skip_next_step:
+        if client_optimizer.skip_step is not True:
             sq = local_group_sq_norms(zo, kind, n, device, sq_norms)
             dist.all_reduce(sq, group=client_optimizer.process_group)
             client_optimizer.pending_sq_norms = sq
