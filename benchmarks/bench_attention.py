@@ -1,6 +1,7 @@
 """TFLOP/s of mup_attention against SDPA (flash and cuDNN backends) and flash_attn, same device, same run.
 
     python -m benchmarks.bench_attention                 # H100 sweep: bf16, d 64/128, T 1k–16k, causal and not
+    python -m benchmarks.bench_attention --headline      # GPU: the headline shapes only (benchmarks/gpu_check.sh)
     python -m benchmarks.bench_attention --smoke --out /tmp/r   # CPU, Triton interpreter, tiny fp32 shapes
 
 Shapes follow FlashAttention's plots: batch·T ≈ 16k tokens, hidden 2048, so heads = 2048 / d_head.
@@ -29,6 +30,7 @@ from benchmarks.common import bench_parser, measure, peak_memory_mb, publish
 from mupfast.kernels.attention import mup_attention
 
 Attn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
+HEADLINE = "bf16, d_head 128, causal, T 2048 and 8192, packed documents of mean 1024 at T 8192"
 
 
 def _sdpa(backend_name: str) -> Attn:
@@ -239,9 +241,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--doc-seqlen", type=int, default=None, help="T of the packed rows")
     p.add_argument("--doc-d-head", type=int, default=None, help="d_head of the packed rows")
+    p.add_argument("--headline", action="store_true", help=f"only the headline shapes: {HEADLINE}")
     args = p.parse_args(argv)
     full = dict(dtype="bfloat16", d_heads=[64, 128], seqlens=[1024, 2048, 4096, 8192, 16384], tokens=16384)
     full |= dict(doc_lens=[512, 1024, 4096], doc_seqlen=8192, doc_d_head=128)
+    if args.headline and not args.smoke:
+        full |= dict(d_heads=[128], seqlens=[2048, 8192], doc_lens=[1024])
+        args.causal = [True] if args.causal == [True, False] else args.causal
     smoke = dict(dtype="float32", d_heads=[32], seqlens=[40, 72], tokens=80)
     smoke |= dict(doc_lens=[16], doc_seqlen=160, doc_d_head=32)
     for key, value in (smoke if args.smoke else full).items():

@@ -5,6 +5,7 @@ params and grads, 10 groups by component) and bandwidth is compared with a devic
 timed in the same run.
 
     python -m benchmarks.bench_clip_adamw                  # GPU: 125M and 1.3B
+    python -m benchmarks.bench_clip_adamw --headline       # GPU: the 1.3B parameter set only
     python -m benchmarks.bench_clip_adamw --smoke --out /tmp/x   # tiny shapes, CPU interpreter
 """
 
@@ -32,6 +33,7 @@ MODELS = {  # tied embeddings, SwiGLU FFN
     "1.3B": dict(d=2048, layers=24, vocab=50304, ffn=5504),
     "smoke": dict(d=32, layers=2, vocab=256, ffn=64),
 }
+HEADLINE = "1.3B"
 BETAS, EPS, LR, WD = (0.9, 0.95), 1e-8, 1e-3, 0.1
 # Bytes per fp32 parameter that must move: read p, m, v, g and write p, m, v (28), plus the norm
 # pass reading g once more (4). Every method is credited with these 32 B, whatever it really moves.
@@ -165,12 +167,13 @@ def check_agreement(device: torch.device) -> float:
 def main(argv: list[str] | None = None) -> Path:
     ap = bench_parser(__doc__, warmup=5, reps=20, smoke="tiny shapes, CPU interpreter, few reps")
     ap.add_argument("--models", default="125M,1.3B", help="comma-separated: " + ", ".join(MODELS))
+    ap.add_argument("--headline", action="store_true", help=f"only the headline model ({HEADLINE})")
     ap.add_argument(
         "--methods", default="", help="comma-separated substrings selecting methods (default all)"
     )
     args = ap.parse_args(argv)
     device = bench_device()
-    models = ["smoke"] if args.smoke else args.models.split(",")
+    models = ["smoke"] if args.smoke else [HEADLINE] if args.headline else args.models.split(",")
     warmup, reps = (1, 3) if args.smoke else (args.warmup, args.reps)
     copy_numel = 1 << (16 if args.smoke else 28)  # 1 GiB of fp32 on GPU
     copy_gbs = copy_bandwidth_gbs(device, copy_numel, warmup, reps)

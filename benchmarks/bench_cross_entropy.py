@@ -8,6 +8,7 @@ has to do (a floor, materialising the logits). Each peer row carries ours/peer r
 peak memory, and the relative difference of its loss and grads from ours.
 
     python -m benchmarks.bench_cross_entropy                     # GPU: N=16k, d 2048/4096, V 32k/128k, bf16
+    python -m benchmarks.bench_cross_entropy --headline          # GPU: N=16k, d 4096, V 128k only
     python -m benchmarks.bench_cross_entropy --smoke --out /tmp/x   # tiny fp32, CPU interpreter
 """
 
@@ -83,6 +84,7 @@ METHODS: dict[str, Callable[[float, float], Callable]] = {
     "3 bare GEMMs (floor, not a loss)": gemm_floor,
 }
 SMOKE_METHODS = (OURS, "eager F.linear + F.cross_entropy (fp32 logits)")
+HEADLINE = "16384x4096x131072"  # a Llama-3-sized readout: 16k tokens, d 4096, 128k vocabulary
 
 
 def make_inputs(N: int, d: int, V: int, dtype: torch.dtype, device: torch.device, ignore_frac: float):
@@ -118,6 +120,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--logit-scale", type=float, default=0.125, help="μP output multiplier, e.g. α/m")
     ap.add_argument("--z-loss", type=float, default=1e-4)
     ap.add_argument("--ignore-frac", type=float, default=0.0, help="fraction of targets set to -100")
+    ap.add_argument("--headline", action="store_true", help=f"only the headline shape NxdxV = {HEADLINE}")
     ap.add_argument(
         "--methods", default="", help="comma-separated substrings selecting methods (default all)"
     )
@@ -126,7 +129,8 @@ def main(argv: list[str] | None = None) -> Path:
     if args.smoke:
         shapes, dtype, (warmup, reps) = [(256, 64, 1000), (130, 32, 2048)], torch.float32, (1, 3)
     else:
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        spec = HEADLINE if args.headline else args.shapes
+        shapes = [tuple(int(v) for v in s.split("x")) for s in spec.split(",")]
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
         warmup, reps = args.warmup, args.reps
     rows: list[dict] = []

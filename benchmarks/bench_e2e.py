@@ -1,12 +1,24 @@
-"""End to end: training tokens/s, MFU and peak memory of μP models with our kernels on against off
-(SDPA + torch cross-entropy + torch AdamW), same config, same process, same device.
+"""End to end: training tokens/s, TFLOP/s, MFU and peak memory of μP models, our kernels off and on
+(SDPA + torch cross-entropy + torch AdamW against Triton), eager and ``torch.compile`` of each block,
+activation checkpointing none and full; same config, same process, same device.
 
-    python -m benchmarks.bench_e2e                      # GPU: 125M and 350M, ZeRO-1, bf16
-    python -m benchmarks.bench_e2e --smoke --out /tmp/x # CPU: a tiny model, a few steps
+    python -m benchmarks.bench_e2e                          # GPU: 125M and 350M, all 8 variants, bf16
+    python -m benchmarks.bench_e2e --models 125m --steps 30 --variants off-eager-none,on-compile-full
+    python -m benchmarks.bench_e2e --smoke --out /tmp/x     # CPU: a tiny model, a few steps
+
+A variant is ``KERNELS-EXEC-AC``: kernels ``off`` | ``on``; exec ``eager`` | ``compile``
+(``train.compile``); AC ``none`` | ``full`` | ``selective`` | ``every_K`` (``train.activation_checkpointing``,
+``train.checkpoint_every``). ``--variants`` takes a comma-separated list, ``all`` (the 8 of
+off/on × eager/compile × none/full, the default on a GPU) or ``smoke`` (kernels off, eager, none and
+full: the default on the CPU, where Triton runs interpreted and inductor compiles for minutes).
 
 Each variant is a real run of the trainer (DeepSpeed engine, data, clip+AdamW, schedule) on the
 byte-level embedded corpus with the target's vocabulary size, so the readout costs what it would.
-Throughput is the median of the logging windows after the first (compilation and autotuning).
+Throughput is the median of the logging windows after the first (compilation and autotuning);
+FLOPs per token and MFU come from ``mupfast.flops`` (6·N + 12·L·H·d_head·T, model FLOPs: the
+recomputation of checkpointing is not credited), MFU against the device's nominal dense bf16 peak
+and ``mfu_measured`` against a bf16 matmul timed in this process. ``speedup_vs_base`` and
+``mem_vs_base`` compare each variant with kernels off, eager, no checkpointing of the same model.
 """
 
 from __future__ import annotations
@@ -15,69 +27,127 @@ import argparse
 import gc
 import statistics
 import tempfile
+import traceback
 from pathlib import Path
 
 import torch
 
 from benchmarks.ceiling import probe
-from benchmarks.common import publish
+from benchmarks.common import publish, write_results
 from mupfast.config import load_config
+from mupfast.flops import flops_per_token, peak_bf16_tflops, throughput_metrics
 from mupfast.metrics import read_metrics
-from mupfast.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = {
     "on": ["model.attention_backend=triton", "model.readout_backend=triton", "optim.backend=triton"],
     "off": ["model.attention_backend=torch", "model.readout_backend=torch", "optim.backend=torch"],
 }
-NOMINAL_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+EXEC = {"eager": ["train.compile=false"], "compile": ["train.compile=true"]}
+BASE = "off-eager-none"
+ALL_VARIANTS = [f"{k}-{e}-{a}" for k in ("off", "on") for e in ("eager", "compile") for a in ("none", "full")]
+SMOKE_VARIANTS = ["off-eager-none", "off-eager-full"]
 
 
-def flops_per_token(cfg) -> float:
-    """6·N for the matmuls (embedding lookup excluded) + 12·L·d·T for attention (fwd+bwd)."""
-    m = cfg.model
-    d, f, L, T = m.hidden_size, m.filter_size, m.num_layers, cfg.train.seq_len
-    kv = m.kv_heads * m.head_dim
-    per_layer = d * d * 2 + 2 * d * kv + (3 if m.mlp == "swiglu" else 2) * d * f
-    n_matmul = L * per_layer + m.vocab_size * d
-    return 6 * n_matmul + 12 * L * d * T
+def variant_overrides(name: str) -> list[str]:
+    """The config overrides of a variant name ``KERNELS-EXEC-AC`` (module docstring)."""
+    parts = name.split("-")
+    if len(parts) != 3 or parts[0] not in KERNELS or parts[1] not in EXEC:
+        raise ValueError(f"variant {name!r}: expected KERNELS-EXEC-AC, e.g. {BASE} or on-compile-full")
+    kernels, exec_, ac = parts
+    if ac in ("none", "full", "selective"):
+        ac_keys = [f"train.activation_checkpointing={ac}"]
+    elif ac.startswith("every_") and ac[6:].isdigit() and int(ac[6:]) >= 1:
+        ac_keys = ["train.activation_checkpointing=every_k", f"train.checkpoint_every={ac[6:]}"]
+    else:
+        raise ValueError(f"variant {name!r}: AC must be none, full, selective or every_K (got {ac!r})")
+    return [*KERNELS[kernels], *EXEC[exec_], *ac_keys]
+
+
+def parse_variants(spec: str | None, gpu: bool) -> list[str]:
+    """``all``, ``smoke`` or a comma-separated list; None: all on a GPU, smoke elsewhere."""
+    spec = spec or ("all" if gpu else "smoke")
+    names = {"all": ALL_VARIANTS, "smoke": SMOKE_VARIANTS}.get(spec) or [
+        v.strip() for v in spec.split(",") if v.strip()
+    ]
+    for name in names:
+        variant_overrides(name)  # fails early, naming the bad one
+    return list(dict.fromkeys(names))
 
 
 def run_variant(config: Path, overrides: list[str], work: Path) -> dict:
+    """One training run; its median throughput and the figures mupfast.flops makes of it."""
+    from mupfast.train import train
+
     cfg = load_config(config, [*overrides, f"train.run_dir={work}", "train.resume=false"])
     gc.collect()  # the previous variant's engine must not count towards this one's peak
+    import torch._dynamo
+
+    torch._dynamo.reset()  # nor its compiled graphs towards this one's recompilation limits
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     train(cfg)
     windows = [r["tokens_per_s"] for r in read_metrics(work, "train")][1:] or [0.0]
     tok_s = statistics.median(windows)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    return {"tokens_per_s": tok_s, "tflops": tok_s * flops_per_token(cfg) / 1e12, "peak_mem_GiB": peak}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fpt = flops_per_token(cfg.model, cfg.train.seq_len)
+    m = throughput_metrics(tok_s, fpt, device)
+    return {
+        "tokens_per_s": tok_s,
+        "flops_per_token": fpt,
+        "tflops": m["tflops"],
+        "mfu_nominal": m.get("mfu"),
+        "peak_mem_GiB": m.get("peak_mem_GiB"),
+        "windows": len(windows),
+    }
+
+
+def add_ratios(rows: list[dict], matmul_tflops: float) -> None:
+    """MFU against the measured matmul, and each model's variants against its base variant."""
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        row["mfu_measured"] = row["tflops"] / matmul_tflops
+        base = next((r for r in rows if r["model"] == row["model"] and r["variant"] == BASE), None)
+        if base is None or base["status"] != "ok":
+            continue
+        if base["tokens_per_s"]:
+            row["speedup_vs_base"] = row["tokens_per_s"] / base["tokens_per_s"]
+        if base["peak_mem_GiB"] and row["peak_mem_GiB"] is not None:
+            row["mem_vs_base"] = row["peak_mem_GiB"] / base["peak_mem_GiB"]
 
 
 def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="125m,350m", help="config names under configs/")
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--variants", default=None, help="all | smoke | comma-separated KERNELS-EXEC-AC")
+    ap.add_argument("--steps", type=int, default=30, help="training steps per variant (logged every 5)")
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, a few steps, kernels off only")
+    ap.add_argument("--smoke", action="store_true", help="tiny model, a few steps (CPU: kernels off, eager)")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
-    ceiling = probe()
     gpu = torch.cuda.is_available()
-    nominal = next((v for k, v in NOMINAL_BF16_TFLOPS.items() if k in ceiling["device"]), None)
+    try:
+        variants = parse_variants(args.variants, gpu)
+    except ValueError as e:
+        ap.error(str(e))
+    ceiling = probe()
+    nominal = peak_bf16_tflops(ceiling["device"])
     models = ["tiny"] if args.smoke else args.models.split(",")
     common = [
         f"train.steps={4 if args.smoke else args.steps}",
         "train.log_every=1" if args.smoke else "train.log_every=5",
         "train.eval_every=0",
+        "train.eval_batches=1",
         "train.save_every=0",
+        "train.save_final=false",
         "train.progress=false",
         "schedule.warmup_steps=1",
         "data.corpus=stdlib",  # the targets' corpus is the user's; the embedded one stands in
         "data.tokenizer=byte",
+        "data.max_corpus_bytes=8000000",  # plenty of windows for 30 steps; prepared once, cached
         "zero.stage=1",
     ]
     if not args.smoke:
@@ -87,31 +157,35 @@ def main(argv: list[str] | None = None) -> Path:
             "train.grad_accum_steps=1",
             "train.precision=bf16",
         ]
-    variants = {"off": KERNELS["off"]} if (args.smoke and not gpu) else KERNELS
-    rows = []
+    notes = (
+        f"ceiling today: {ceiling['matmul_tflops']:.4g} TFLOP/s {ceiling['matmul_dtype']} matmul, "
+        f"{ceiling['copy_gbs']:.0f} GB/s copy; mfu_measured divides by the former"
+        + (f", mfu_nominal by {nominal} TFLOP/s (nominal dense bf16)" if nominal else "")
+        + f"; FLOPs per token from mupfast.flops (model FLOPs, recomputation not credited); base = {BASE}"
+    )
+    rows: list[dict] = []
+    total = len(models) * len(variants)
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
             config = ROOT / "configs" / f"{name}.yaml"
-            results = {
-                k: run_variant(config, [*common, *v], Path(tmp) / f"{name}-{k}") for k, v in variants.items()
-            }
-            for k, r in results.items():
-                row = {
-                    "model": name,
-                    "kernels": k,
-                    **r,
-                    "mfu_measured": r["tflops"] / ceiling["matmul_tflops"],
-                }
-                if nominal:
-                    row["mfu_nominal"] = r["tflops"] / nominal
-                if "on" in results and "off" in results:
-                    row["speedup_vs_off"] = r["tokens_per_s"] / results["off"]["tokens_per_s"]
+            for v in variants:
+                kernels, exec_, ac = v.split("-")
+                row = {"model": name, "variant": v, "kernels": kernels, "exec": exec_, "ac": ac}
+                try:
+                    row |= run_variant(config, [*common, *variant_overrides(v)], Path(tmp) / f"{name}-{v}")
+                    row["status"] = "ok"
+                except Exception as e:  # noqa: BLE001 - one variant failing must not lose the others
+                    traceback.print_exc()
+                    first = str(e).splitlines()[0][:160] if str(e) else ""
+                    row["status"] = f"failed: {type(e).__name__}: {first}"
                 rows.append(row)
-    notes = (
-        f"ceiling today: {ceiling['matmul_tflops']:.1f} TFLOP/s {ceiling['matmul_dtype']} matmul, "
-        f"{ceiling['copy_gbs']:.0f} GB/s copy; mfu_measured divides by the former"
-        + (f", mfu_nominal by {nominal} TFLOP/s" if nominal else "")
-    )
+                add_ratios(rows, ceiling["matmul_tflops"])
+                print({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()}, flush=True)
+                if len(rows) < total:  # a run stopped from outside (a time limit) keeps what it measured
+                    partial = f"{notes}; PARTIAL: {len(rows)} of {total} variants"
+                    write_results(
+                        "e2e", rows, notes=partial + ("; SMOKE RUN" if args.smoke else ""), out_dir=args.out
+                    )
     return publish("e2e", rows, notes, args, smoke="CPU, not a measurement")
 
 

@@ -9,6 +9,7 @@ router is made livelier than at init so the loads are uneven, as in training. ``
 The model default stays ``loop`` until this benchmark, on a GPU, shows grouped faster.
 
     python -m benchmarks.bench_moe_dispatch                      # GPU
+    python -m benchmarks.bench_moe_dispatch --headline           # GPU: the same single shape (gpu_check.sh)
     python -m benchmarks.bench_moe_dispatch --smoke --out /tmp/x  # tiny fp32 layer on the CPU
 """
 
@@ -22,6 +23,7 @@ from benchmarks.common import bench_device, bench_parser, device_name, measure, 
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/moe-125m.yaml"
+HEADLINE_TOKENS = 16384  # one micro-batch of 8 × 2048 tokens
 SMOKE = [
     "model.hidden_size=64",
     "model.num_heads=2",
@@ -52,7 +54,12 @@ def moe_layer(overrides: list[str], device: torch.device, dtype: torch.dtype):
 def main(argv: list[str] | None = None) -> Path:
     ap = bench_parser(__doc__, warmup=5, reps=20, smoke="tiny fp32 layer on the CPU")
     ap.add_argument("--tokens", type=int, default=16384, help="tokens per micro-batch (default %(default)s)")
+    ap.add_argument(
+        "--headline", action="store_true", help="the headline shape: one layer at 16384 tokens (the default)"
+    )
     args = ap.parse_args(argv)
+    if args.headline:
+        args.tokens = HEADLINE_TOKENS
     device = bench_device()
     if not args.smoke and device.type != "cuda":
         raise SystemExit("the full benchmark needs a CUDA GPU (use --smoke on CPU)")

@@ -14,6 +14,7 @@ also given as a fraction of a dense bf16 matmul measured in the same run (``benc
 torch until this benchmark, on a GPU, shows Triton faster on these shapes.
 
     python -m benchmarks.bench_newton_schulz                      # GPU
+    python -m benchmarks.bench_newton_schulz --headline           # GPU: the 1.3B shapes only
     python -m benchmarks.bench_newton_schulz --smoke --out /tmp/x  # tiny fp32 shapes, CPU interpreter
 """
 
@@ -36,6 +37,7 @@ from benchmarks.common import (
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"125M": "configs/125m.yaml", "350M": "configs/350m.yaml", "1.3B": "configs/1.3b.yaml"}
+HEADLINE = "1.3B"  # d 2048, filter 8192: the largest matrices Muon orthogonalises here
 SMOKE_DIMS = {"smoke": (40, 72)}  # d, filter: not multiples of the interpreter's 32-wide tiles
 STEPS = 5
 TORCH, COMPILED, OURS = "torch (plain matmuls)", "torch.compile(torch)", "mupfast Triton (symmetric)"
@@ -86,6 +88,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def main(argv: list[str] | None = None) -> Path:
     ap = bench_parser(__doc__, warmup=5, reps=20, smoke="tiny fp32 shapes, CPU interpreter, torch + ours")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
+    ap.add_argument("--headline", action="store_true", help=f"only the headline model's shapes ({HEADLINE})")
     ap.add_argument(
         "--methods", default="", help="comma-separated substrings selecting methods (default all)"
     )
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> Path:
     else:
         if device.type != "cuda":
             raise SystemExit("the full benchmark needs a CUDA GPU (use --smoke on CPU)")
-        dims, (warmup, reps) = {m: model_dims(m) for m in args.models.split(",")}, (args.warmup, args.reps)
+        models = [HEADLINE] if args.headline else args.models.split(",")
+        dims, (warmup, reps) = {m: model_dims(m) for m in models}, (args.warmup, args.reps)
     gpu = device.type == "cuda"
     ceiling = matmul_tflops(device, 8192 if gpu else 256, torch.bfloat16 if gpu else torch.float32)
     iter_dtype = "bf16" if gpu else "fp32"

@@ -8,6 +8,7 @@ row must carry, and a small check for whatever else is particular to it.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from typing import NamedTuple
 
 import pytest
 
+from mupfast.config import load_config
+from mupfast.flops import flops_per_token
 from tests.helpers import ROOT, run_bench_smoke, subprocess_env
 
 
@@ -72,10 +75,47 @@ def check_cross_entropy(result, out_dir):
 
 
 def check_e2e(result, out_dir):
-    assert "SMOKE RUN" in result["meta"]["notes"]
-    (row,) = result["rows"]
-    assert row["model"] == "tiny" and row["kernels"] == "off"
-    assert row["tokens_per_s"] > 0 and 0 < row["mfu_measured"]
+    notes = result["meta"]["notes"]
+    assert "SMOKE RUN" in notes and "mupfast.flops" in notes
+    rows = {r["variant"]: r for r in result["rows"]}
+    tiny = load_config(ROOT / "configs" / "tiny.yaml")
+    fpt = flops_per_token(tiny.model, tiny.train.seq_len)  # the smoke run keeps the config's seq_len
+    for v, row in rows.items():
+        assert row["status"] == "ok" and row["model"] == "tiny"
+        assert (row["kernels"], row["exec"], row["ac"]) == tuple(v.split("-"))
+        assert row["tokens_per_s"] > 0 and 0 < row["mfu_measured"] and row["windows"] >= 1
+        assert row["flops_per_token"] == fpt
+        assert row["tflops"] == pytest.approx(row["tokens_per_s"] * fpt / 1e12)
+        assert row["peak_mem_GiB"] is None and row["mfu_nominal"] is None  # CPU: no CUDA memory, no peak
+    base, full = rows["off-eager-none"], rows["off-eager-full"]
+    assert base["speedup_vs_base"] == 1.0
+    assert full["speedup_vs_base"] == pytest.approx(full["tokens_per_s"] / base["tokens_per_s"])
+
+
+def check_activation_memory(result, out_dir):
+    rows = {r["mode"]: r for r in result["rows"]}
+    none, full, every, sel = (rows[m] for m in ("none", "full", "every_2", "selective"))
+    layers = none["layers_measured"]
+    assert layers % 2 == 0 and all(
+        r["model"] == "tiny" and r["layers_measured"] == layers for r in rows.values()
+    )
+    assert [r["blocks_checkpointed"] for r in (none, full, every, sel)] == [0, layers, layers // 2, layers]
+    # Without checkpointing, what the forward leaves alive is exactly what autograd saved.
+    assert none["held_B_per_token_per_block"] == none["saved_B_per_token_per_block"] > 0
+    assert none["reduction_vs_none"] == 1.0
+    # The issue's target: full checkpointing keeps at least 5x less per block than none.
+    assert full["reduction_vs_none"] >= 5
+    assert "meets the 5x target" in result["meta"]["notes"]
+    # every_2 alternates: checkpointed blocks keep what full keeps, the others what none keeps.
+    by_block = {m: r["held_B_per_token_by_block"].split() for m, r in rows.items()}
+    assert by_block["every_2"][0::2] == by_block["full"][0::2]
+    assert by_block["every_2"][1::2] == by_block["none"][1::2]
+    # selective keeps its matmul outputs: between full and none, in a cache autograd's hooks don't see.
+    keep = lambda r: r["held_B_per_token_per_block"]
+    assert keep(full) < keep(sel) < keep(none)
+    assert sel["saved_B_per_token_per_block"] < keep(sel)
+    for r in rows.values():
+        assert r["blocks_GiB_at_config"] > 0
 
 
 def check_moe_dispatch(result, out_dir):
@@ -134,10 +174,20 @@ BENCHES = [
     bench(
         "bench_e2e",
         "e2e",
-        "kernels",
-        {"off"},
-        {"model", "kernels", "tokens_per_s", "mfu_measured"},
+        "variant",
+        {"off-eager-none", "off-eager-full"},
+        {"model", "variant", "kernels", "exec", "ac", "tokens_per_s", "tflops", "mfu_measured"}
+        | {"speedup_vs_base", "status"},
         check_e2e,
+    ),
+    bench(
+        "bench_activation_memory",
+        "activation_memory",
+        "mode",
+        {"none", "full", "every_2", "selective"},
+        {"model", "mode", "saved_B_per_token_per_block", "held_B_per_token_per_block", "reduction_vs_none"}
+        | {"blocks_checkpointed", "held_B_per_token_by_block", "blocks_GiB_at_config"},
+        check_activation_memory,
     ),
     bench(
         "bench_moe_dispatch",
@@ -194,3 +244,47 @@ def test_benchmark_suite_runs_once_per_benchmark(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "6 passed" in proc.stdout
+
+
+GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
+
+
+def test_gpu_check_script_is_valid_bash():
+    proc = subprocess.run(["bash", "-n", str(GPU_CHECK)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    help_text = subprocess.run(["bash", str(GPU_CHECK), "--help"], capture_output=True, text=True, timeout=30)
+    assert help_text.returncode == 0 and "carry" in help_text.stdout and "--dry-run" in help_text.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_records_every_part_and_survives_a_timeout(tmp_path):
+    """The CPU dry run's plumbing: pytest -m gpu, a kernel benchmark whose budget is too short (it must be
+    cut, recorded as a timeout, and leave the other parts their time), bench_e2e with one variant; the
+    summary in --out and in $OUT."""
+    out, summary = tmp_path / "OUT", tmp_path / "summary"
+    out.mkdir()
+    env = {k: v for k, v in subprocess_env().items() if k != "TRITON_INTERPRET"}
+    env |= {
+        "OUT": str(out),
+        "GPU_CHECK_PARTS": "pytest,newton_schulz,e2e",
+        "GPU_CHECK_BUDGET_NEWTON_SCHULZ": "5",  # its smoke run takes longer under the interpreter
+        "GPU_CHECK_E2E_VARIANTS": "off-eager-none",
+        "PYTHON": sys.executable,
+    }
+    cmd = ["bash", str(GPU_CHECK), "--dry-run", "--out", str(summary)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]  # one part did not pass
+    (json_path,) = summary.glob("*-dry-run.json")
+    result = json.loads(json_path.read_text())
+    status = {p["part"]: p["status"] for p in result["parts"]}
+    assert status == {"setup": "ok", "pytest": "ok", "newton_schulz": "timeout", "e2e": "ok"}
+    assert not result["meta"]["all_ok"] and result["meta"]["device"]
+    pytest_note = next(p["note"] for p in result["parts"] if p["part"] == "pytest")
+    assert "skipped" in pytest_note and "deselected" in pytest_note  # CPU: every gpu test collected, skipped
+    (row,) = result["benchmarks"]["e2e"]["rows"]
+    assert row["variant"] == "off-eager-none" and row["status"] == "ok" and row["tokens_per_s"] > 0
+    assert (summary / json_path.name.replace(".json", ".md")).is_file()
+    assert any(summary.glob("*-e2e.json"))  # each benchmark's own results beside the summary
+    back = sorted(p.name for p in out.iterdir())
+    assert back == sorted([json_path.name, json_path.stem + ".md", f"gpu-check-{json_path.stem}.tar.gz"])
+    assert "e2e: model | variant" in proc.stdout and "| newton_schulz | timeout |" in proc.stdout
