@@ -68,7 +68,10 @@ class ModelConfig:
     mup_base_hidden_size: int | None = None
     """Proxy width the μP multipliers are relative to (m = hidden_size / this). None: hidden_size."""
     mup_base_filter_size: int | None = None
-    """Proxy MLP width (m_f = filter_size / this). None: filter_size."""
+    """Proxy MLP width (m_f = filter_size / this). None: filter_size; required with mup_base_hidden_size."""
+    mup_base_num_kv_heads: int | None = None
+    """Proxy key/value heads (same head dim). Equal to num_kv_heads when the kv heads stay fixed as the
+    width grows (Llama-style): k and v are then output-like (init σ/m, lr × 1/m). None: they grow with m."""
     mup_base_num_layers: int | None = None
     """Proxy depth for completep (m_L = num_layers / this). None: num_layers."""
     hyperp_readout_sphere: bool = True

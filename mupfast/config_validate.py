@@ -85,10 +85,12 @@ def _check_model(cfg: Config) -> None:
             ("model.num_kv_heads", m.num_kv_heads),
             ("model.mup_base_hidden_size", m.mup_base_hidden_size),
             ("model.mup_base_filter_size", m.mup_base_filter_size),
+            ("model.mup_base_num_kv_heads", m.mup_base_num_kv_heads),
             ("model.mup_base_num_layers", m.mup_base_num_layers),
         ],
         optional=True,
     )
+    _check_mup_bases(m)
     _require_positive(
         [
             ("model.init_std", m.init_std),
@@ -154,6 +156,33 @@ def _check_moe(cfg: Config) -> None:
         raise ConfigError(
             "model.moe_dispatch: grouped needs hidden_size and the expert hidden size "
             f"(filter_size / moe_granularity) to be multiples of 8 (got {m.hidden_size}, {expert_hidden})"
+        )
+
+
+def _check_mup_bases(m) -> None:
+    """The proxy dimensions μP cannot guess: its MLP width once its width is given, and its kv heads
+    when the model uses grouped-query attention at another width (fixed or growing kv heads need
+    different rules for k and v)."""
+    if m.parametrization not in ("mup", "completep") or m.mup_base_hidden_size is None:
+        return
+    if m.mup_base_filter_size is None:
+        raise ConfigError(
+            "model.mup_base_filter_size: must be set with model.mup_base_hidden_size (the proxy's "
+            f"filter_size, e.g. {m.mup_base_hidden_size * m.filter_size // m.hidden_size} if it keeps "
+            "this model's filter/hidden ratio); without it the FFN output keeps SP's init and lr as "
+            "filter_size grows"
+        )
+    gqa = m.num_kv_heads is not None and m.num_kv_heads != m.num_heads
+    if gqa and m.mup_base_num_kv_heads is None and m.hidden_size != m.mup_base_hidden_size:
+        raise ConfigError(
+            "model.mup_base_num_kv_heads: must be set with model.num_kv_heads at another width than the "
+            f"proxy's (the proxy's num_kv_heads: {m.num_kv_heads} if the kv heads stay fixed as the "
+            "width grows, fewer if they grow with it)"
+        )
+    if m.mup_base_num_kv_heads is not None and m.mup_base_num_kv_heads > m.kv_heads:
+        raise ConfigError(
+            f"model.mup_base_num_kv_heads: {m.mup_base_num_kv_heads} is more than this model's "
+            f"{m.kv_heads} kv heads (μP transfers from a narrower proxy)"
         )
 
 

@@ -76,7 +76,8 @@ def format_table(cfg: ModelConfig, rules: list[Rule], run: Config | None = None)
     header = f"{'parameter':<{w}} {'component':<13} {'shape':<14} {'init std':>10} {'lr mult':>9} {'wd mult':>8} {'fwd mult':>9} {'optimizer':>11}"
     lines = [
         f"parametrization: {cfg.parametrization}   m = {mult.m:g}   m_f = {mult.m_f:g}   m_L = {mult.m_depth:g}"
-        f"   weight_decay_scaling: {cfg.weight_decay_scaling}",
+        + (f"   m_kv = {mult.m_kv:g}" if mult.m_kv != mult.m and cfg.parametrization != "sp" else "")
+        + f"   weight_decay_scaling: {cfg.weight_decay_scaling}",
         header,
         "-" * len(header),
     ]

@@ -7,7 +7,9 @@ from this code (the README shows one). Notation: m = hidden_size / mup_base_hidd
 m_f = filter_size / mup_base_filter_size, L = num_layers, m_L = L / mup_base_num_layers. Under AdamW
 (the project's convention, DESIGN.md) a matrix whose fan-in and fan-out both grow with the width
 (q, k, v, o, ffn_in, ffn_out, the experts) gets init σ/√(its width multiplier) and Adam lr × 1/m
-(resp. 1/m_f, 1/m_e); the embedding (only its fan-out grows) a constant init and lr × 1 with the
+(resp. 1/m_f, 1/m_e); k and v, when the kv heads stay fixed as the width grows
+(``mup_base_num_kv_heads`` = num_kv_heads: m_kv = 1), are output-like instead: init σ/m, lr × 1/m;
+the embedding (only its fan-out grows) a constant init and lr × 1 with the
 ``embeddings_scale`` multiplier; the readout (only its fan-in grows) a constant init, lr × 1 and
 logits × α_out/m; the output projections of the residual branches carry an extra 1/√(2L) in their
 init; attention logits are × α_attn/d_head. Weight decay follows ``weight_decay_scaling``.
@@ -111,6 +113,7 @@ class Multipliers:
     embedding_scale: float
     residual_scale: float
     router_scale: float = 1.0  # MoE router logits: 1/m under μP (an output-like layer), 1 otherwise
+    m_kv: float = 1.0  # k and v's fan-out: kv_heads / mup_base_num_kv_heads (m when not given)
 
 
 def multipliers(cfg: ModelConfig) -> Multipliers:
@@ -128,7 +131,8 @@ def multipliers(cfg: ModelConfig) -> Multipliers:
     m_depth = cfg.num_layers / (cfg.mup_base_num_layers or cfg.num_layers)
     attn = cfg.attention_logits_alpha / (d_head if cfg.scale_qk_dot_by_d else math.sqrt(d_head))
     residual = m_depth**-cfg.depth_alpha if cfg.parametrization == "completep" else 1.0
-    return Multipliers(m, m_f, m_depth, attn, logit, cfg.embeddings_scale, residual, 1.0 / m)
+    m_kv = cfg.kv_heads / cfg.mup_base_num_kv_heads if cfg.mup_base_num_kv_heads else m
+    return Multipliers(m, m_f, m_depth, attn, logit, cfg.embeddings_scale, residual, 1.0 / m, m_kv)
 
 
 # (regex on the parameter name, component). The first group of a block pattern is the layer index.
@@ -212,6 +216,10 @@ def _rule(
         # Tied: the logit multiplier is applied on the readout path, not to the shared weight.
         wd = 1.0 if wd_scaling is None else wd_scaling
         return Rule(name, shape, component, layer, "normal", sigma_emb, 1.0, wd, mult.embedding_scale)
+    if component in ("k", "v") and mult.m_kv == 1 and mult.m != 1:
+        # Fixed kv heads: fan-in grows, fan-out does not, so k and v are output-like (Tensor Programs
+        # V): init std ∝ 1/fan_in, Adam lr ∝ 1/fan_in as for any matrix.
+        return hidden(mult.m, sigma / mult.m)
     if component in ("q", "k", "v", "ffn_in", "expert_in"):
         return hidden(mult.m, sigma / math.sqrt(mult.m))
     if component == "o":

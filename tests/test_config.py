@@ -328,6 +328,32 @@ RULES = [
         exact("schedule: cosine: warmup_steps (200) must be smaller than total_steps (200)"),
     ),
     row(
+        "model.mup_base_filter_size-missing",
+        ["model.hidden_size=256", "model.filter_size=1024", "model.mup_base_hidden_size=64"],
+        r"^model\.mup_base_filter_size: must be set with model\.mup_base_hidden_size .*e\.g\. 256 ",
+    ),
+    row(
+        "model.mup_base_num_kv_heads-missing",
+        [
+            "model.hidden_size=256",
+            "model.num_heads=8",
+            "model.num_kv_heads=2",
+            "model.mup_base_hidden_size=64",
+            "model.mup_base_filter_size=256",
+        ],
+        r"^model\.mup_base_num_kv_heads: must be set .*: 2 if the kv heads stay fixed",
+    ),
+    row(
+        "model.mup_base_num_kv_heads-above-kv-heads",
+        [
+            "model.num_kv_heads=2",
+            "model.mup_base_hidden_size=64",
+            "model.mup_base_filter_size=256",
+            "model.mup_base_num_kv_heads=4",
+        ],
+        r"^model\.mup_base_num_kv_heads: 4 is more than this model's 2 kv heads",
+    ),
+    row(
         "schedule-constant-warmup-not-below-steps",
         ["schedule.kind=constant", "train.steps=10", "schedule.warmup_steps=10"],
         exact("schedule: constant: warmup_steps (10) must be smaller than total_steps (10)"),

@@ -114,3 +114,30 @@ def test_bad_flags_print_one_line(capsys):
         assert cli_main(["coord-check", *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (args, err)
+
+
+@pytest.mark.slow
+def test_with_fixed_kv_heads_mup_attention_stays_flat_in_width(tmp_path):
+    """Llama-style fixed kv heads (1 at every width, while the query heads grow 8 → 64): with k and v
+    output-like (init σ/m) the attention branches end flat in width. Under the hidden rule they
+    kept (σ/√m, √m too large at m = 8) they grew, the slope 0.38 at the last step on this grid."""
+    cfg = tiny_config(
+        "model.hidden_size=128",
+        "model.num_heads=8",  # head dim 16
+        "model.num_kv_heads=1",
+        "model.mup_base_num_kv_heads=1",
+        "model.filter_size=512",
+        "model.attention_logits_alpha=4.0",
+        "optim.lr=1e-2",
+        "train.micro_batch_size=16",
+        tmp_path=tmp_path,
+    )
+    result = coord_check.coord_check(
+        cfg, [128, 256, 512, 1024], steps=5, seeds=2, parametrizations=("mup",), progress=False
+    )
+    layers = result["parametrizations"]["mup"]["layers"]
+    for name in ("block0.attn", "block1.attn"):
+        slopes = layers[name]["slope_mean_abs"]
+        # k, v start at O(1/√m) (μP's output-layer init) and their learned part takes over within
+        # a few steps: judged at the last step.
+        assert abs(slopes[-1]) <= TEST_TOLERANCE, (name, slopes)

@@ -68,7 +68,13 @@ def hf_logits(out_dir, tokens: torch.Tensor) -> torch.Tensor:
 
 
 CASES = {
-    "llama-w64-gqa-untied": [*LLAMA, *width(64), "model.num_kv_heads=2", "model.rope_theta=500"],
+    "llama-w64-gqa-untied": [
+        *LLAMA,
+        *width(64),
+        "model.num_kv_heads=2",
+        "model.mup_base_num_kv_heads=2",
+        "model.rope_theta=500",
+    ],
     "llama-w128-tied-bias-completep": [
         *LLAMA,
         *width(128),
@@ -213,7 +219,8 @@ def test_a_run_from_the_real_trainer_exports_and_generates(tmp_path, capsys, sta
     """Through `mupfast.train` itself: its checkpoint files (ZeRO-3: consolidated), then both verbs."""
     from mupfast.train import train
 
-    over = [*MUP, *LLAMA, *width(64), "model.num_kv_heads=2", f"zero.stage={stage}"]
+    over = [*MUP, *LLAMA, *width(64), "model.num_kv_heads=2", "model.mup_base_num_kv_heads=1"]
+    over.append(f"zero.stage={stage}")
     cfg = tiny_config(*over, "train.steps=2", "train.eval_batches=1", "optim.lr=1e-3", tmp_path=tmp_path)
     train(cfg)
     run_dir = tmp_path / "run"

@@ -15,7 +15,7 @@ from tests.helpers import tiny_config
 from tests.test_export import GPT2, LLAMA, MUP, make_run, width
 
 ARCHS = {
-    "rope-gqa": [*LLAMA, *width(64), "model.num_kv_heads=2"],
+    "rope-gqa": [*LLAMA, *width(64), "model.num_kv_heads=2", "model.mup_base_num_kv_heads=1"],
     "learned-completep": [
         *GPT2,
         *width(64),

@@ -22,7 +22,7 @@ MOE = ["model.moe_experts=4", "model.moe_top_k=2"]
         [],
         ["model.tie_embeddings=true", "model.position=learned"],
         ["model.norm=layernorm", "model.mlp=gelu", "model.bias=true"],
-        ["model.num_heads=4", "model.num_kv_heads=1"],
+        ["model.num_heads=4", "model.num_kv_heads=1", "model.mup_base_num_kv_heads=1"],
         ["model.parametrization=completep", "model.mup_base_num_layers=1"],
     ],
 )
@@ -44,7 +44,10 @@ def test_forward_options_give_float32_logits_and_matching_loss(opts):
 
 def test_logits_carry_the_output_multiplier():
     cfg = tiny_config(
-        "model.hidden_size=64", "model.mup_base_hidden_size=16", "model.output_logits_alpha=3.0"
+        "model.hidden_size=64",
+        "model.mup_base_hidden_size=16",
+        "model.mup_base_filter_size=64",
+        "model.output_logits_alpha=3.0",
     ).model
     model = build_model(cfg)
     tokens = torch.randint(0, cfg.vocab_size, (2, 9))
@@ -85,7 +88,9 @@ def test_editing_a_rule_changes_the_model(monkeypatch):
     gives the function of the same weights with W_o zeroed."""
     import mupfast.parametrization as parametrization
 
-    cfg = tiny_config("model.hidden_size=64", "model.mup_base_hidden_size=16").model
+    cfg = tiny_config(
+        "model.hidden_size=64", "model.mup_base_hidden_size=16", "model.mup_base_filter_size=64"
+    ).model
     original = parametrization._rule
 
     def silenced(cfg, mult, name, shape, component, layer):
@@ -171,6 +176,8 @@ def test_triton_backends_match_the_torch_backends():
         "model.num_heads=4",
         "model.num_kv_heads=2",
         "model.mup_base_hidden_size=16",
+        "model.mup_base_filter_size=64",
+        "model.mup_base_num_kv_heads=1",
         "model.max_seq_len=24",
         "train.seq_len=24",
     ]

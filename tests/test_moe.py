@@ -297,6 +297,7 @@ def test_experts_and_router_get_their_own_optimizer_groups_and_explain_rows():
         "model.moe_shared_expert=true",
         "model.hidden_size=64",
         "model.mup_base_hidden_size=16",
+        "model.mup_base_filter_size=64",
         "clip.component_max_norm={router: 0.5}",
     )
     assert {"router", "expert_in", "expert_out"} <= set(COMPONENTS)

@@ -47,6 +47,27 @@ def test_doubling_width_halves_hidden_lr_and_shrinks_init_by_sqrt2():
     assert multipliers(big).attention_scale == pytest.approx(1 / big.head_dim)
 
 
+@pytest.mark.parametrize("kv", ["fixed", "growing"])
+def test_k_and_v_are_output_like_when_the_kv_heads_stay_fixed(kv):
+    """Fixed kv heads (Llama-style): k, v map a growing width to a fixed one, so their init scales as
+    1/fan_in (σ/m) while their lr stays a matrix's (× 1/m); growing kv heads keep the hidden rule."""
+    base = ["model.mup_base_hidden_size=32", "model.mup_base_filter_size=64", "model.num_heads=4"]
+    for width, heads in ((32, 4), (128, 16)):
+        kv_heads = 2 if kv == "fixed" else heads // 2  # 2 at every width, or 2 -> 8 with the width
+        cfg = tiny_config(
+            *base, f"model.num_kv_heads={kv_heads}", "model.mup_base_num_kv_heads=2",
+            f"model.hidden_size={width}", f"model.filter_size={2 * width}", f"model.num_heads={heads}",
+        ).model  # fmt: skip
+        m, sigma = width / 32, cfg.init_std
+        rules = _by_component(rules_table(cfg))
+        for comp in ("k", "v"):
+            want = sigma / m if (kv == "fixed" and m > 1) else sigma / math.sqrt(m)
+            assert rules[comp].init_std == pytest.approx(want), (kv, width, comp)
+            assert rules[comp].lr_mult == pytest.approx(1 / m), (kv, width, comp)
+        assert rules["q"].init_std == pytest.approx(sigma / math.sqrt(m))
+        assert multipliers(cfg).m_kv == (1.0 if kv == "fixed" else m)
+
+
 def test_sp_has_no_width_scaling():
     small, big = _widths("sp", embeddings_scale=10.0, output_logits_alpha=3.0)
     rs, rb = _by_component(rules_table(small)), _by_component(rules_table(big))
@@ -97,7 +118,7 @@ def test_completep_depth_rules():
         [],
         ["model.tie_embeddings=true"],
         ["model.position=learned", "model.norm=layernorm", "model.mlp=gelu", "model.bias=true"],
-        ["model.num_heads=4", "model.num_kv_heads=2"],
+        ["model.num_heads=4", "model.num_kv_heads=2", "model.mup_base_num_kv_heads=2"],
     ],
 )
 def test_every_parameter_claimed_once_and_initialised_from_its_rule(opts):

@@ -187,6 +187,7 @@ def test_explain_json_lists_every_parameter():
             "--json",
             "model.hidden_size=64",
             "model.mup_base_hidden_size=32",
+            "model.mup_base_filter_size=64",
         ],
         capture_output=True,
         text=True,
@@ -207,6 +208,7 @@ def test_bf16_runs_through_deepspeeds_wrappers(tmp_path, stage):
         "train.precision=bf16",
         f"zero.stage={stage}",
         "model.mup_base_hidden_size=16",
+        "model.mup_base_filter_size=64",
     ]
     cfg = tiny_config(*COMMON, *overrides, tmp_path=tmp_path)
     result = trainer.train(cfg)

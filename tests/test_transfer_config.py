@@ -10,7 +10,7 @@ import optuna
 import pytest
 
 from mupfast.cli import main
-from mupfast.config import load_config
+from mupfast.config import load_config, with_overrides
 from mupfast.explain import rules_table
 from mupfast.mutransfer.stability import run_stability
 from mupfast.parametrization import hyperp_transfer, multipliers
@@ -207,3 +207,16 @@ def test_hyperp_lr_does_not_transfer_to_an_adamw_target_or_back(tmp_path, capsys
     url, _ = make_study(tmp_path / "mup")
     assert transfer(url, tmp_path / "out2", "model.parametrization=hyperp") == 2
     assert "only transfers to hyperp" in capsys.readouterr().err
+
+
+def test_fixed_kv_heads_transfer_as_the_proxys_so_k_and_v_stay_output_like(tmp_path):
+    from mupfast.mutransfer.transfer import transferred_values
+
+    proxy = load_config(PROXY, ["model.num_kv_heads=1"])  # 2 heads at width 64: one kv head
+    target = load_config(TARGET, ["model.num_kv_heads=1", "model.mup_base_num_kv_heads=1"])
+    values = transferred_values(proxy, {"lr": 1e-2}, target)
+    assert values["model.mup_base_num_kv_heads"] == 1
+    assert values["model.mup_base_hidden_size"] == 64
+    out = with_overrides(target, values)
+    k = next(r for r in rules_table(out.model) if r.component == "k")
+    assert k.init_std == pytest.approx(out.model.init_std / 4)  # m = 256 / 64, σ/m

@@ -6,7 +6,8 @@ target config per selected trial (the top K stable trials by val loss, as ``mupf
 
 What each written config gets (the Cerebras guide's table of what is μTransferable):
 
-- ``model.mup_base_hidden_size`` / ``mup_base_filter_size`` ← the proxy's *base* dimensions
+- ``model.mup_base_hidden_size`` / ``mup_base_filter_size`` (/ ``mup_base_num_kv_heads`` with
+  grouped-query attention) ← the proxy's *base* dimensions
   (its ``mup_base_*``, which default to its own hidden/filter size). The proxy was tuned at
   m = d_proxy / base; keeping the base makes every μP multiplier continue from there, so the
   target's hidden lr multiplier is the proxy's × d_proxy / d_target exactly. With ``completep``
@@ -148,6 +149,8 @@ def transferred_values(
         "model.mup_base_hidden_size": pm.mup_base_hidden_size or pm.hidden_size,
         "model.mup_base_filter_size": pm.mup_base_filter_size or pm.filter_size,
     }
+    if pm.num_kv_heads is not None or tm.num_kv_heads is not None:  # GQA: whether k, v's fan-out grows
+        values["model.mup_base_num_kv_heads"] = pm.mup_base_num_kv_heads or pm.kv_heads
     if tm.parametrization == "completep" and pm.parametrization == "completep":
         values["model.mup_base_num_layers"] = pm.mup_base_num_layers or pm.num_layers
         values["model.depth_alpha"] = pm.depth_alpha
