@@ -6,7 +6,7 @@ PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP      := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench lint format clean
+.PHONY: install demo test test-fast bench gpu-check lint format clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,6 +37,10 @@ bench: $(STAMP)  ## benchmarks (GPU where present), results under benchmarks/res
 	$(PY) -m benchmarks.bench_moe_dispatch
 	$(PY) -m benchmarks.bench_e2e
 	$(PY) -m benchmarks.bench_prepare
+	$(PY) -m benchmarks.bench_activation_memory
+
+gpu-check:  ## the one-call GPU check (benchmarks/gpu_check.sh, with the image's python; --dry-run on a CPU)
+	bash benchmarks/gpu_check.sh $(if $(wildcard /dev/nvidiactl),,--dry-run)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mupfast kernels tests benchmarks
