@@ -95,6 +95,14 @@ class SkippedSteps:
         return skipped, None
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on the device without waiting: a blocking copy to CUDA synchronises the stream,
+    so it goes through pinned memory and is queued behind the work already submitted."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _mean_over_ranks(x: float) -> float:
     if dist.is_initialized() and dist.get_world_size() > 1:
         t = torch.tensor([x], dtype=torch.float64)
@@ -252,9 +260,8 @@ def train(cfg: Config) -> TrainResult:
         for micro in range(t.grad_accum_steps):
             # Indicators only where they are logged: the last micro-batch of a logging step.
             engine.module.record_indicators(logs and micro == t.grad_accum_steps - 1)
-            x, y = train_sampler.batch(step, micro * world + rank)
-            x = x.to(device)
-            loss = engine(x, y.to(device), **packed(x))
+            x, y = (to_device(t, device) for t in train_sampler.batch(step, micro * world + rank))
+            loss = engine(x, y, **packed(x))
             engine.backward(loss)
             losses.append(loss.detach().float())
             if micro == t.grad_accum_steps - 1:

@@ -78,6 +78,39 @@ def test_no_host_sync_on_a_step_that_is_not_logged(tmp_path, monkeypatch, overri
     )
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_no_synchronising_cuda_call_from_mupfast_on_a_quiet_step(tmp_path, monkeypatch):
+    """The same on a GPU with torch's own detector: every synchronising CUDA call warns, and none
+    may come from mupfast's code (DeepSpeed's own are not ours to judge) on a non-logging step."""
+    import warnings
+
+    cfg = tiny_config(
+        "model.attention_backend=triton",
+        f"train.steps={STEPS}",
+        f"train.log_every={LOG_EVERY}",
+        "train.eval_every=0",
+        "train.save_final=false",
+        tmp_path=tmp_path,
+    )
+    batch = BatchSampler.batch
+
+    def batch_at(self, step, index):
+        quiet = 2 <= step and step + 1 < STEPS
+        torch.cuda.set_sync_debug_mode("warn" if quiet else "default")
+        return batch(self, step, index)
+
+    monkeypatch.setattr(BatchSampler, "batch", batch_at)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train(cfg)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ours = [w for w in caught if "synchroniz" in str(w.message) and w.filename.startswith(OURS)]
+    assert not ours, [(Path(w.filename).name, w.lineno, str(w.message)[:80]) for w in ours]
+
+
 def test_nonfinite_steps_are_counted_at_the_next_logging_step_and_stop_the_run(tmp_path, monkeypatch):
     """Steps 3 and 6–8 give a NaN loss; the host syncs only every 4th step, yet every skipped step
     is logged with its own number, the run stops where the third in a row came, and the updates of
