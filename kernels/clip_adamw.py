@@ -195,6 +195,16 @@ def _group_vec(name: str, t: torch.Tensor, num_groups: int, device: torch.device
     return t.to(torch.float32).contiguous()
 
 
+def host_to_device(values, dtype: torch.dtype, device) -> torch.Tensor:
+    """A small host vector on ``device`` without a host sync: a blocking copy to CUDA synchronises the
+    stream, so the values go through pinned memory and are queued behind the submitted work."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    t = t.to(dtype)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 # ------------------------------------------------------------------------ multi-tensor tables
 
 _plans: OrderedDict[tuple, list] = OrderedDict()
@@ -226,11 +236,11 @@ def _tables(lists: list[list[torch.Tensor]], groups: list[int], block: int, devi
     first = torch.cumsum(n_blocks, 0) - n_blocks
     blk_index = torch.arange(total_blocks) - first[blk_tensor]
     return {
-        "ptrs": torch.tensor(addrs, dtype=torch.int64).to(device),
-        "numels": numels.to(device),
-        "groups": torch.tensor(groups, dtype=torch.int32).to(device),
-        "blk_tensor": blk_tensor.to(torch.int32).to(device),
-        "blk_index": blk_index.to(torch.int32).to(device),
+        "ptrs": host_to_device(addrs, torch.int64, device),
+        "numels": host_to_device(numels, torch.int64, device),
+        "groups": host_to_device(groups, torch.int32, device),
+        "blk_tensor": host_to_device(blk_tensor, torch.int32, device),
+        "blk_index": host_to_device(blk_index, torch.int32, device),
         "n_blocks": total_blocks,
         "n_tensors": len(numels),
         "aligned": all(a % 16 == 0 for a in addrs),
@@ -276,8 +286,9 @@ def _norm_plan(gs: list[torch.Tensor], groups: list[int], num_groups: int, devic
         tab = _tables([[gs[j] for j in sub]], [groups[j] for j in sub], NORM_BLOCK, device)
         shift = first_slot[sub] - tab["_first_block"]  # a tensor's blocks -> its consecutive slots
         slot = torch.arange(tab["n_blocks"]) + shift[tab["_blk_tensor_cpu"]]
-        launches.append((_TL[dtype], tab, slot.to(torch.int32).to(device)))
-    return {"seg": seg.cumsum(0).to(device), "n_partials": sum(per_tensor), "launches": launches}
+        launches.append((_TL[dtype], tab, host_to_device(slot, torch.int32, device)))
+    seg = host_to_device(seg.cumsum(0), torch.int64, device)
+    return {"seg": seg, "n_partials": sum(per_tensor), "launches": launches}
 
 
 def group_sq_norms(grads, group_ids, num_groups, *, device=None) -> torch.Tensor:

@@ -129,7 +129,8 @@ class ClipAdamW(torch.optim.Optimizer):
         device = all_grads[0].device if all_grads else self._device(groups)
         sq_norms_fn, update_fn = self.kernels(device)
         f32 = dict(dtype=torch.float32, device=device)
-        slots = torch.tensor([self._slot[g["name"]] for g in groups], dtype=torch.long, device=device)
+        # Host values reach the device through pinned memory: a blocking copy would sync the stream.
+        slots = fused.host_to_device([self._slot[g["name"]] for g in groups], torch.long, device)
         if self.pending_sq_norms is not None:  # ZeRO: all groups' norms, reduced in one collective
             sq_all = self.pending_sq_norms.to(device)
             logged = list(self._slot)
@@ -143,7 +144,7 @@ class ClipAdamW(torch.optim.Optimizer):
                 )
             sq_all = torch.zeros(len(self._slot), **f32).index_copy_(0, slots, sq)
             logged = [g["name"] for g in groups if g["params"]]
-        max_norms = torch.tensor(self._max_norms, **f32)
+        max_norms = fused.host_to_device(self._max_norms, torch.float32, device)
         coef_all = fused.clip_coefficients(sq_all, max_norms, self.global_max_norm)
         coef = coef_all[slots]
         if params:
@@ -151,8 +152,8 @@ class ClipAdamW(torch.optim.Optimizer):
             # update does not advance them.
             steps = [self.state[q]["step"] for q in params]
             torch._foreach_add_(steps, 1.0 if skip is None else (~skip.bool()).float().reshape(()))
-            lrs = torch.tensor([self._lr(g) for g in groups], **f32)
-            wds = torch.tensor([g["weight_decay"] for g in groups], **f32)
+            lrs = fused.host_to_device([self._lr(g) for g in groups], torch.float32, device)
+            wds = fused.host_to_device([g["weight_decay"] for g in groups], torch.float32, device)
             beta1, beta2 = groups[0]["betas"]
             update_fn(
                 params,
