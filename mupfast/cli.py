@@ -48,6 +48,7 @@ VERBS: dict[str, tuple[str, str]] = {
         "mupfast.mutransfer.transfer",
         "write target configs from a sweep's best stable trials (μTransfer)",
     ),
+    "transfer-compare": ("mupfast.mutransfer.compare", "μTransfer vs SP tuned at the target: loss, FLOPs"),
     "export": (
         "mupfast.export.to_hf",
         "fold every μP multiplier into the weights; write a Hugging Face model (Llama/GPT-2)",

@@ -6,4 +6,6 @@
 * :mod:`~mupfast.mutransfer.stability`: a run's loss spikes, grad-norm ratio, |logit|, and the verdict.
 * :mod:`~mupfast.mutransfer.report` (``sweep --report``): trials ranked among the stable ones, and a plot.
 * :mod:`~mupfast.mutransfer.transfer` (``transfer``): target configs from the best stable trials.
+* :mod:`~mupfast.mutransfer.compare` (``transfer-compare``): whether it pays — μTransfer against SP
+  tuned at the target, in target loss and tuning FLOPs (:mod:`~mupfast.mutransfer.compare_plot`).
 """

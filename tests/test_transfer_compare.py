@@ -1,0 +1,254 @@
+"""``mupfast transfer-compare``: the whole verb at a tiny scale (proxy d=32 → target d=64, 12 steps,
+4 proxy trials on two workers, top 2, 1 seed), its FLOPs bookkeeping, verdicts, reruns, bad flags."""
+
+import json
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from mupfast.cli import main
+from mupfast.config import config_from_dict
+from mupfast.errors import ConfigError
+from mupfast.flops import flops_per_token
+from mupfast.mutransfer.compare import (
+    MAX_FLOPS_RATIO,
+    MAX_TRANSFER_GAP_PCT,
+    parse_mup_lr_grid,
+    trial_steps,
+    verdicts,
+)
+
+STEPS, TRIALS, TOP = 12, 4, 2
+SP_LRS = [2**-9, 2**-8, 2**-7, 2**-6]
+
+
+def tiny_args(out: Path, data: Path, space: Path, jobs: int = 2) -> list[str]:
+    return [
+        "transfer-compare",
+        "--proxy-width=32",
+        "--target-width=64",
+        f"--proxy-steps={STEPS}",
+        f"--trials={TRIALS}",
+        f"--top={TOP}",
+        "--seeds=1",
+        "--sp-lrs=" + ",".join(f"2^{math.log2(lr):g}" for lr in SP_LRS),
+        "--mup-lr-grid=-1,0,1",
+        "--pruner=none",  # every trial runs all its steps: the FLOPs below are exact
+        f"--space={space}",
+        f"--jobs={jobs}",
+        f"--out={out}",
+        "model.max_seq_len=32",
+        "train.seq_len=32",
+        "train.micro_batch_size=4",
+        "train.eval_every=4",
+        "train.log_every=1",
+        "train.eval_batches=2",
+        "schedule.warmup_steps=2",
+        "data.max_corpus_bytes=300000",
+        f"data.dir={data}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """One tiny run of the verb: (its argv, its output directory, the JSON it wrote)."""
+    root = tmp_path_factory.mktemp("compare")
+    space = root / "space.yaml"  # a range where 12 steps train stably, so there are trials to transfer
+    space.write_text("lr: {low: 3.0e-3, high: 3.0e-2}\ninit_std: {low: 0.02, high: 0.1}\n")
+    out = root / "out"
+    argv = tiny_args(out, root / "data", space)
+    assert main(argv) == 0
+    return argv, out, json.loads((out / "transfer_compare.json").read_text())
+
+
+def _saved_config(run_dir: str | Path, name: str = "config.yaml"):
+    return config_from_dict(yaml.safe_load(Path(run_dir, name).read_text()))
+
+
+def _run_flops(run_dir: str | Path, name: str = "config.yaml", steps: int | None = None) -> float:
+    """FLOPs of a run from the config it saved: flops_per_token × tokens per step × steps."""
+    cfg = _saved_config(run_dir, name)
+    steps = cfg.train.steps if steps is None else steps
+    return flops_per_token(cfg.model, cfg.train.seq_len) * cfg.train.tokens_per_step() * steps
+
+
+@pytest.mark.slow  # the fixture's tiny run: about a minute on 2 CPU cores
+def test_the_result_has_every_path_at_the_asked_sizes(compared):
+    _, out, r = compared
+    assert len(r["mutransfer"]["configs"]) == TOP
+    assert len(r["sp"]["grid"]) == len(SP_LRS) and sorted(e["lr"] for e in r["sp"]["grid"]) == SP_LRS
+    assert r["mup_lr_grid"]["exponents"] == [-1.0, 0.0, 1.0]
+    for e in [*r["mutransfer"]["configs"], *r["sp"]["grid"], *r["mup_lr_grid"]["grid"], r["mup_hand_set"]]:
+        assert len(e["per_seed"]) == 1 and 1.0 < e["val_loss"] < 6.0, e
+        for d in e["run_dirs"]:
+            cfg = _saved_config(d)
+            assert cfg.model.hidden_size == 64 and cfg.model.num_heads == 2 and cfg.train.steps == STEPS
+    assert all(_saved_config(d).model.parametrization == "sp" for e in r["sp"]["grid"] for d in e["run_dirs"])
+    # The transferred configs carry the proxy trials' values and the proxy's base width.
+    trials = {t["number"]: t for t in r["proxy"]["trials"]}
+    assert r["proxy"]["selected"] == [e["trial"] for e in r["mutransfer"]["configs"]]
+    for e in r["mutransfer"]["configs"]:
+        cfg = _saved_config(e["run_dirs"][0])
+        assert cfg.optim.lr == trials[e["trial"]]["params"]["lr"]
+        assert cfg.model.init_std == trials[e["trial"]]["params"]["init_std"]
+        assert cfg.model.mup_base_hidden_size == 32
+    # The proxy's trials trained at d=32 on two workers sharing one study.
+    assert len(trials) >= TRIALS and all(t["state"] == "COMPLETE" for t in trials.values())
+    study = optuna.load_study(study_name=r["proxy"]["study"], storage=r["proxy"]["storage"])
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2
+    assert all(
+        _saved_config(t.user_attrs["run_dir"], "trial.yaml").model.hidden_size == 32 for t in study.trials
+    )
+    # (d)'s × 2^0 point is the best transferred run itself, and the others are that config at lr × 2^±1.
+    grid = {e["exponent"]: e for e in r["mup_lr_grid"]["grid"]}
+    center = next(e for e in r["mutransfer"]["configs"] if e["key"] == r["mup_lr_grid"]["center"])
+    assert grid[0.0]["run_dirs"] == center["run_dirs"]
+    assert center["val_loss"] == min(e["val_loss"] for e in r["mutransfer"]["configs"])
+    for k in (-1.0, 1.0):
+        assert grid[k]["lr"] == pytest.approx(center["lr"] * 2**k, rel=1e-12)
+        assert grid[k]["init_std"] == center["init_std"]
+    md = (out / "transfer_compare.md").read_text()
+    assert all(v["line"] in md for v in r["verdicts"])
+    assert (out / "transfer_compare.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_flops_add_up_from_each_runs_config(compared):
+    _, _, r = compared
+    f = r["flops"]
+    study = optuna.load_study(study_name=r["proxy"]["study"], storage=r["proxy"]["storage"])
+    proxy = sum(_run_flops(t.user_attrs["run_dir"], "trial.yaml", STEPS) for t in study.trials)
+    validation = sum(_run_flops(d) for e in r["mutransfer"]["configs"] for d in e["run_dirs"])
+    sp = sum(_run_flops(d) for e in r["sp"]["grid"] for d in e["run_dirs"])
+    assert (f["proxy"], f["validation"], f["sp"]) == (proxy, validation, sp)  # integers in floats: exact
+    assert f["mutransfer"] == proxy + validation
+    assert f["ratio"] == (proxy + validation) / sp
+    assert f["target_runs"] == {"validation": TOP, "sp": len(SP_LRS), "mup_lr_grid_extra": 2, "hand_set": 1}
+    assert f["proxy_steps_trained"] == STEPS * len(study.trials)
+    # And by hand: d=32 proxy, d=64 target, 12 steps of 4×32 tokens.
+    per_run = f["target_flops_per_token"] * STEPS * 4 * 32
+    assert f["sp"] == len(SP_LRS) * per_run and f["validation"] == TOP * per_run
+    assert f["target_flops_per_token"] > 2 * f["proxy_flops_per_token"]
+
+
+@pytest.mark.slow
+def test_verdict_lines_follow_from_the_numbers(compared):
+    _, _, r = compared
+    mut = min(e["val_loss"] for e in r["mutransfer"]["configs"])
+    sp = min(e["val_loss"] for e in r["sp"]["grid"])
+    grid_best = min(e["val_loss"] for e in r["mup_lr_grid"]["grid"])
+    gap = 100 * (mut - grid_best) / grid_best
+    assert r["best"]["mutransfer"] == mut and r["best"]["sp"] == sp
+    assert r["best"]["mup_hand_set"] == r["mup_hand_set"]["val_loss"]
+    assert r["transfer_gap_pct"] == pytest.approx(gap) and gap >= 0
+    cost, quality = r["verdicts"]
+    assert cost["loss_ok"] == (mut <= sp) and cost["flops_ok"] == (r["flops"]["ratio"] <= MAX_FLOPS_RATIO)
+    assert cost["pass"] == (cost["loss_ok"] and cost["flops_ok"])
+    assert quality["pass"] == (gap <= MAX_TRANSFER_GAP_PCT)
+    assert cost["line"].startswith("PASS" if cost["pass"] else "FAIL")
+    assert quality["line"].startswith("PASS" if quality["pass"] else "FAIL")
+
+
+def test_verdicts_on_chosen_numbers():
+    ok = verdicts(3.0, 3.1, 0.2, 0.4)
+    assert [v["pass"] for v in ok] == [True, True]
+    assert not verdicts(3.2, 3.1, 0.2, 0.4)[0]["pass"]  # worse than SP
+    worse = verdicts(3.0, 3.1, 0.3, 0.6)
+    assert worse[0]["loss_ok"] and not worse[0]["flops_ok"] and not worse[0]["pass"]  # too costly
+    assert not worse[1]["pass"]  # 0.6% > 0.5%
+    assert not verdicts(math.inf, math.inf, 0.1, None)[0]["pass"]  # all diverged: no claim holds
+    assert not verdicts(math.inf, math.inf, 0.1, None)[1]["pass"]
+
+
+def _mtimes(out: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in out.rglob("summary.json")}
+
+
+@pytest.mark.slow
+def test_a_rerun_trains_nothing_and_a_killed_run_is_redone_alone(compared):
+    argv, out, first = compared
+    before = _mtimes(out)
+    assert len(before) == len(first["proxy"]["trials"]) + TOP + 1 + len(SP_LRS) + 2
+    jobs1 = [a for a in argv if not a.startswith("--jobs")] + ["--jobs=1"]  # no worker pool to start
+    assert main(jobs1) == 0
+    assert _mtimes(out) == before  # every proxy trial and target run reused
+    again = json.loads((out / "transfer_compare.json").read_text())
+    assert again["best"] == first["best"] and again["flops"] == first["flops"]
+
+    # A run killed half-way (no summary yet) is trained again; nothing else is.
+    killed = Path(first["sp"]["grid"][0]["run_dirs"][0], "summary.json")
+    killed.unlink()
+    assert main(jobs1) == 0
+    after = _mtimes(out)
+    assert set(after) == set(before)
+    assert [p for p in after if after[p] != before[p]] == [str(killed)]
+
+
+@pytest.mark.slow
+def test_the_study_refuses_a_different_proxy(compared, capsys):
+    argv, _, _ = compared
+    changed = [a if not a.startswith("--proxy-steps") else f"--proxy-steps={STEPS + 2}" for a in argv]
+    assert main(changed) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --study transfer-compare: the study was started with a different proxy")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--trials=0"], "--trials: '0' is not a positive integer"),
+        (["--trials=2", "--top=3"], "--top: 3 is more than --trials 2"),
+        (["--seeds=two"], "--seeds: 'two' is not a positive integer"),
+        (["--sp-lrs=2^-8"], "--sp-lrs: needs at least two"),
+        (["--sp-lrs=2^-8,2^-7"], "--sp-lrs: SP gets 2 target configs, fewer than μP's 7"),
+        (["--sp-init-stds=0.02,-1"], "--sp-init-stds: '-1' is not a positive number"),
+        (["--mup-lr-grid=0"], "--mup-lr-grid: needs an exponent besides 0"),
+        (["--mup-lr-grid=-1,x"], "--mup-lr-grid: 'x' is not a number"),
+        (["--target-width=80"], "--target-width: 80 is not a multiple of the head dim 32"),
+        (["--target-width=32"], "--target-width: 32 is narrower than the proxy (64)"),
+        (["--proxy-steps=0"], "--proxy-steps: '0' is not a positive integer"),
+        (["--sampler=grid"], "--sampler: must be random or tpe"),
+        (["--pruner=asha"], "--pruner: must be median, hyperband or none"),
+        (["--config=nope.yaml"], "config file not found: nope.yaml"),
+        (["train.steps=50"], "train.steps: set by --proxy-steps / --target-steps"),
+        (["model.hidden_size=128"], "model.hidden_size: set by --proxy-width / --target-width"),
+        (["model.parametrization=sp"], "model.parametrization is sp; transfer-compare compares a mup"),
+    ],
+)
+def test_bad_flags_are_one_line_errors_before_anything_runs(tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
+    assert main(["transfer-compare", f"--out={out}", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists()  # nothing was started
+
+
+def test_mup_lr_grid_always_holds_the_transferred_lr():
+    assert parse_mup_lr_grid("1,-1") == [-1.0, 0.0, 1.0]
+    assert parse_mup_lr_grid("-1,-0.5,0,0.5,1") == [-1.0, -0.5, 0.0, 0.5, 1.0]
+    with pytest.raises(ConfigError, match="repeat"):
+        parse_mup_lr_grid("1,1")
+
+
+def test_trial_steps_counts_what_each_trial_trained(tmp_path):
+    run = tmp_path / "trial"
+    run.mkdir()
+    with (run / "metrics.jsonl").open("w") as f:
+        for step in range(1, 11):
+            f.write(json.dumps({"kind": "train", "step": step, "loss": 3.0}) + "\n")
+    states = optuna.trial.TrialState
+    complete = optuna.trial.create_trial(state=states.COMPLETE, value=2.0)
+    pruned = optuna.trial.create_trial(state=states.PRUNED, intermediate_values={4: 3.0, 8: 2.9})
+    pruned_ran_on = optuna.trial.create_trial(
+        state=states.PRUNED, intermediate_values={4: 3.0, 8: 2.9}, user_attrs={"run_dir": str(run)}
+    )
+    failed = optuna.trial.create_trial(state=states.FAIL, user_attrs={"run_dir": str(run)})
+    lost = optuna.trial.create_trial(state=states.FAIL, user_attrs={"run_dir": str(tmp_path / "gone")})
+    assert trial_steps(complete, 12) == 12
+    assert trial_steps(pruned, 12) == 8  # stopped at the pruner's decision
+    assert trial_steps(pruned_ran_on, 12) == 10  # trained on to step 10 while being stopped
+    assert trial_steps(failed, 12) == 10 and trial_steps(failed, 6) == 6
+    assert trial_steps(lost, 12) == 0
