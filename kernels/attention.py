@@ -10,6 +10,11 @@ Backward, deterministic and without atomics: a preprocess kernel δ = rowsum(O�
 program per (key block, batch·kv head) that loops over the query heads sharing that kv head (GQA/MQA);
 and a separate dQ kernel. Any T (masked tails), head dims up to 256 (padded to a power of two), fp16, bf16
 and fp32 inputs with fp32 accumulation.
+
+``mup_attention`` calls the operators ``torch.ops.mupfast.attention_fwd`` / ``attention_bwd`` (fake
+implementations and the autograd formula registered): ``triton_op``s where Triton compiles, so torch.compile
+traces them without a graph break and inductor sees the kernels; opaque ``custom_op``s under the interpreter.
+Autotuning configs and their per-target pruning: attention_tuning.py.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from mupfast.kernels.runtime import autotune_configs, triton_usable
+from mupfast.kernels import attention_tuning as tuning
+from mupfast.kernels.runtime import LAUNCH, kernel_op, triton_usable, wrap_triton
 
 __all__ = ["mup_attention", "attention_reference", "skipped_tiles"]
 
@@ -34,49 +41,16 @@ _FP32_DOT = "ieee"
 
 
 # ---------------------------------------------------------------- autotuning ----------------------------
-def _configs(a: str, b: str, pairs, stages) -> list[triton.Config]:
-    # The first entry is what the interpreter runs: small enough to exercise several blocks at T ≤ 160.
-    configs = [
-        triton.Config({a: x, b: y}, num_warps=w, num_stages=s)
-        for x, y in pairs
-        for w in (4, 8)
-        for s in stages
-    ]
-    return autotune_configs(configs)
-
-
-def _pruner(outer: str, inner: str, resident: int, tiles: int) -> dict:
-    """Drop configs that cannot run or would spill: the outer block must be a multiple of the inner one (the
-    causal split relies on it) and not exceed T; shared memory (``resident`` outer×D tiles plus num_stages
-    pairs of streamed inner×D tiles) within 200 KiB; and fp32 words per thread for ``tiles`` outer×D
-    accumulators plus the outer×inner score tile at most 128 — past that, compiling every config for sm_90
-    showed register spills."""
-
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        bd, elem, t = args["BLOCK_D"], args["Q"].element_size(), triton.next_power_of_2(args["T"])
-
-        def fits(c):
-            o, i = c.kwargs[outer], c.kwargs[inner]
-            smem = elem * bd * (resident * o + 2 * c.num_stages * i)
-            words = (tiles * o * bd + o * i) / (32 * c.num_warps)
-            return o % i == 0 and o <= max(64, t) and smem <= 200 * 1024 and words <= 128
-
-        return [c for c in configs if fits(c)] or configs[:1]
-
-    return {"early_config_prune": prune}
-
-
-# Resident tiles / accumulator tiles: forward Q / O; dK/dV K, V / dK, dV and K+V in registers; dQ Q, dO / dQ.
-_FWD_CONFIGS = _configs("BLOCK_M", "BLOCK_N", [(64, 32), (64, 64), (128, 64), (128, 128)], stages=(2, 3, 4))
-_FWD_PRUNE = _pruner("BLOCK_M", "BLOCK_N", resident=1, tiles=1)
-_DKDV_PAIRS = [(64, 32), (32, 16), (32, 32), (64, 16), (64, 64), (128, 32), (128, 64)]
-_DKDV_CONFIGS = _configs("BLOCK_N1", "BLOCK_M1", _DKDV_PAIRS, stages=(2, 3))
-_DKDV_PRUNE = _pruner("BLOCK_N1", "BLOCK_M1", resident=2, tiles=3)
-_DQ_PAIRS = [(64, 32), (64, 16), (64, 64), (128, 32), (128, 64)]
-_DQ_CONFIGS = _configs("BLOCK_M2", "BLOCK_N2", _DQ_PAIRS, stages=(2, 3))
-_DQ_PRUNE = _pruner("BLOCK_M2", "BLOCK_N2", resident=2, tiles=1)
+# Configs and pruners per target: attention_tuning.py. Resident tiles: forward Q; dK/dV K, V; dQ Q, dO.
+_FWD_CONFIGS = tuning.configs("BLOCK_M", "BLOCK_N", tuning.FWD)
+_FWD_PRUNE = tuning.pruner("BLOCK_M", "BLOCK_N", 1, tuning.FWD)
+_DKDV_CONFIGS = tuning.configs("BLOCK_N1", "BLOCK_M1", tuning.DKDV)
+_DKDV_PRUNE = tuning.pruner("BLOCK_N1", "BLOCK_M1", 2, tuning.DKDV)
+_DQ_CONFIGS = tuning.configs("BLOCK_M2", "BLOCK_N2", tuning.DQ)
+_DQ_PRUNE = tuning.pruner("BLOCK_M2", "BLOCK_N2", 2, tuning.DQ)
 _KEY = ["T", "HEAD_D", "CAUSAL", "DOC"]
+PREPROCESS_BLOCK_M = 64  # δ = rowsum(O∘dO): one fixed block, no autotuning
+PREPROCESS_LAUNCH = {"num_warps": 4, **LAUNCH}
 
 
 # ---------------------------------------------------------------- kernels -------------------------------
@@ -408,7 +382,9 @@ def _forward(q, k, v, ds, de, scale: float, causal: bool):
     lse2 = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
     meta = _meta(q, k, causal, ds is not None)
-    _attn_fwd[grid](q, k, v, o, lse2, ds, de, scale, *q.stride()[:3], *k.stride()[:3], **meta)
+    wrap_triton(_attn_fwd)[grid](
+        q, k, v, o, lse2, ds, de, scale, *q.stride()[:3], *k.stride()[:3], **meta, **LAUNCH
+    )
     return o, lse2
 
 
@@ -417,15 +393,18 @@ def _backward(do, q, k, v, o, lse2, ds, de, scale: float, causal: bool):
     meta = _meta(q, k, causal, ds is not None)
     do = _like(do, o)
     delta = torch.empty_like(lse2)
-    _bwd_preprocess[(triton.cdiv(T, 64), B * H)](
-        o, do, delta, *q.stride()[:3], H, T, HEAD_D=meta["HEAD_D"], BLOCK_D=meta["BLOCK_D"], BLOCK_M=64
-    )
+    wrap_triton(_bwd_preprocess)[(triton.cdiv(T, PREPROCESS_BLOCK_M), B * H)](
+        o, do, delta, *q.stride()[:3], H, T, HEAD_D=meta["HEAD_D"], BLOCK_D=meta["BLOCK_D"],
+        BLOCK_M=PREPROCESS_BLOCK_M, **PREPROCESS_LAUNCH,
+    )  # fmt: skip
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(k)
     strides = (*q.stride()[:3], *k.stride()[:3])
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N1"]), B * k.shape[1])
-    _attn_bwd_dkdv[grid](q, k, v, do, dk, dv, lse2, delta, ds, de, scale, *strides, **meta)
+    wrap_triton(_attn_bwd_dkdv)[grid](
+        q, k, v, do, dk, dv, lse2, delta, ds, de, scale, *strides, **meta, **LAUNCH
+    )
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M2"]), B * H)
-    _attn_bwd_dq[grid](q, k, v, do, dq, lse2, delta, ds, scale, *strides, **meta)
+    wrap_triton(_attn_bwd_dq)[grid](q, k, v, do, dq, lse2, delta, ds, scale, *strides, **meta, **LAUNCH)
     return dq, dk, dv
 
 
@@ -434,25 +413,50 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-class _MupAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, ds, de, scale: float, causal: bool, return_lse: bool):
-        with _on(q.device):
-            o, lse2 = _forward(q, k, v, ds, de, scale, causal)
-        ctx.save_for_backward(q, k, v, o, lse2, ds, de)
-        ctx.scale, ctx.causal = scale, causal
-        if not return_lse:
-            return o
-        lse = lse2 * _LN2  # natural log for callers; the kernels keep log2
-        ctx.mark_non_differentiable(lse)
-        return o, lse
+# ---------------------------------------------------------------- operators -----------------------------
+# torch.ops.mupfast.attention_fwd / attention_bwd: one graph node each for torch.compile and checkpointing.
+# lse2 is the log2-domain log-sum-exp the backward needs; doc_start/doc_end are _doc_bounds(doc_ids) or None.
+@kernel_op("mupfast::attention_fwd")
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, doc_start: Tensor | None, doc_end: Tensor | None,
+                   scale: float, causal: bool) -> tuple[Tensor, Tensor]:  # fmt: skip
+    with _on(q.device):
+        return _forward(q, k, v, doc_start, doc_end, scale, causal)
 
-    @staticmethod
-    def backward(ctx, do, *_unused):
-        q, k, v, o, lse2, ds, de = ctx.saved_tensors
-        with _on(q.device):
-            dq, dk, dv = _backward(do, q, k, v, o, lse2, ds, de, ctx.scale, ctx.causal)
-        return dq, dk, dv, None, None, None, None, None
+
+@_attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, doc_start, doc_end, scale, causal):
+    B, H, T, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@kernel_op("mupfast::attention_bwd")
+def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse2: Tensor,
+                   doc_start: Tensor | None, doc_end: Tensor | None, scale: float,
+                   causal: bool) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    with _on(q.device):
+        return _backward(do, q, k, v, o, lse2, doc_start, doc_end, scale, causal)
+
+
+@_attention_bwd.register_fake
+def _attention_bwd_fake(do, q, k, v, o, lse2, doc_start, doc_end, scale, causal):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(k)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    q, k, v, ds, de, scale, causal = inputs
+    o, lse2 = output
+    ctx.save_for_backward(q, k, v, o, lse2, ds, de)
+    ctx.scale, ctx.causal = scale, causal
+    ctx.mark_non_differentiable(lse2)
+
+
+def _fwd_backward(ctx, do, _dlse2):
+    q, k, v, o, lse2, ds, de = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(do, q, k, v, o, lse2, ds, de, ctx.scale, ctx.causal)
+    return dq, dk, dv, None, None, None, None
+
+
+_attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> None:
@@ -513,7 +517,8 @@ def mup_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: f
         _check_doc_ids(doc_ids, q, bool(causal))
         ds, de = _doc_bounds(doc_ids)
     q, k = _dense(q), _dense(k)
-    return _MupAttention.apply(q, k, _like(v, k), ds, de, scale, bool(causal), bool(return_lse))
+    o, lse2 = _attention_fwd(q, k, _like(v, k), ds, de, scale, bool(causal))
+    return (o, lse2 * _LN2) if return_lse else o  # natural log for callers; the kernels keep log2
 
 
 def skipped_tiles(doc_ids: torch.Tensor, block_m: int, block_n: int) -> tuple[int, int]:

@@ -14,7 +14,8 @@ One optimizer step is three small device-side stages, none of which syncs with t
 Tensors reach the kernels through a device table of int64 ``data_ptr``s plus a block→(tensor,
 block index) table, cached by the tensors' addresses and sizes. Full blocks load unmasked (so the
 compiler can vectorise); only each tensor's tail block is masked. Math is fp32 whatever the storage
-dtype (params fp32/bf16/fp16; m, v usually fp32). The ``*_reference`` functions are the same math
+dtype (params fp32/bf16/fp16; m, v usually fp32); FMA fusion is set explicitly on every launch
+(``runtime.LAUNCH``). The ``*_reference`` functions are the same math
 in plain PyTorch: the oracle for tests and the backend wherever Triton cannot run.
 """
 
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mupfast.kernels.runtime import triton_usable
+from mupfast.kernels.runtime import LAUNCH, triton_usable
 
 try:
     import triton
@@ -308,11 +309,11 @@ def group_sq_norms(grads, group_ids, num_groups, *, device=None) -> torch.Tensor
     for dtype, tab, slot in plan["launches"]:
         _sq_partials_kernel[(tab["n_blocks"],)](
             tab["ptrs"], tab["numels"], tab["blk_tensor"], tab["blk_index"], slot, partials,
-            G_DTYPE=dtype, ALIGNED=tab["aligned"], BLOCK=NORM_BLOCK, num_warps=8,
+            G_DTYPE=dtype, ALIGNED=tab["aligned"], BLOCK=NORM_BLOCK, num_warps=8, **LAUNCH,
         )  # fmt: skip
     out = torch.empty(num_groups, dtype=torch.float32, device=dev)
     if num_groups:
-        _group_sum_kernel[(num_groups,)](partials, plan["seg"], out, RBLOCK=1024)
+        _group_sum_kernel[(num_groups,)](partials, plan["seg"], out, RBLOCK=1024, **LAUNCH)
     return out
 
 
@@ -341,7 +342,7 @@ def clip_coefficients(
         return clip_coefficients_reference(sq, max_norms, global_max_norm)
     out = torch.empty_like(sq)
     _coef_kernel[(1,)](sq, max_norms, out, sq.numel(), float(global_max_norm), USE_GLOBAL=global_max_norm > 0,
-                       BLOCK_G=max(16, triton.next_power_of_2(sq.numel())))  # fmt: skip
+                       BLOCK_G=max(16, triton.next_power_of_2(sq.numel())), **LAUNCH)  # fmt: skip
     return out
 
 
@@ -435,5 +436,5 @@ def clip_adamw_step(params, grads, exp_avgs, exp_avg_sqs, group_ids, *, coef, lr
             tab["ptrs"], tab["n_tensors"], tab["numels"], tab["groups"], tab["blk_tensor"], tab["blk_index"],
             coef, lrs, wds, bc if on_dev else coef, skip_flag, bc1, bc2_sqrt, 1 - beta1, beta2, 1 - beta2, eps,
             P_DTYPE=p_t, G_DTYPE=g_t, M_DTYPE=m_t, V_DTYPE=v_t, ALIGNED=tab["aligned"],
-            BC_ON_DEVICE=on_dev, SKIP_ON_DEVICE=skip is not None, BLOCK=STEP_BLOCK, num_warps=8,
+            BC_ON_DEVICE=on_dev, SKIP_ON_DEVICE=skip is not None, BLOCK=STEP_BLOCK, num_warps=8, **LAUNCH,
         )  # fmt: skip

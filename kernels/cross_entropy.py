@@ -15,15 +15,23 @@ not underflow. Peak extra memory is O(chunk × V + V × d), never O(N × V).
 ``logit_scale`` and ``z_loss`` are runtime kernel arguments (no recompiles); n_valid stays a device
 tensor, so nothing here synchronises with the host. Where Triton cannot run (CPU without
 ``TRITON_INTERPRET=1``) the same chunk driver runs with a PyTorch row op of the same contract.
+
+The buffer's rows are padded to a multiple of 64 elements and the row kernel runs whole vocabulary
+blocks unmasked, so its loads and stores are 128-bit on a GPU whatever V is. The public function calls
+the driver through the operator ``torch.ops.mupfast.fused_linear_cross_entropy`` (fake implementation
+and autograd formula registered), which torch.compile and activation checkpointing trace as one node.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .runtime import INTERPRET, triton_usable
+from .runtime import INTERPRET, LAUNCH, triton_usable
 
 try:
     import triton
@@ -34,15 +42,64 @@ except ImportError:  # pragma: no cover - triton is a Linux-only dependency
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERP_R, _INTERP_V = 64, 2048  # interpreter blocks: it pays per op, so few big programs
 _REFERENCE_CHUNK_ELEMENTS = 1 << 24  # logits elements per chunk of the PyTorch reference
+_VOCAB_ALIGN = 64  # the logits buffer's row stride is padded to this many elements
+
+
+def padded_vocab(V: int) -> int:
+    """Row stride of the (chunk, V) logits buffer: V rounded up to a multiple of 64 elements. With an odd
+    V (GPT-2's 50,257) every row but the first starts misaligned and the row kernel's loads and stores are
+    scalar; with the stride padded, rows start 128-byte aligned (16-bit) and Triton, which specialises
+    strides divisible by 16, emits 128-bit accesses. The padding columns are never read or written."""
+    return -(-V // _VOCAB_ALIGN) * _VOCAB_ALIGN
+
+
+def row_blocks(V: int, block_v: int | None = None) -> tuple[int, int, int]:
+    """(rows per program, vocabulary block, num_warps) of the row kernel for a vocabulary of V."""
+    if INTERPRET:  # the interpreter pays per op: few big programs
+        return _INTERP_R, block_v or min(triton.next_power_of_2(V), _INTERP_V), 1
+    block_v = block_v or min(triton.next_power_of_2(V), 4096)
+    return 1, block_v, 8 if block_v >= 2048 else 4
+
 
 if triton is not None:
+
+    @triton.jit
+    def _lse_block(x_row, cols, row_ok, V, scale, m, s, amax, MASK_COLS: tl.constexpr):
+        """Online max / sum-exp and max |x| over one block of columns; full blocks load unmasked along the
+        vocabulary (the row mask is constant along it), so the loads vectorise."""
+        if MASK_COLS:
+            col_ok = cols[None, :] < V
+            x = tl.load(x_row + cols[None, :], mask=row_ok[:, None] & col_ok, other=0.0).to(tl.float32)
+            x = x * scale
+            amax = tl.maximum(amax, tl.max(tl.where(col_ok, tl.abs(x), 0.0), axis=1))
+            x = tl.where(col_ok, x, float("-inf"))
+        else:
+            x = tl.load(x_row + cols[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * scale
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        return m_new, s, amax
+
+    @triton.jit
+    def _grad_block(x_row, cols, row_ok, V, scale, lse, coef, hit, t_safe, MASK_COLS: tl.constexpr):
+        """g = coef · softmax − hit · onehot over one block of columns, written over the logits."""
+        if MASK_COLS:
+            mask = row_ok[:, None] & (cols[None, :] < V)
+        else:
+            mask = row_ok[:, None]
+        x = tl.load(x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32) * scale
+        g = coef[:, None] * tl.exp(x - lse[:, None])
+        g = g - tl.where(cols[None, :] == t_safe[:, None], hit[:, None], 0.0)
+        tl.store(x_row + cols[None, :], g.to(x_row.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _ce_rows_kernel(
         X, stride_x, T, LOSS, LSE, MAXABS, n_rows, V, scale, z_loss, ignore_index,
         WRITE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
     ):  # fmt: skip
-        """BLOCK_R rows per program: loss, lse, max|x| per row; g written over the logits in place."""
+        """BLOCK_R rows per program: loss, lse, max|x| per row; g written over the logits in place.
+        The whole vocabulary blocks run unmasked, the ragged last one masked: the same arithmetic per
+        block as one masked loop, so the results are bitwise those of a single masked loop."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < n_rows
         t = tl.load(T + rows, mask=row_ok, other=ignore_index)
@@ -50,21 +107,16 @@ if triton is not None:
         t_safe = tl.where(valid & (t >= 0) & (t < V), t, 0)
         x_row = X + rows.to(tl.int64)[:, None] * stride_x
         cols0 = tl.arange(0, BLOCK_V)
+        v_full = (V // BLOCK_V) * BLOCK_V
 
         # Pass 1: online max / sum-exp of the scaled logits, and max |x|.
         m = tl.full([BLOCK_R], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK_R], tl.float32)
         amax = tl.zeros([BLOCK_R], tl.float32)
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + cols0
-            col_ok = cols[None, :] < V
-            x = tl.load(x_row + cols[None, :], mask=row_ok[:, None] & col_ok, other=0.0).to(tl.float32)
-            x = x * scale
-            amax = tl.maximum(amax, tl.max(tl.where(col_ok, tl.abs(x), 0.0), axis=1))
-            x = tl.where(col_ok, x, float("-inf"))
-            m_new = tl.maximum(m, tl.max(x, axis=1))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
-            m = m_new
+        for v0 in range(0, v_full, BLOCK_V):
+            m, s, amax = _lse_block(x_row, v0 + cols0, row_ok, V, scale, m, s, amax, False)
+        if v_full < V:
+            m, s, amax = _lse_block(x_row, v_full + cols0, row_ok, V, scale, m, s, amax, True)
         lse = m + tl.log(s)
         x_t = tl.load(X + rows.to(tl.int64) * stride_x + t_safe, mask=valid, other=0.0).to(tl.float32)
         loss = lse - x_t * scale + z_loss * lse * lse
@@ -76,26 +128,19 @@ if triton is not None:
         if WRITE_GRAD:
             coef = tl.where(valid, (1.0 + 2.0 * z_loss * lse) * scale, 0.0)
             hit = tl.where(valid, scale, 0.0)
-            for v0 in range(0, V, BLOCK_V):
-                cols = v0 + cols0
-                mask = row_ok[:, None] & (cols[None, :] < V)
-                x = tl.load(x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32) * scale
-                g = coef[:, None] * tl.exp(x - lse[:, None])
-                g = g - tl.where(cols[None, :] == t_safe[:, None], hit[:, None], 0.0)
-                tl.store(x_row + cols[None, :], g.to(X.dtype.element_ty), mask=mask)
+            for v0 in range(0, v_full, BLOCK_V):
+                _grad_block(x_row, v0 + cols0, row_ok, V, scale, lse, coef, hit, t_safe, False)
+            if v_full < V:
+                _grad_block(x_row, v_full + cols0, row_ok, V, scale, lse, coef, hit, t_safe, True)
 
 
 def _rows_triton(x, t, loss, lse, amax, scale, z_loss, ignore_index, write_grad, block_v=None):
     n_rows, V = x.shape
-    if INTERPRET:
-        block_r, block_v, warps = _INTERP_R, block_v or min(triton.next_power_of_2(V), _INTERP_V), 1
-    else:
-        block_r, block_v = 1, block_v or min(triton.next_power_of_2(V), 4096)
-        warps = 8 if block_v >= 2048 else 4
+    block_r, block_v, warps = row_blocks(V, block_v)
     grid = (triton.cdiv(n_rows, block_r),)
     _ce_rows_kernel[grid](
         x, x.stride(0), t, loss, lse, amax, n_rows, V, float(scale), float(z_loss), int(ignore_index),
-        WRITE_GRAD=write_grad, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
+        WRITE_GRAD=write_grad, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps, **LAUNCH,
     )  # fmt: skip
 
 
@@ -173,7 +218,7 @@ def _fused_forward(
     row_op = _rows_triton if use_triton else _rows_torch
     chunk = chunk_size or _chunk_rows(N, V, d)
     write_grad = need_dh or need_dW
-    buf = torch.empty(min(chunk, N), V, dtype=h.dtype, device=h.device)
+    buf = torch.empty(min(chunk, N), padded_vocab(V), dtype=h.dtype, device=h.device)[:, :V]
     row_loss, row_lse, row_amax = (torch.empty(N, dtype=torch.float32, device=h.device) for _ in range(3))
     dh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_dh else None
     dW = torch.zeros(V, d, dtype=torch.float32, device=h.device) if need_dW else None
@@ -197,23 +242,46 @@ def _fused_forward(
     return loss, dh, dW, row_amax.max(), row_lse.square().sum() * inv_n
 
 
-class _FusedLinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, W, targets, scale, z_loss, ignore_index, chunk_size, block_v, use_triton):
+# torch.ops.mupfast.fused_linear_cross_entropy: one opaque graph node for torch.compile and checkpointing.
+# An opaque custom_op, not a triton_op: its body is a host loop over chunks reusing one logits buffer in
+# place, which functionalisation would turn into a copy per chunk; opaque, it runs as in eager, memory and
+# all. The gradients are computed in the forward; unneeded ones come back as empty (0,) tensors.
+@torch.library.custom_op("mupfast::fused_linear_cross_entropy", mutates_args=())
+def _fused_op(h: Tensor, W: Tensor, targets: Tensor, scale: float, z_loss: float, ignore_index: int,
+              need_dh: bool, need_dW: bool, chunk_size: int | None, block_v: int | None,
+              use_triton: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    with torch.cuda.device(h.device) if h.is_cuda else contextlib.nullcontext():
         loss, dh, dW, max_abs, lse_sq = _fused_forward(
-            h, W, targets, scale, z_loss, ignore_index,
-            ctx.needs_input_grad[0], ctx.needs_input_grad[1], chunk_size, block_v, use_triton,
-        )  # fmt: skip
-        ctx.save_for_backward(dh, dW)
-        ctx.mark_non_differentiable(max_abs, lse_sq)
-        return loss, max_abs, lse_sq
+            h, W, targets, scale, z_loss, ignore_index, need_dh, need_dW, chunk_size, block_v, use_triton
+        )
+    return loss, h.new_empty(0) if dh is None else dh, W.new_empty(0) if dW is None else dW, max_abs, lse_sq
 
-    @staticmethod
-    def backward(ctx, grad_loss, _g_max_abs, _g_lse_sq):
-        dh, dW = ctx.saved_tensors
-        grad_h = dh * grad_loss if dh is not None else None
-        grad_W = dW * grad_loss if dW is not None else None
-        return grad_h, grad_W, None, None, None, None, None, None, None
+
+@_fused_op.register_fake
+def _fused_op_fake(
+    h, W, targets, scale, z_loss, ignore_index, need_dh, need_dW, chunk_size, block_v, use_triton
+):
+    scalar = lambda: h.new_empty((), dtype=torch.float32)
+    dh = h.new_empty(h.shape if need_dh else (0,))
+    dW = W.new_empty(W.shape if need_dW else (0,))
+    return scalar(), dh, dW, scalar(), scalar()
+
+
+def _fused_setup_context(ctx, inputs, output):
+    _loss, dh, dW, max_abs, lse_sq = output
+    ctx.need = inputs[6], inputs[7]  # need_dh, need_dW
+    ctx.save_for_backward(dh, dW)
+    ctx.mark_non_differentiable(dh, dW, max_abs, lse_sq)
+
+
+def _fused_backward(ctx, grad_loss, *_unused):
+    dh, dW = ctx.saved_tensors
+    grad_h = dh * grad_loss if ctx.need[0] else None
+    grad_W = dW * grad_loss if ctx.need[1] else None
+    return grad_h, grad_W, None, None, None, None, None, None, None, None, None
+
+
+_fused_op.register_autograd(_fused_backward, setup_context=_fused_setup_context)
 
 
 def fused_linear_cross_entropy(
@@ -251,9 +319,11 @@ def _fused(
     _validate(h, W, targets, logit_scale, z_loss, _DTYPES)
     if use_triton is None:
         use_triton = triton is not None and triton_usable(h, W, targets)
-    loss, max_abs, lse_sq = _FusedLinearCrossEntropy.apply(
-        h, W, targets, float(logit_scale), float(z_loss), int(ignore_index), chunk_size, block_v, use_triton
-    )
+    grad = torch.is_grad_enabled()
+    loss, _dh, _dW, max_abs, lse_sq = _fused_op(
+        h, W, targets, float(logit_scale), float(z_loss), int(ignore_index), grad and h.requires_grad,
+        grad and W.requires_grad, chunk_size, block_v, bool(use_triton),
+    )  # fmt: skip
     if return_stats:
         return loss, {"max_abs_logit": max_abs, "lse_sq_mean": lse_sq}
     return loss

@@ -30,7 +30,7 @@ import contextlib
 
 import torch
 
-from mupfast.kernels.runtime import INTERPRET, autotune_configs, triton_usable
+from mupfast.kernels.runtime import INTERPRET, LAUNCH, autotune_configs, device_target, triton_usable
 
 try:
     import triton
@@ -78,8 +78,8 @@ if triton is not None:
     def _configs() -> list:
         # The first entry is the interpreter's: 32-wide tiles exercise several tiles and the masks
         # on test matrices of 40-96 rows. 64-wide tiles are there for d = 768-1024, where 128-wide
-        # ones leave most SMs idle (21-36 lower-triangular tiles); configs that exceed shared memory
-        # for fp32 are skipped by the autotuner.
+        # ones leave most SMs idle (21-36 lower-triangular tiles); configs that exceed the device's
+        # shared memory (fp32) are pruned.
         configs = [triton.Config({"BLOCK": 32, "BLOCK_K": 32}, num_warps=4, num_stages=2)]
         for block, block_k, warps, stages in [
             (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 4, 4), (64, 64, 4, 4), (64, 32, 4, 5), (64, 64, 4, 3),
@@ -89,7 +89,24 @@ if triton is not None:
             )
         return autotune_configs(configs)
 
-    @triton.autotune(configs=_configs(), key=["M", "K", "HAS_D"])
+    def shared_memory(elem: int, block: int, block_k: int, stages: int) -> int:
+        """Two block×block_k operand tiles per pipeline stage: exact for sm_90a's tensor-core dots, one stage
+        high on sm_80 and for IEEE fp32 (the compiled sizes, tests/test_kernel_targets.py)."""
+        return 2 * block * block_k * elem * stages
+
+    def _prune(configs, named_args, target=None, strict=False, **kwargs):
+        """Drop the configs whose shared memory exceeds the launch's device (fp32 128-wide tiles on an A100),
+        rather than compiling them only to fail at launch; ``target`` and ``strict`` (no fallback) are passed
+        by the compile-target tool."""
+        target = target or device_target(named_args["P"])
+        elem = named_args["P"].element_size()
+        smem = lambda c: shared_memory(elem, c.kwargs["BLOCK"], c.kwargs["BLOCK_K"], c.num_stages)  # noqa: E731
+        kept = [c for c in configs if smem(c) <= target.smem]
+        return kept or ([] if strict else [min(configs, key=smem)])
+
+    @triton.autotune(
+        configs=_configs(), key=["M", "K", "HAS_D"], prune_configs_by={"early_config_prune": _prune}
+    )
     @triton.jit
     def _syrk_kernel(P, D, C, M, K, alpha, beta,
                      s_pb, s_pm, s_pk, s_db, s_dm, s_dn, s_cb, s_cm, s_cn,
@@ -182,7 +199,7 @@ def syrk(
         _syrk_kernel[grid](
             p, dd, out, M, K, float(alpha), float(beta),
             *p.stride(), *dd.stride(), *out.stride(),
-            HAS_D=d is not None, PRECISION=_fp32_dot(),
+            HAS_D=d is not None, PRECISION=_fp32_dot(), **LAUNCH,
         )  # fmt: skip
     return out
 

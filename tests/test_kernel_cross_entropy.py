@@ -112,6 +112,37 @@ def test_torch_row_op_matches_triton_kernel():
         assert rel(a, b) < 1e-5
 
 
+def test_logits_rows_are_padded_to_64_and_the_padding_changes_nothing(monkeypatch):
+    """The chunk buffer's row stride is V rounded up to 64 elements, so rows start aligned and the row
+    kernel's loads vectorise on a GPU (tests/test_kernel_targets.py). On a padded buffer the kernel gives
+    bitwise what it gives on a dense one, over whole vocabulary blocks (unmasked) and the ragged tail
+    (masked) alike, and never touches the padding."""
+    assert [ce.padded_vocab(v) for v in (1, 64, 65, 50257)] == [64, 64, 128, 50304]
+    strides = []
+    real = ce._rows_triton
+    monkeypatch.setattr(
+        ce, "_rows_triton", lambda x, *a, **k: (strides.append(x.stride(0)), real(x, *a, **k))
+    )
+    h, W, t = make(40, 16, 1000, torch.float32)
+    ce._fused(h, W, t, 1.0, 0.0, -100, False, chunk_size=16)
+    assert strides == [1024] * 3
+
+    n, V = 37, 1000  # block_v = 128: 7 whole blocks and a tail of 104
+    x, t = torch.randn(n, V) * 3, torch.randint(0, V, (n,))
+    t[::5] = -100
+    outs = []
+    for stride in (V, ce.padded_vocab(V)):
+        full = torch.full((n, stride), float("nan"))
+        buf = full[:, :V]
+        buf.copy_(x)
+        stats = [torch.empty(n) for _ in range(3)]
+        real(buf, t, *stats, 0.5, 1e-3, -100, True, block_v=128)
+        assert torch.isnan(full[:, V:]).all()  # the padding is neither read (NaN would spread) nor written
+        outs.append([buf.clone(), *stats])
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    assert not any(o.isnan().any() for o in outs[1])
+
+
 @pytest.mark.parametrize("use_triton", [True, False])
 def test_all_targets_ignored_gives_zero_loss_and_zero_grads(use_triton):
     h, W, _ = make(20, 16, 300, torch.float32)
