@@ -69,7 +69,7 @@ class AttentionZ:
     """
 
     def __init__(self) -> None:
-        self.record = True  # Transformer.record_attention_z: whether a training forward keeps q, k
+        self.record = True  # Transformer.record_indicators: whether a training forward keeps q, k
         self.value: torch.Tensor | None = None
         self.inputs: tuple | None = None  # q, k and doc_ids, detached
 

@@ -139,8 +139,8 @@ def evaluate(engine, sampler: BatchSampler, n_batches: int, device: torch.device
     engine.eval()
     losses = []
     for x, y in sampler.eval_batches(n_batches):
-        x = x.to(device)
-        losses.append(engine(x, y.to(device), **packed(x)).float().item())
+        x, y = to_device(x, device), to_device(y, device)
+        losses.append(engine(x, y, **packed(x)).float().item())
     engine.train()
     return sum(losses) / len(losses)
 
@@ -260,7 +260,7 @@ def train(cfg: Config) -> TrainResult:
         for micro in range(t.grad_accum_steps):
             # Indicators only where they are logged: the last micro-batch of a logging step.
             engine.module.record_indicators(logs and micro == t.grad_accum_steps - 1)
-            x, y = (to_device(t, device) for t in train_sampler.batch(step, micro * world + rank))
+            x, y = (to_device(b, device) for b in train_sampler.batch(step, micro * world + rank))
             loss = engine(x, y, **packed(x))
             engine.backward(loss)
             losses.append(loss.detach().float())
