@@ -44,6 +44,22 @@ def parse_int_list(text: str, flag: str) -> list[int]:
     return sorted(values)
 
 
+def parse_float_list(text: str, flag: str, *, positive: bool = True) -> list[float]:
+    """``"0.02,0.05"`` → sorted distinct floats; a ConfigError naming the flag otherwise."""
+    values = []
+    for item in str(text).split(","):
+        try:
+            v = float(item.strip())
+        except ValueError:
+            raise ConfigError(f"{flag}: {item.strip()!r} is not a number") from None
+        if not math.isfinite(v) or (positive and v <= 0):
+            raise ConfigError(f"{flag}: {item.strip()!r} is not a positive number")
+        values.append(v)
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{flag}: values repeat ({text})")
+    return sorted(values)
+
+
 def parse_parametrizations(
     text: str, flag: str = "--parametrizations", choices: Sequence[str] = PARAMETRIZATIONS
 ) -> list[str]:

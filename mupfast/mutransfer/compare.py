@@ -39,11 +39,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mupfast.checks.grid_runs import Point, default_jobs, gpu_count, grid_run_overrides, lr_tag, run_points
+from mupfast.checks.grid_runs import (
+    Point,
+    default_jobs,
+    gpu_count,
+    grid_run_overrides,
+    lr_tag,
+    mean_loss,
+    run_points,
+)
 from mupfast.checks.scaling import scaled_config
 from mupfast.config import Config, load_config, with_overrides
 from mupfast.errors import ConfigError
-from mupfast.flags import parse_lrs, parse_positive_int
+from mupfast.flags import parse_float_list, parse_lrs, parse_positive_int
 from mupfast.flops import flops_per_token
 
 NAME = "transfer_compare"
@@ -123,22 +131,6 @@ def build_configs(
     mup = with_overrides(_scaled(target, target_width, target.model.parametrization, "--target-width"), steps)
     sp = with_overrides(_scaled(target, target_width, "sp", "--target-width"), steps)
     return proxy, mup, sp
-
-
-def parse_float_list(text: str, flag: str, *, positive: bool = True) -> list[float]:
-    """``"0.02,0.05"`` → sorted distinct floats; a ConfigError naming the flag otherwise."""
-    values = []
-    for item in str(text).split(","):
-        try:
-            v = float(item.strip())
-        except ValueError:
-            raise ConfigError(f"{flag}: {item.strip()!r} is not a number") from None
-        if not math.isfinite(v) or (positive and v <= 0):
-            raise ConfigError(f"{flag}: {item.strip()!r} is not a positive number")
-        values.append(v)
-    if len(set(values)) != len(values):
-        raise ConfigError(f"{flag}: values repeat ({text})")
-    return sorted(values)
 
 
 def parse_mup_lr_grid(text: str) -> list[float]:
@@ -258,9 +250,8 @@ def seed_points(cfg: Config, run_dir: Path, seeds: int, label: str, lr: float) -
 
 def seed_stats(per_seed: list[float]) -> dict[str, Any]:
     """Mean over seeds (inf if one diverged) and the sample std where there are two or more."""
-    finite = all(math.isfinite(v) for v in per_seed)
-    mean = statistics.fmean(per_seed) if finite else math.inf
-    std = statistics.stdev(per_seed) if finite and len(per_seed) > 1 else None
+    mean = mean_loss(per_seed)
+    std = statistics.stdev(per_seed) if math.isfinite(mean) and len(per_seed) > 1 else None
     return {"per_seed": per_seed, "val_loss": mean, "seed_std": std}
 
 
