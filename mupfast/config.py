@@ -207,6 +207,9 @@ class ScheduleConfig:
     """Cyclic schedules: steps per cycle (0 means train.steps)."""
     cycle_peak_decay: float = 1.0
     """Cyclic schedules: each cycle's peak is this fraction of the previous one."""
+    piecewise: list[list[float]] = field(default_factory=list)
+    """[[fraction, multiplier], ...]: from step round(fraction · train.steps) on, the schedule is
+    multiplied by multiplier (fractions increase from 0.0). Replays a schedule found by PBT."""
 
 
 @dataclass
@@ -296,6 +299,9 @@ class TrainConfig:
     """Checkpoint every N steps (and at the end); 0 only at the end."""
     save_final: bool = True
     """Checkpoint at the end; off for runs whose metrics are all that is wanted (sweeps, grids)."""
+    stop_at: int = 0
+    """Stop after this step (evaluating and, with save_final, saving there) while the lr schedule keeps
+    train.steps as its length; 0 means train.steps. A PBT member trains one interval at a time so."""
     run_dir: str = "runs/latest"
     """Run directory: resolved config, metrics.jsonl, TensorBoard events, checkpoints."""
     resume: bool = True

@@ -202,6 +202,11 @@ def _check_train(cfg: Config) -> None:
     if t.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len ({cfg.model.max_seq_len})")
 
+    if not 0 <= t.stop_at <= t.steps:
+        raise ConfigError(
+            f"train.stop_at: must be in [0, train.steps = {t.steps}] (got {t.stop_at}; 0 means train.steps)"
+        )
+
 
 def _check_optim(cfg: Config) -> None:
     """optim.*: AdamW's lr, eps, betas and weight decay; under model.parametrization=hyperp, its keys."""

@@ -39,7 +39,29 @@ def init_distributed(timeout_s: int) -> tuple[int, int, int]:
             os.environ.setdefault("MASTER_PORT", str(free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        if backend == "gloo":
+            _unlink_shm_buffer(dist)
     return dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size()
+
+
+def _unlink_shm_buffer(dist) -> None:
+    """Remove this rank's name of DeepSpeed's CPU all-reduce buffer once every rank has mapped it.
+
+    DeepSpeed's shared-memory comm op (ranks on one host) creates a 64 MiB POSIX shm file per rank
+    and never unlinks it, so every CPU run left one in /dev/shm: RAM that stays taken until reboot
+    (hundreds of runs in a test session or a PBT study fill the machine). The mappings stay valid
+    after the unlink; the memory goes when the last rank exits.
+    """
+    name = (
+        f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}"
+        f"_{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}"
+    )
+    if dist.get_world_size() > 1:
+        dist.barrier()  # every peer has opened this rank's buffer (DeepSpeed's init waits for all of them)
+    try:
+        os.unlink(name)
+    except FileNotFoundError:  # ranks on several hosts: DeepSpeed made no buffer
+        pass
 
 
 def use_bf16(cfg: Config) -> bool:

@@ -18,6 +18,8 @@ the logits of a readout tied to the embedding — come from the table's global p
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -353,6 +355,23 @@ class Transformer(nn.Module):
         for m in moe:  # the graph-holding tensors are used once
             m.aux_loss = m.router_z = None
         return loss
+
+    #: Model keys that only set forward multipliers: they may change on a built model.
+    MULTIPLIER_KEYS = ("embeddings_scale", "output_logits_alpha", "attention_logits_alpha")
+
+    def set_multipliers(self, **values: float) -> None:
+        """Change forward multipliers (:data:`MULTIPLIER_KEYS`) of the built model; the next forward
+        uses them. Weights are untouched: init-time keys (init_std, …) cannot change here."""
+        unknown = set(values) - set(self.MULTIPLIER_KEYS)
+        if unknown:
+            raise ValueError(
+                f"set_multipliers: {sorted(unknown)} are not forward multipliers ({self.MULTIPLIER_KEYS})"
+            )
+        self.cfg = dataclasses.replace(self.cfg, **values)
+        mult = multipliers(self.cfg)
+        for block in self.blocks:
+            block.attn.scale = mult.attention_scale
+        set_forward_multipliers(self, rules_for(self, self.cfg), mult)
 
     def record_indicators(self, enabled: bool) -> None:
         """Whether the next training forwards compute the blocks' stability indicators: branch RMS,

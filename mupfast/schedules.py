@@ -23,6 +23,10 @@ multiplier used for the update of step ``t``; a run of ``total_steps`` steps use
   (SGDR-style: peaks shrink towards the floor, the floor stays). A last partial cycle is cut
   at ``total_steps`` and its value there is held.
 
+* **Piecewise.** ``piecewise = [[f0, c0], [f1, c1], …]`` (``f0 = 0``, fractions increasing) multiplies
+  any of the shapes above by ``c_i`` from step ``round(f_i · total_steps)`` (halves up) until the next
+  piece: a piecewise-constant multiplier sequence, as PBT finds, replayed over a run of any length.
+
 Use :func:`build_schedule` with a :class:`~mupfast.config.ScheduleConfig`; :class:`GroupLR`
 applies the result to an optimizer's groups through their ``lr_mult``.
 """
@@ -225,6 +229,39 @@ def cyclic_wsd(
 # From the config
 
 
+def piecewise_starts(pieces: list[list[float]], total_steps: int) -> list[tuple[int, float]]:
+    """(first step, multiplier) of each piece in a run of ``total_steps`` steps; ValueError on bad pieces."""
+    starts: list[tuple[int, float]] = []
+    for i, piece in enumerate(pieces):
+        if len(piece) != 2:
+            raise ValueError(f"piecewise[{i}]: expected [fraction, multiplier] (got {piece!r})")
+        fraction, mult = (float(v) for v in piece)
+        if i == 0 and fraction != 0.0:
+            raise ValueError(f"piecewise[0]: the first piece starts at fraction 0.0 (got {fraction:g})")
+        if i > 0 and fraction <= pieces[i - 1][0]:
+            raise ValueError(
+                f"piecewise[{i}]: fractions must increase (got {fraction:g} after {pieces[i - 1][0]:g})"
+            )
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"piecewise[{i}]: fraction must be in [0, 1) (got {fraction:g})")
+        if not (math.isfinite(mult) and mult > 0):
+            raise ValueError(f"piecewise[{i}]: multiplier must be positive (got {mult:g})")
+        starts.append((int(math.floor(fraction * total_steps + 0.5)), mult))
+    return starts
+
+
+def _piecewise(fn: Callable[[int], float], starts: list[tuple[int, float]]) -> Callable[[int], float]:
+    def schedule(t: int) -> float:
+        mult = 1.0
+        for start, m in starts:
+            if t < start:
+                break
+            mult = m
+        return fn(t) * mult
+
+    return schedule
+
+
 def build_schedule(cfg: ScheduleConfig, total_steps: int) -> Callable[[int], float]:
     """The multiplier at optimizer step t (0-based: the multiplier used for the update of step t).
 
@@ -253,11 +290,13 @@ def build_schedule(cfg: ScheduleConfig, total_steps: int) -> Callable[[int], flo
         kwargs.update(cycle_steps=cfg.cycle_steps, cycle_peak_decay=cfg.cycle_peak_decay)
     fn(0, **kwargs)  # validate now rather than at the first step
 
-    def schedule(t: int) -> float:
+    def shape(t: int) -> float:
         return fn(t, **kwargs)
 
-    schedule.__name__ = schedule.__qualname__ = cfg.kind
-    schedule.__doc__ = f"{cfg.kind}({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
+    schedule = _piecewise(shape, piecewise_starts(cfg.piecewise, total_steps)) if cfg.piecewise else shape
+    schedule.__name__ = schedule.__qualname__ = cfg.kind + ("+piecewise" if cfg.piecewise else "")
+    pieces = f", piecewise={cfg.piecewise}" if cfg.piecewise else ""
+    schedule.__doc__ = f"{cfg.kind}({', '.join(f'{k}={v}' for k, v in kwargs.items())}{pieces})"
     return schedule
 
 

@@ -36,6 +36,7 @@ from mupfast.flops import flops_per_token, throughput_metrics
 from mupfast.metrics import MetricsWriter, read_metrics
 from mupfast.model import build_model
 from mupfast.optim import build_optimizer
+from mupfast.optim.optimizer import apply_hyperparameters
 from mupfast.optim.zero_shards import attach as attach_to_zero
 from mupfast.parametrization import RULES_VERSION
 from mupfast.regional_compile import compile_blocks
@@ -211,7 +212,7 @@ def train(cfg: Config) -> TrainResult:
     # every group's lr is base · schedule(t) · lr_mult, set by the optimizer's GroupLR (hyperp's base
     # η counts every rank's tokens in its batch)
     optimizer = build_optimizer(model, cfg, world_size=world, reduce_norms=cfg.zero.stage >= 1)
-    scheduler = optimizer.lr_schedule
+    scheduler, optimizer_configured = optimizer.lr_schedule, optimizer.configured
     if cfg.zero.stage == 3 and cfg.model.tie_embeddings:
         deepspeed.zero.register_external_parameter(model.readout, model.tok_emb.weight)
     engine, optimizer, _, scheduler = deepspeed.initialize(
@@ -220,18 +221,23 @@ def train(cfg: Config) -> TrainResult:
     client_opt = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
     attach_to_zero(engine, client_opt)  # ZeRO: one collective for all groups' norms; Muon's matrix layout
 
-    start = 0
+    start, end = 0, t.stop_at or t.steps  # the schedule spans train.steps; this run stops at `end`
     tag = latest_tag(ckpt_dir) if t.resume else None
     if tag is not None:
         start = int(load_checkpoint(engine, ckpt_dir, tag, rank)["step"])
-        scheduler.load_state_dict({"last_step": start})  # lrs recomputed from lr_mult, never the saved ones
+        # The config's hyperparameters, not the checkpoint's: the saved groups' betas, eps, weight decay
+        # and clip thresholds are replaced, and the lrs recomputed from lr_mult (a PBT member resumes
+        # with the values explore gave it).
+        apply_hyperparameters(client_opt, optimizer_configured)
+        scheduler.load_state_dict({"last_step": start})
 
     result = TrainResult(run_dir=run_dir, steps=start)
-    if start >= t.steps:  # nothing left to do: report what the finished run measured
+    if start >= end:  # nothing left to do: report what the finished run measured
         result.train_losses = {r["step"]: r["loss"] for r in read_metrics(run_dir, "train")}
         result.val_losses = {r["step"]: r["val_loss"] for r in read_metrics(run_dir, "eval")}
         if rank == 0:
-            print(f"run already complete at step {start} (raise train.steps to train on)", file=sys.stderr)
+            what = "train.stop_at" if t.stop_at else "train.steps"
+            print(f"run already complete at step {start} (raise {what} to train on)", file=sys.stderr)
         return result
     metrics = MetricsWriter(run_dir, enabled=rank == 0)
     tokens_per_step = t.tokens_per_step(world)
@@ -239,9 +245,7 @@ def train(cfg: Config) -> TrainResult:
     if rank == 0 and t.progress:
         from tqdm import tqdm
 
-        bar = tqdm(
-            total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
-        )
+        bar = tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
         if start:
             bar.write(f"resumed from {ckpt_dir / tag} at step {start}")
 
@@ -250,13 +254,14 @@ def train(cfg: Config) -> TrainResult:
     # Throughput counts training time only (not eval or checkpoint writes), measured between the
     # host syncs of logging steps so that the device's queue is drained at both ends.
     window_t0, window_steps, paused_s, total_s, total_steps = time.perf_counter(), 0, 0.0, 0.0, 0
-    for step in range(start, t.steps):
+    for step in range(start, end):
         # Forward/backward over the micro-batches; DeepSpeed steps the optimizer at the boundary.
         step_lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the lrs this update uses
         losses = []
-        logs = (step + 1) % t.log_every == 0 or step + 1 == t.steps
-        evals = (t.eval_every and (step + 1) % t.eval_every == 0) or step + 1 == t.steps
-        saves = (t.save_every and (step + 1) % t.save_every == 0) or (step + 1 == t.steps and t.save_final)
+        last = step + 1 == end
+        logs = (step + 1) % t.log_every == 0 or last
+        evals = (t.eval_every and (step + 1) % t.eval_every == 0) or last
+        saves = (t.save_every and (step + 1) % t.save_every == 0) or (last and t.save_final)
         for micro in range(t.grad_accum_steps):
             # Indicators only where they are logged: the last micro-batch of a logging step.
             engine.module.record_indicators(logs and micro == t.grad_accum_steps - 1)

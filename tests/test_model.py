@@ -199,3 +199,24 @@ def test_triton_backends_match_the_torch_backends():
     for (n, p), q in zip(ref.named_parameters(), fast.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
     assert "attn_lse_sq_mean" in fast.stability_stats() and "max_abs_logit" in fast.stability_stats()
+
+
+def test_changed_forward_multipliers_apply_at_the_next_forward():
+    """PBT's explore changes embeddings_scale, output_logits_alpha and attention_logits_alpha of a built
+    model: its next forward equals a model built with those values and the same weights."""
+    cfg = tiny_config(
+        "model.hidden_size=64", "model.mup_base_hidden_size=16", "model.mup_base_filter_size=32"
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    before = model(tokens)
+    values = dict(embeddings_scale=3.0, output_logits_alpha=0.5, attention_logits_alpha=2.0)
+    model.set_multipliers(**values)
+    fresh = build_model(dataclasses.replace(cfg.model, **values))
+    fresh.load_state_dict(model.state_dict())
+    after = model(tokens)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, fresh(tokens), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="init_std"):
+        model.set_multipliers(init_std=0.1)

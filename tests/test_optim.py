@@ -186,3 +186,67 @@ def test_group_lr_ratios_survive_every_schedule_and_a_reload(kind):
                 g["lr"] = 123.0
             sched = GroupLR(opt, cfg.optim.lr, fn)
             sched.load_state_dict(state)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("key", ["lr", "max_grad_norm", "betas", "eps", "weight_decay"])
+def test_a_group_hyperparameter_changed_between_steps_applies_to_the_next_update(key, backend):
+    """PBT's explore writes new values into param_groups between steps: the next update uses each
+    group's own new value (reference: per-group clip_grad_norm_ + torch AdamW with the same change)."""
+    cfg = tiny_config(
+        *MUP, "optim.lr=0.01", "optim.weight_decay=0.1", "clip.max_norm=0.05", f"optim.backend={backend}"
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    ref_model, unchanged_model = copy.deepcopy(model), copy.deepcopy(model)
+    opt, unchanged = build_optimizer(model, cfg), build_optimizer(unchanged_model, cfg)
+    groups = build_param_groups(ref_model, cfg)
+    for g in groups:
+        g["lr"] = cfg.optim.lr * g["lr_mult"]
+    opt_ref = torch.optim.AdamW(
+        groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, foreach=False
+    )
+    new = {"max_grad_norm": 1e-5, "betas": (0.5, 0.9), "eps": 1e-3, "weight_decay": 0.7}
+    tokens = torch.randint(0, 256, (4, 17), generator=torch.Generator().manual_seed(3))
+    for step in range(3):
+        if step == 2:  # the change, in two groups, before the third update
+            for o in (opt, opt_ref):
+                for g in o.param_groups:
+                    if g["name"] in ("q", "ffn_out"):
+                        if key == "lr":
+                            g["lr"] = g["lr"] * 3.0
+                        else:
+                            g[key] = new[key]
+            if key == "lr":  # ours: through GroupLR's base, the one writer of lrs, for one group
+                opt.lr_schedule.apply()
+                for g in opt.param_groups:
+                    if g["name"] in ("q", "ffn_out"):
+                        g["lr"] *= 3.0
+        for m in (model, ref_model, unchanged_model):
+            m.zero_grad()
+            m(tokens[:, :-1], tokens[:, 1:]).backward()
+        opt.step()
+        unchanged.step()
+        _reference_step(ref_model, cfg, opt_ref)
+    for (n, p), q, u in zip(model.named_parameters(), ref_model.parameters(), unchanged_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+        if ".attn.q." in n:
+            assert not torch.allclose(p, u, rtol=0, atol=1e-7), n  # the change did change the update
+
+
+def test_the_configs_hyperparameters_replace_a_loaded_state_dicts():
+    """A checkpoint restores the saved groups; apply_hyperparameters puts the config's values back."""
+    from mupfast.optim.optimizer import apply_hyperparameters
+
+    cfg = tiny_config(*MUP, "optim.backend=torch")
+    model = build_model(cfg.model)
+    saved = build_optimizer(model, cfg).state_dict()
+    changed = tiny_config(
+        *MUP, "optim.backend=torch", "optim.beta1=0.5", "optim.eps=1e-4", "clip.max_norm=0.3"
+    )
+    opt = build_optimizer(model, changed)
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["betas"][0] == cfg.optim.beta1  # what torch's load does
+    apply_hyperparameters(opt, opt.configured)
+    for g in opt.param_groups:
+        assert (g["betas"][0], g["eps"], g["max_grad_norm"]) == (0.5, 1e-4, 0.3), g["name"]

@@ -294,3 +294,38 @@ def test_group_lr_keeps_group_ratios_and_resumes_identically(cfg):
             assert s2.get_last_lr() == pytest.approx(list(lrs[t]), rel=1e-12)
             opt2.step()
             s2.step()
+
+
+# ---------------------------------------------------------------- piecewise (PBT replay)
+
+
+@pytest.mark.parametrize("kind", ["constant", "cosine", "wsd"])
+def test_piecewise_replays_its_multipliers_on_top_of_the_shape(kind):
+    pieces = [[0.0, 1.0], [0.25, 1.2], [0.5, 1.44], [0.75, 0.8]]
+    total = 40
+    fn, shape = sched(kind, total, warmup_steps=5, piecewise=pieces), sched(kind, total, warmup_steps=5)
+    expected = [1.0] * 10 + [1.2] * 10 + [1.44] * 10 + [0.8] * 11  # 41: the held value at total_steps
+    assert [fn(t) / shape(t) for t in range(total + 1)] == pytest.approx(expected, rel=1e-12)
+
+
+def test_piecewise_pieces_start_at_their_fraction_of_any_run_length():
+    pieces = [[0.0, 2.0], [0.3, 0.5]]
+    for total in (10, 17, 1000):  # a schedule found on a 10-step proxy, replayed over longer targets
+        fn = sched("constant", total, piecewise=pieces)
+        start = math.floor(0.3 * total + 0.5)
+        assert fn(start - 1) == 2.0 and fn(start) == 0.5
+
+
+@pytest.mark.parametrize(
+    "pieces, match",
+    [
+        ([[0.1, 1.0]], "starts at fraction 0.0"),
+        ([[0.0, 1.0], [0.5, 2.0], [0.4, 1.0]], "fractions must increase"),
+        ([[0.0, 1.0], [1.0, 2.0]], r"in \[0, 1\)"),
+        ([[0.0, 0.0]], "multiplier must be positive"),
+        ([[0.0, 1.0, 2.0]], r"expected \[fraction, multiplier\]"),
+    ],
+)
+def test_bad_piecewise_pieces_are_errors(pieces, match):
+    with pytest.raises(ValueError, match=match):
+        sched("constant", 10, piecewise=pieces)

@@ -65,6 +65,42 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path, monkeypatch):
     assert lr_a == lr_b
 
 
+def test_stop_at_trains_in_segments_that_equal_one_run(tmp_path):
+    """PBT trains a member one interval at a time: train.stop_at stops (with an eval and a checkpoint)
+    while the schedule keeps train.steps as its length, so the segments reproduce one uninterrupted run."""
+    overrides = [*COMMON, "train.steps=8", "schedule.kind=cosine", "schedule.min_lr_ratio=0.0"]
+    full = trainer.train(tiny_config(*overrides, tmp_path=tmp_path / "full"))
+    seg = tiny_config(*overrides, tmp_path=tmp_path / "seg")
+    first = trainer.train(tiny_config(*overrides, "train.stop_at=3", tmp_path=tmp_path / "seg"))
+    assert first.steps == 3 and 3 in first.val_losses
+    assert (Path(seg.train.run_dir) / "checkpoints" / "latest").read_text().strip() == "step00000003"
+    trainer.train(tiny_config(*overrides, "train.stop_at=6", tmp_path=tmp_path / "seg"))
+    rest = trainer.train(seg)
+    assert _losses(seg.train.run_dir) == full.train_losses
+    assert rest.val_losses[8] == full.val_losses[8]
+
+
+def test_a_resumed_run_uses_its_configs_hyperparameters_not_the_checkpoints(tmp_path, monkeypatch):
+    overrides = [*COMMON, "train.steps=4"]
+    trainer.train(tiny_config(*overrides, "train.stop_at=2", tmp_path=tmp_path))
+    seen = []
+    step = trainer.build_optimizer.__globals__["ClipAdamW"].step
+
+    def spy(self, *a, **k):
+        seen.append(
+            [(g["betas"], g["eps"], g["max_grad_norm"], g["weight_decay"]) for g in self.param_groups]
+        )
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(trainer.build_optimizer.__globals__["ClipAdamW"], "step", spy)
+    changed = ["optim.beta1=0.5", "optim.eps=1e-5", "clip.max_norm=0.25", "optim.weight_decay=0.2"]
+    trainer.train(tiny_config(*overrides, *changed, tmp_path=tmp_path))
+    assert len(seen) == 2  # steps 3 and 4
+    for groups in seen:
+        assert all(b == (0.5, 0.95) and e == 1e-5 and n == 0.25 for b, e, n, _ in groups)
+        assert {wd for *_, wd in groups} == {0.0, 0.2}  # norms and biases keep none
+
+
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     cfg = tiny_config(
         *COMMON, "train.steps=20", "train.save_every=2", "train.max_nonfinite_in_row=3", tmp_path=tmp_path
@@ -101,16 +137,19 @@ def _deepspeed_run(
     tmp_path: Path, name: str, overrides: list[str], ranks: int, module: str = "mupfast.train"
 ) -> dict[int, float]:
     cfg = tiny_config(*overrides, tmp_path=tmp_path / name)
+    port = free_port()
     cmd = deepspeed_cmd(
         write_config(cfg, tmp_path / f"{name}.yaml"),
         "--num_gpus",
         str(ranks),
         "--master_port",
-        str(free_port()),
+        str(port),
         module=module,
     )
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # DeepSpeed's CPU all-reduce buffers (64 MiB of RAM each) are not left behind in /dev/shm.
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return _losses(cfg.train.run_dir)
 
 

@@ -38,6 +38,9 @@ class ClipAdamW(torch.optim.Optimizer):
 
     Every group's ``lr`` is set by a :class:`~mupfast.schedules.GroupLR` (``build_optimizer``
     attaches one); the optimizer has no lr of its own, and a group without one is an error.
+    The other group hyperparameters (``betas``, ``eps``, ``weight_decay``, ``max_grad_norm``) are read
+    from ``param_groups`` at every step, per group, as in torch's optimizers: a change made between
+    steps (PBT's explore) applies to the very next update.
     """
 
     def __init__(
@@ -66,6 +69,8 @@ class ClipAdamW(torch.optim.Optimizer):
         self.last_clip_coefs: dict[str, torch.Tensor] = {}
         # DeepSpeed may show us one group per call: slots and thresholds of all groups, by name.
         self._slot = {g["name"]: i for i, g in enumerate(self.param_groups)}
+        # Every group's clip threshold by slot, refreshed from the groups of each step (a group DeepSpeed
+        # does not show this step keeps its last value; it is not clipped in this call anyway).
         self._max_norms = [g["max_grad_norm"] for g in self.param_groups]
         # Set by mupfast.optim.zero_shards.attach under ZeRO: every group's all-reduced squared norm for
         # the step in progress, and the layout of each flat partition (for Muon).
@@ -144,6 +149,8 @@ class ClipAdamW(torch.optim.Optimizer):
                 )
             sq_all = torch.zeros(len(self._slot), **f32).index_copy_(0, slots, sq)
             logged = [g["name"] for g in groups if g["params"]]
+        for g in groups:
+            self._max_norms[self._slot[g["name"]]] = g["max_grad_norm"]
         max_norms = fused.host_to_device(self._max_norms, torch.float32, device)
         coef_all = fused.clip_coefficients(sq_all, max_norms, self.global_max_norm)
         coef = coef_all[slots]
@@ -154,22 +161,24 @@ class ClipAdamW(torch.optim.Optimizer):
             torch._foreach_add_(steps, 1.0 if skip is None else (~skip.bool()).float().reshape(()))
             lrs = fused.host_to_device([self._lr(g) for g in groups], torch.float32, device)
             wds = fused.host_to_device([g["weight_decay"] for g in groups], torch.float32, device)
-            beta1, beta2 = groups[0]["betas"]
-            update_fn(
-                params,
-                grads,
-                m,
-                v,
-                ids,
-                coef=coef,
-                lrs=lrs,
-                weight_decays=wds,
-                beta1=beta1,
-                beta2=beta2,
-                eps=groups[0]["eps"],
-                step=steps[0],  # all tensors advance together
-                skip=skip,
-            )
+            # One fused launch per distinct (betas, eps): one launch in the usual case where all
+            # groups share them, and each group's own values when they differ.
+            for (beta1, beta2), eps, idx in _by_betas_eps(groups, ids):
+                update_fn(
+                    [params[i] for i in idx],
+                    [grads[i] for i in idx],
+                    [m[i] for i in idx],
+                    [v[i] for i in idx],
+                    [ids[i] for i in idx],
+                    coef=coef,
+                    lrs=lrs,
+                    weight_decays=wds,
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=eps,
+                    step=steps[idx[0]],  # all tensors advance together
+                    skip=skip,
+                )
         for p, gi in sphere:
             unless_skipped(
                 skip, p, self.state[p], lambda p=p, gi=gi: self._sphere_update(p, groups[gi], coef[gi])
@@ -225,6 +234,35 @@ class ClipAdamW(torch.optim.Optimizer):
         return torch.device("cpu")
 
 
+def _by_betas_eps(groups: list[dict], ids: list[int]) -> list[tuple[tuple[float, float], float, list[int]]]:
+    """The tensors (indices into ``ids``) of each distinct (betas, eps) among their groups."""
+    split: dict[tuple, list[int]] = {}
+    for i, gi in enumerate(ids):
+        g = groups[gi]
+        split.setdefault((tuple(g["betas"]), g["eps"]), []).append(i)
+    return [(betas, eps, idx) for (betas, eps), idx in split.items()]
+
+
+#: The group hyperparameters a config sets besides the lr (which GroupLR sets from optim.lr).
+CONFIGURED_KEYS = ("betas", "eps", "weight_decay", "max_grad_norm")
+
+
+def configured_hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, dict]:
+    """Each group's configured hyperparameters by group name (see :func:`apply_hyperparameters`)."""
+    return {g["name"]: {k: g[k] for k in CONFIGURED_KEYS} for g in optimizer.param_groups}
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, values: dict[str, dict]) -> None:
+    """Write group hyperparameters by group name into the optimizer's groups.
+
+    A checkpoint load restores the saved ``param_groups``; the trainer applies the config's values
+    after it, so a resumed run (a PBT member after explore) trains with the config it was given.
+    """
+    for g in optimizer.param_groups:
+        if g.get("name") in values:
+            g.update(values[g["name"]])
+
+
 def unless_skipped(
     skip: torch.Tensor | None, p: torch.Tensor, state: dict, update: Callable[[], None]
 ) -> None:
@@ -270,6 +308,7 @@ def build_optimizer(
         muon_momentum=o.muon_momentum,
         newton_schulz_backend=o.newton_schulz_backend,
     )
+    optimizer.configured = configured_hyperparameters(optimizer)
     optimizer.lr_schedule = GroupLR(
         optimizer, base_lr(cfg, world_size), build_schedule(cfg.schedule, cfg.train.steps)
     )
