@@ -1,6 +1,7 @@
 """The proxy sweep: space files, trial configs, and real sweeps on CPU — end to end on SQLite, with a
 crashing and a pruned trial, and two worker processes sharing one study on a PostgreSQL server."""
 
+import math
 import os
 import subprocess
 import sys
@@ -245,3 +246,25 @@ def test_two_sweep_processes_share_one_study_on_postgresql(tmp_path, data_dir, s
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers ran trials of the one study
     for t in trials:
         assert Path(t.user_attrs["run_dir"], "metrics.jsonl").is_file()
+
+
+def test_tpe_models_the_results_after_its_startup_trials():
+    """Optuna's TPE draws its first n_startup_trials (default 10) at random: in a study of 8 trials
+    it is random search unless --startup-trials is lower."""
+    import optuna
+
+    from mupfast.mutransfer.sweep import make_sampler
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+    def draws(kind, startup):
+        study = optuna.create_study(sampler=make_sampler(kind, 7, startup))
+        study.optimize(lambda t: (math.log10(t.suggest_float("lr", 1e-4, 1e-1, log=True)) + 2.5) ** 2, 6)
+        return [t.params["lr"] for t in study.trials]
+
+    random = draws("random", 10)
+    assert draws("tpe", 10) == random  # all six are startup trials: the same per-trial draws
+    modelled = draws("tpe", 2)
+    assert modelled[:2] == random[:2] and modelled[2:] != random[2:]
+    with pytest.raises(ConfigError, match="--startup-trials"):
+        make_sampler("tpe", 7, 0)

@@ -46,7 +46,9 @@ def hash_name(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
 
 
-def make_sampler(kind: str, seed: int):
+def make_sampler(kind: str, seed: int, startup_trials: int = 10):
+    """random, or tpe whose first ``startup_trials`` trials are random draws (Optuna's default: 10,
+    so a study of 10 trials or fewer is random search under either name)."""
     import optuna
 
     class TrialSeededRandomSampler(optuna.samplers.RandomSampler):
@@ -59,7 +61,11 @@ def make_sampler(kind: str, seed: int):
     if kind == "random":
         return TrialSeededRandomSampler(seed=seed)
     if kind == "tpe":
-        tpe = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+        if startup_trials < 1:
+            raise ConfigError(f"--startup-trials: must be at least 1 (got {startup_trials})")
+        tpe = optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, constant_liar=True, n_startup_trials=startup_trials
+        )
         if hasattr(tpe, "_random_sampler"):  # startup trials: the same per-trial draws as random
             tpe._random_sampler = TrialSeededRandomSampler(seed=seed)
         return tpe
@@ -120,6 +126,7 @@ def sweep(
     n_trials: int,
     space: dict[str, Range] | None = None,
     sampler: str = "random",
+    startup_trials: int = 10,
     seed: int | None = None,
     pruner: str | Any = "median",
     sweep_dir: str | Path | None = None,
@@ -154,7 +161,7 @@ def sweep(
     study_seed = claim_study_attr(
         study, "seed", seed if seed is not None else hash_name(str(time.time_ns())), ""
     )
-    study.sampler = make_sampler(sampler, int(seed if seed is not None else study_seed))
+    study.sampler = make_sampler(sampler, int(seed if seed is not None else study_seed), startup_trials)
 
     worker = Worker(
         base=base,
@@ -225,6 +232,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--space", help="YAML space file (default: the built-in ranges, configs/sweep-space.yaml)"
     )
+    parser.add_argument(
+        "--startup-trials",
+        type=int,
+        default=10,
+        help="tpe: random trials before TPE models the results (default %(default)s, Optuna's)",
+    )
     parser.add_argument("--pruner", default="median", help="median, hyperband or none (default %(default)s)")
     parser.add_argument("--seed", type=int, default=None, help="sampler seed (default: the study's)")
     parser.add_argument("--sweep-dir", help="trial run directories (default runs/sweeps/<study>)")
@@ -265,6 +278,7 @@ def run(args: argparse.Namespace) -> int:
         n_trials=args.trials,
         space=load_space(args.space, cfg),
         sampler=args.sampler,
+        startup_trials=args.startup_trials,
         seed=args.seed,
         pruner=args.pruner,
         sweep_dir=args.sweep_dir,
