@@ -49,6 +49,10 @@ VERBS: dict[str, tuple[str, str]] = {
         "write target configs from a sweep's best stable trials (μTransfer)",
     ),
     "transfer-compare": ("mupfast.mutransfer.compare", "μTransfer vs SP tuned at the target: loss, FLOPs"),
+    "pbt": (
+        "mupfast.mutransfer.pbt",
+        "population-based training on the proxy (exploit/explore); --report to draw it",
+    ),
     "export": (
         "mupfast.export.to_hf",
         "fold every μP multiplier into the weights; write a Hugging Face model (Llama/GPT-2)",

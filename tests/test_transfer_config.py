@@ -210,7 +210,7 @@ def test_hyperp_lr_does_not_transfer_to_an_adamw_target_or_back(tmp_path, capsys
 
 
 def test_fixed_kv_heads_transfer_as_the_proxys_so_k_and_v_stay_output_like(tmp_path):
-    from mupfast.mutransfer.transfer import transferred_values
+    from mupfast.mutransfer.transfer_values import transferred_values
 
     proxy = load_config(PROXY, ["model.num_kv_heads=1"])  # 2 heads at width 64: one kv head
     target = load_config(TARGET, ["model.num_kv_heads=1", "model.mup_base_num_kv_heads=1"])

@@ -4,7 +4,7 @@ One command runs three ways of getting a target model's hyperparameters and pric
 
 - **μTransfer** (the Cerebras recipe): a ``mupfast sweep`` study on the proxy (its storage, space and
   trials: :func:`mupfast.mutransfer.sweep.sweep`), the top k stable trials as ``mupfast transfer``
-  selects them, carried to the target by :func:`~mupfast.mutransfer.transfer.transferred_values`
+  selects them, carried to the target by :func:`~mupfast.mutransfer.transfer_values.transferred_values`
   and trained there (the validation step, path (a)); its best is the lowest of those.
   Tuning cost: every proxy trial's trained tokens + the validation runs.
 - **SP tuned at the target** (path (c)): the same target in SP, its lr (and optionally init std)
@@ -353,7 +353,7 @@ def transfer_compare(
     from mupfast.mutransfer.report import collect, rank
     from mupfast.mutransfer.space import load_space
     from mupfast.mutransfer.stability import DEFAULT_THRESHOLDS
-    from mupfast.mutransfer.transfer import transferred_values
+    from mupfast.mutransfer.transfer_values import transferred_values
 
     out = Path(out)
     sp_init_stds = list(sp_init_stds or [sp_target.model.init_std])

@@ -44,21 +44,19 @@ def redact(url: str) -> str:
         return url.split("@")[-1]
 
 
-def open_storage(url: str, *, heartbeat: bool = False, must_exist: bool = False):
-    """Optuna RDBStorage for a SQLite or PostgreSQL URL (a bare path means a SQLite file)."""
-    import optuna
-
+def engine_url(url: str, *, must_exist: bool = False) -> tuple[str, dict[str, Any]]:
+    """(SQLAlchemy URL, engine kwargs) for a storage URL: a bare path is a SQLite file (its folder is
+    made), ``postgres(ql)://`` means psycopg2. Sweeps (through Optuna) and PBT open storage so."""
     if "://" not in url:
         url = f"sqlite:///{url}"
-    kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:"):
         path = url.split(":///", 1)[-1]
         if path and path != ":memory:":
             if must_exist and not Path(path).is_file():
-                raise ConfigError(f"--storage: no sweep database at {path}")
+                raise ConfigError(f"--storage: no database at {path}")
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}  # a few writers on one host
-    elif url.startswith(("postgresql", "postgres")):
+        return url, {"connect_args": {"timeout": 60}}  # a few writers on one host
+    if url.startswith(("postgresql", "postgres")):
         scheme, rest = url.split("://", 1)
         if scheme in (
             "postgres",
@@ -73,7 +71,16 @@ def open_storage(url: str, *, heartbeat: bool = False, must_exist: bool = False)
                 raise ConfigError(
                     "--storage: PostgreSQL needs psycopg2 (pip install psycopg2-binary, or mupfast[hpo])"
                 ) from None
-        kwargs["engine_kwargs"] = {"pool_pre_ping": True}
+        return url, {"pool_pre_ping": True}
+    return url, {}
+
+
+def open_storage(url: str, *, heartbeat: bool = False, must_exist: bool = False):
+    """Optuna RDBStorage for a SQLite or PostgreSQL URL (a bare path means a SQLite file)."""
+    import optuna
+
+    url, engine_kwargs = engine_url(url, must_exist=must_exist)
+    kwargs: dict[str, Any] = {"engine_kwargs": engine_kwargs} if engine_kwargs else {}
     if heartbeat:
         kwargs.update(heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
     for attempt in range(6):
@@ -84,7 +91,9 @@ def open_storage(url: str, *, heartbeat: bool = False, must_exist: bool = False)
         except Exception as e:  # noqa: BLE001 - SQLAlchemy/driver errors: the user needs one line
             # Workers started together on a fresh database race to create Optuna's tables; the
             # losers see a unique-key violation and find the tables there on the next try.
-            if type(e).__name__ in ("IntegrityError", "ProgrammingError") and attempt < 5:
+            # SQLite says "table … already exists" (an OperationalError) for the same race.
+            racing = type(e).__name__ in ("IntegrityError", "ProgrammingError") or "already exists" in str(e)
+            if racing and attempt < 5:
                 time.sleep(0.5 + random.random() * 2**attempt)
                 continue
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -106,15 +115,15 @@ def load_study(storage_url: str, study_name: str):
     return optuna.load_study(study_name=study_name, storage=storage)
 
 
-def _comparable(raw: dict) -> dict:
+def comparable_config(raw: dict) -> dict:
     return {s: {k: v for k, v in sec.items() if (s, k) not in _WORKER_LOCAL_KEYS} for s, sec in raw.items()}
 
 
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
+def first_difference(a: Any, b: Any, prefix: str = "") -> str:
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
             if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+                return first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
     return f"{prefix.rstrip('.')} ({a!r} there, {b!r} here)"
 
 
@@ -130,7 +139,7 @@ def claim_study_attr(study, key: str, value: Any, what: str) -> Any:
 
         current = optuna.load_study(study_name=study.study_name, storage=study._storage).user_attrs.get(key)
     if what and current is not None and _comparable_if(current, key) != _comparable_if(value, key):
-        where = _first_difference(_comparable_if(current, key), _comparable_if(value, key))
+        where = first_difference(_comparable_if(current, key), _comparable_if(value, key))
         raise ConfigError(
             f"--study {study.study_name}: the study was started with a different {what}; it differs at {where}"
         )
@@ -138,4 +147,4 @@ def claim_study_attr(study, key: str, value: Any, what: str) -> Any:
 
 
 def _comparable_if(value: Any, key: str) -> Any:
-    return _comparable(value) if key == "proxy_config" else value
+    return comparable_config(value) if key == "proxy_config" else value

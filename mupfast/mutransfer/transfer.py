@@ -44,14 +44,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mupfast.config import Config, config_from_dict, read_raw_config, with_overrides
+from mupfast.config import Config, config_from_dict, read_raw_config
 from mupfast.config_validate import validate
 from mupfast.errors import ConfigError
 from mupfast.flags import parse_positive_int
@@ -63,26 +62,13 @@ from mupfast.mutransfer.report import (
     space_names,
     thresholds_from,
 )
-from mupfast.mutransfer.space import space_key
 from mupfast.mutransfer.stability import DEFAULT_THRESHOLDS, Thresholds
-
-MODEL_KEYS = (
-    "init_std",
-    "embeddings_scale",
-    "output_logits_alpha",
-    "attention_logits_alpha",
-    "embedding_init_std",
-    "output_init_std",
-    "readout_zero_init",
-    "scale_qk_dot_by_d",
-    "scale_output_logits_by_d",
-)
-OPTIM_KEYS = ("lr", "beta1", "beta2", "eps")
-HYPERP_OPTIM_KEYS = ("muon_momentum",)
-SCHEDULE_KEYS = ("kind", "min_lr_ratio", "decay_fraction", "decay_shape", "cycle_peak_decay")
-SCHEDULE_STEP_KEYS = ("warmup_steps", "cycle_steps")
-NOT_TRANSFERRED = (
-    "optim.weight_decay, model.weight_decay_scaling, clip.*, and the scale (width, depth, batch, steps, data)"
+from mupfast.mutransfer.transfer_values import (
+    NOT_TRANSFERRED,
+    hyperp_lines,
+    short_value,
+    transferred_values,
+    wrap_items,
 )
 
 
@@ -93,88 +79,6 @@ class Transferred:
     config: Config
     values: dict[str, Any]
     hyperp: dict[str, Any] | None = None  # hyperp: proxy η, target η and the rule's factors
-
-
-def hyperp_rebase(
-    proxy: Config, target: Config, *, proxy_world_size: int = 1, target_world_size: int = 1
-) -> dict[str, Any]:
-    """HyperP's transfer from a (trial-valued) proxy to a target: the target's base values, both ηs.
-
-    Returns ``values`` (the dotted keys the target gets), ``proxy`` and ``target`` (each
-    :func:`~mupfast.parametrization.hyperp_transfer` of the run, the target's after rebasing) and
-    ``factors``: √(B/B0), √(d0/L), (T/T0)^-0.32 and their product, the target over the proxy.
-    """
-    from mupfast.parametrization import HYPERP_TOKEN_EXPONENT, hyperp_transfer
-
-    p = hyperp_transfer(proxy, proxy_world_size)
-    values = {
-        "optim.hyperp_base_lr": p["lr"],
-        "optim.hyperp_base_batch_tokens": int(p["batch_tokens"]),
-        "optim.hyperp_base_tokens": float(p["tokens"]),
-        "model.hyperp_base_depth": int(p["num_layers"]),
-    }
-    t = hyperp_transfer(with_overrides(target, values, check=False), target_world_size)
-    factors = {
-        "batch": math.sqrt(t["batch_tokens"] / p["batch_tokens"]),
-        "depth": math.sqrt(p["num_layers"] / t["num_layers"]),
-        "tokens": (t["tokens"] / p["tokens"]) ** HYPERP_TOKEN_EXPONENT,
-    }
-    factors["total"] = factors["batch"] * factors["depth"] * factors["tokens"]
-    return {"values": values, "proxy": p, "target": t, "factors": factors}
-
-
-def transferred_values(
-    proxy: Config,
-    params: dict[str, float],
-    target: Config,
-    *,
-    proxy_world_size: int = 1,
-    target_world_size: int = 1,
-) -> dict[str, Any]:
-    """Dotted key → value for the target: the trial's values, the proxy's base dims and settings.
-
-    Under hyperp also ``"hyperp"`` → :func:`hyperp_rebase`'s report (not a config key).
-    """
-    pm, tm = proxy.model, target.model
-    if (pm.parametrization == "hyperp") != (tm.parametrization == "hyperp"):
-        raise ConfigError(
-            f"--target: model.parametrization is {tm.parametrization} and the proxy's {pm.parametrization}; "
-            "a hyperp lr (Muon on the sphere, η from its transfer rule) only transfers to hyperp"
-        )
-    if pm.parametrization == "sp":
-        raise ConfigError("the proxy of this study is sp: μTransfer needs a mup or completep proxy")
-    if tm.parametrization == "sp":
-        raise ConfigError("--target: model.parametrization is sp; μTransfer needs mup, completep or hyperp")
-    values: dict[str, Any] = {
-        "model.mup_base_hidden_size": pm.mup_base_hidden_size or pm.hidden_size,
-        "model.mup_base_filter_size": pm.mup_base_filter_size or pm.filter_size,
-    }
-    if pm.num_kv_heads is not None or tm.num_kv_heads is not None:  # GQA: whether k, v's fan-out grows
-        values["model.mup_base_num_kv_heads"] = pm.mup_base_num_kv_heads or pm.kv_heads
-    if tm.parametrization == "completep" and pm.parametrization == "completep":
-        values["model.mup_base_num_layers"] = pm.mup_base_num_layers or pm.num_layers
-        values["model.depth_alpha"] = pm.depth_alpha
-    values.update({f"model.{k}": getattr(pm, k) for k in MODEL_KEYS})
-    values.update({f"optim.{k}": getattr(proxy.optim, k) for k in OPTIM_KEYS})
-    values.update({f"schedule.{k}": getattr(proxy.schedule, k) for k in SCHEDULE_KEYS})
-    ratio = target.train.steps / proxy.train.steps
-    for k in SCHEDULE_STEP_KEYS:
-        values[f"schedule.{k}"] = round(getattr(proxy.schedule, k) * ratio)
-    tuned = {space_key(name, proxy): float(value) for name, value in params.items()}
-    if pm.parametrization == "hyperp":
-        values.update({f"optim.{k}": getattr(proxy.optim, k) for k in HYPERP_OPTIM_KEYS})
-        values.update(tuned)
-        rebase = hyperp_rebase(
-            with_overrides(proxy, tuned, check=False),
-            target,
-            proxy_world_size=proxy_world_size,
-            target_world_size=target_world_size,
-        )
-        values.update(rebase["values"])
-        values["hyperp"] = rebase
-        return values
-    values.update(tuned)
-    return values
 
 
 def write_target_configs(
@@ -236,41 +140,13 @@ def write_target_configs(
             f"# proxy val loss {row.value:.4f}; proxy d={proxy.model.hidden_size} d_ff={proxy.model.filter_size}"
             f" → target d={cfg.model.hidden_size} d_ff={cfg.model.filter_size}).",
             "# Transferred:",
-            *_wrap([f"{k}={_short(v)}" for k, v in values.items()]),
+            *wrap_items([f"{k}={short_value(v)}" for k, v in values.items()]),
             *(["# " + line for line in hyperp_lines(hyperp)] if hyperp else []),
             f"# Kept from the target: {NOT_TRANSFERRED}.",
         ]
         path.write_text("\n".join(header) + "\n" + yaml.safe_dump(raw, sort_keys=False))
         written.append(Transferred(path, row, cfg, values, hyperp))
     return written
-
-
-def hyperp_lines(h: dict[str, Any]) -> list[str]:
-    """HyperP's transfer in three lines: proxy η, the factors, target η."""
-    p, t, f = h["proxy"], h["target"], h["factors"]
-    return [
-        f"HyperP rule η = η0·√(B/B0)·√(d0/L)·(T/T0)^{t['token_exponent']:g}, rebased on the proxy"
-        f" (B0={t['base_batch_tokens']:g}, d0={t['base_depth']}, T0={t['base_tokens']:g}):",
-        f"  proxy  η = {p['lr']:.6g}  (η0={p['base_lr']:.6g} at B={p['batch_tokens']:g}, L={p['num_layers']},"
-        f" T={p['tokens']:g}, world size {p['world_size']})",
-        f"  target η = {t['lr']:.6g} = proxy η × √(B/B0) {f['batch']:.4g} × √(d0/L) {f['depth']:.4g}"
-        f" × (T/T0)^-0.32 {f['tokens']:.4g} = × {f['total']:.4g}"
-        f"  (B={t['batch_tokens']:g}, L={t['num_layers']}, T={t['tokens']:g}, world size {t['world_size']})",
-    ]
-
-
-def _wrap(items: list[str], width: int = 96) -> list[str]:
-    lines, line = [], "#  "
-    for item in items:
-        if len(line) + len(item) + 1 > width and line.strip("# "):
-            lines.append(line.rstrip())
-            line = "#  "
-        line += " " + item
-    return [*lines, line.rstrip()]
-
-
-def _short(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def summary(study, written: list[Transferred]) -> str:
@@ -316,7 +192,15 @@ def summary(study, written: list[Transferred]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_study_arguments(parser)
     parser.add_argument("--target", help="the target model's YAML config (or --config)")
-    parser.add_argument("--out", help="directory of the written configs (default runs/transfer/<study>)")
+    parser.add_argument(
+        "--out",
+        help="directory of the written configs (default runs/transfer/<study>); with --pbt also a .yaml file",
+    )
+    parser.add_argument(
+        "--pbt",
+        metavar="STUDY",
+        help="replay a PBT study's best lineage instead (lr schedule; --storage: its database)",
+    )
     parser.add_argument(
         "--proxy-world-size", default="1", help="hyperp: ranks of each proxy trial (default %(default)s)"
     )
@@ -329,9 +213,17 @@ def run(args: argparse.Namespace) -> int:
     """The ``transfer`` verb: write the target configs of the study's best stable trials, and say so."""
     from mupfast.mutransfer.storage import default_storage, load_study
 
+    target = args.target or args.config
+    if args.pbt:
+        from mupfast.mutransfer.pbt_transfer import run_pbt_transfer
+
+        if args.study:
+            raise ConfigError("transfer: --pbt STUDY and --study NAME exclude each other (a PBT or a sweep)")
+        if not target:
+            raise ConfigError("transfer: --target FILE (the target model's config) is required")
+        return run_pbt_transfer(args, target)
     if not args.study:
         raise ConfigError("transfer: --study NAME is required")
-    target = args.target or args.config
     if not target:
         raise ConfigError("transfer: --target FILE (the target model's config) is required")
     study = load_study(args.storage or default_storage(args.study), args.study)

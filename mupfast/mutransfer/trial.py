@@ -94,7 +94,7 @@ def trial_command(config_path: Path, launcher: str, gpus: str | None) -> list[st
     ]
 
 
-def _child_env(threads: int | None) -> dict[str, str]:
+def child_env(threads: int | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}  # a world of its own
     env["PYTHONUNBUFFERED"] = "1"
     if threads:
@@ -102,7 +102,7 @@ def _child_env(threads: int | None) -> dict[str, str]:
     return env
 
 
-def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     """Stop the trial's whole process group (the deepspeed launcher and its ranks too)."""
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 30.0)):
         if proc.poll() is not None:
@@ -143,7 +143,7 @@ class MetricsTail:
         return out
 
 
-def _failure_reason(returncode: int, log: Path) -> str:
+def failure_reason(returncode: int, log: Path) -> str:
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
@@ -208,7 +208,7 @@ class Worker:
                 cmd,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=_child_env(self.threads),
+                env=child_env(self.threads),
                 start_new_session=True,
             )
             try:
@@ -234,7 +234,7 @@ class Worker:
                         break
                     time.sleep(self.poll_s)
             finally:  # pruned, timed out, or the driver interrupted: never leave a run behind
-                _stop(proc)
+                stop_process_group(proc)
         returncode = proc.returncode
 
         from mupfast.metrics import read_metrics
@@ -255,7 +255,7 @@ class Worker:
         if timed_out is not None:
             reason = f"timed out after {timed_out:.0f} s (--trial-timeout)"
         elif returncode != 0:
-            reason = _failure_reason(returncode, log)
+            reason = failure_reason(returncode, log)
         else:
             finals = [r["val_loss"] for r in records if r.get("kind") == "eval" and r.get("step") == steps]
             if not finals:
