@@ -14,7 +14,7 @@ from mupfast.errors import ConfigError
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 #: Files in configs/ that are not run configs (read by their own loaders).
-NOT_RUN_CONFIGS = {"sweep-space.yaml"}
+NOT_RUN_CONFIGS = {"sweep-space.yaml", "pbt-space.yaml"}
 
 MOE = ["model.moe_experts=4"]
 HYPERP = ["model.parametrization=hyperp"]

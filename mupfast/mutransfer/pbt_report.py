@@ -191,6 +191,7 @@ def plot_lineage(lin: dict[str, Any], space: dict[str, Any], path: Path) -> None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     names = sorted(lin["final_hparams"])
     entries = lin["lineage"]
@@ -204,6 +205,9 @@ def plot_lineage(lin: dict[str, Any], space: dict[str, Any], path: Path) -> None
         ax.step(xs, ys + ys[-1:], where="post", color="tab:blue")
         if space.get(name, {}).get("log", True):
             ax.set_yscale("log")
+            # plain numbers on a log axis (not 4×10⁰): the values span a few × 1.2 at most
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
         ax.set_ylabel(SHORT.get(name, name))
         ax.grid(True, alpha=0.3)
     ax = axes[-1, 0]
