@@ -53,6 +53,10 @@ VERBS: dict[str, tuple[str, str]] = {
         "mupfast.mutransfer.pbt",
         "population-based training on the proxy (exploit/explore); --report to draw it",
     ),
+    "finetune": (
+        "mupfast.finetune.run",
+        "fine-tune a trained run with LoRA, AdaLoRA or AdaMoLE adapters (the base stays frozen)",
+    ),
     "export": (
         "mupfast.export.to_hf",
         "fold every μP multiplier into the weights; write a Hugging Face model (Llama/GPT-2)",

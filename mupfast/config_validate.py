@@ -65,6 +65,7 @@ def validate(cfg: Config) -> None:
     _check_zero(cfg)
     _check_clip(cfg)
     _check_schedule(cfg)
+    _check_finetune(cfg)
 
 
 def _check_model(cfg: Config) -> None:
@@ -201,7 +202,6 @@ def _check_train(cfg: Config) -> None:
     )
     if t.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len ({cfg.model.max_seq_len})")
-
     if not 0 <= t.stop_at <= t.steps:
         raise ConfigError(
             f"train.stop_at: must be in [0, train.steps = {t.steps}] (got {t.stop_at}; 0 means train.steps)"
@@ -302,3 +302,10 @@ def _check_schedule(cfg: Config) -> None:
         build_schedule(s, cfg.train.steps)
     except ValueError as e:
         raise ConfigError(f"schedule: {e}") from None
+
+
+def _check_finetune(cfg: Config) -> None:
+    """finetune.*: the adapters' sizes and components, AdaLoRA's schedule (mupfast/finetune/)."""
+    from mupfast.finetune.config_check import check_finetune  # the section's rules live with it
+
+    check_finetune(cfg)

@@ -131,6 +131,10 @@ def run(args: argparse.Namespace) -> int:
     """The ``explain`` verb."""
     cfg = load_config(args.config, args.overrides)
     rules = rules_table(cfg.model)
+    if cfg.finetune.method != "none":  # a fine-tune: frozen base rows (lr mult 0), then the adapters'
+        from mupfast.finetune.adapters import explain_rules
+
+        rules = explain_rules(cfg, rules)
     if args.json:
         print(json.dumps(table_json(cfg.model, rules, cfg), indent=2))
     else:

@@ -32,6 +32,7 @@ from mupfast.engine import (
     save_checkpoint,
 )
 from mupfast.errors import ConfigError, TrainingError
+from mupfast.finetune.attach import prepare_finetune
 from mupfast.flops import flops_per_token, throughput_metrics
 from mupfast.metrics import MetricsWriter, read_metrics
 from mupfast.model import build_model
@@ -206,6 +207,8 @@ def train(cfg: Config) -> TrainResult:
     # Model, optimizer and schedule: every lr is optim.lr · schedule(t) · lr_mult of its group.
     torch.manual_seed(t.seed)
     model = build_model(cfg.model)
+    tuner = prepare_finetune(model, cfg)  # finetune.*: the base run's weights, frozen, adapters attached
+    train_sampler, val_sampler = tuner.samplers(train_sampler, val_sampler)  # prompt/completion: loss masks
     apply_activation_checkpointing(model, t.activation_checkpointing, t.checkpoint_every)
     if t.compile:
         compile_blocks(model)
@@ -273,8 +276,10 @@ def train(cfg: Config) -> TrainResult:
                 step_loss = torch.stack(losses).mean()
                 bad = _nonfinite_anywhere(step_loss)
                 client_opt.skip_step = bad  # read by the update on the device, on every rank alike
+                tuner.before_step(bad)  # AdaLoRA: importance from this step's full gradients
             engine.step()
         client_opt.skip_step = False
+        tuner.after_step(step + 1)  # AdaLoRA: rank allocation
         skips.add(step + 1, bad)
         result.steps = step + 1
         window_steps += 1
@@ -308,6 +313,7 @@ def train(cfg: Config) -> TrainResult:
             values.update({f"grad_norm/{k}": v for k, v in client_opt.last_grad_norms.items()})
             values.update({f"clip_coef/{k}": v for k, v in client_opt.last_clip_coefs.items()})
             values.update(engine.module.stability_stats())
+            values.update(tuner.metrics())  # AdaLoRA ranks, AdaMoLE expert use
             values.update(
                 {f"tokens/{n}": c for n, c in zip(source_names, train_sampler.tokens_seen(step + 1))}
             )

@@ -141,6 +141,10 @@ def load_run(
     model_cfg = replace(cfg.model, attention_backend="auto", readout_backend="auto")
     with torch.device("meta"):
         model = Transformer(model_cfg)
+        if cfg.finetune.method not in ("none", "full"):  # a fine-tune's checkpoint holds its adapters too
+            from mupfast.finetune.adapters import attach_adapters
+
+            attach_adapters(model, replace(cfg, model=model_cfg), init=False)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:

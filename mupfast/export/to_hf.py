@@ -21,6 +21,7 @@ from mupfast.errors import ConfigError
 from mupfast.export.fold import check_folding, fold_multipliers
 from mupfast.export.layouts import byte_level_tokenizer_json, hf_config, layout_for, layout_tensors
 from mupfast.export.load import load_run, run_tokenizer
+from mupfast.finetune.merge import merge_adapters, write_peft_adapter
 
 
 @dataclass
@@ -44,6 +45,7 @@ def export_run(
     config: str | None = None,
     overrides: list[str] = (),
     force: bool = False,
+    adapters_only: bool = False,
 ) -> ExportResult:
     """Write RUN's latest checkpoint to OUT as safetensors + HF config + tokenizer, μP folded in."""
     from safetensors.torch import save_file
@@ -56,6 +58,9 @@ def export_run(
     run = load_run(run_dir, config=config, overrides=overrides)
     cfg = run.cfg
     layout = layout_for(cfg.model)
+    if adapters_only:  # a fine-tune's adapters as a PEFT LoRA folder, for the base run's export
+        return _export_adapters(run, layout, out_dir, dtype)
+    run.model = merge_adapters(run.model)  # a fine-tune: adapters merged into the weights, logits checked
     tokenizer = run_tokenizer(cfg, run.run_dir)
     folded = fold_multipliers(run.model)
     err = check_folding(run.model, folded)
@@ -98,6 +103,26 @@ def export_run(
     return ExportResult(out_dir, layout, folded.tied, folded.factors, err, files)
 
 
+def _export_adapters(run, layout: str, out_dir: Path, dtype: str) -> ExportResult:
+    """``--adapters-only``: adapter_config.json + adapter_model.safetensors (mupfast.finetune.merge)."""
+    if run.cfg.finetune.method in ("none", "full"):
+        raise ConfigError(f"--adapters-only: {run.run_dir} is not an adapter fine-tune (finetune.method)")
+    config = write_peft_adapter(run.model, layout, out_dir, _DTYPES[dtype], run.cfg.finetune.base_run)
+    record = {
+        "source_run": str(run.run_dir.resolve()),
+        "checkpoint": str(run.checkpoint.resolve()),
+        "step": run.step,
+        "method": run.cfg.finetune.method,
+        "base_run": run.cfg.finetune.base_run,
+        "layout": layout,
+        "ranks": config["rank_pattern"],
+        "how_to_load": "PeftModel.from_pretrained(<`mupfast export` of the base run>, this folder)",
+    }
+    _write_json(out_dir / "mupfast_export.json", record)
+    files = sorted(p.name for p in out_dir.iterdir())
+    return ExportResult(out_dir, layout, False, {}, 0.0, files)
+
+
 def _write_json(path: Path, obj: Any) -> None:
     """One of the export's JSON files: indented, newline-terminated."""
     path.write_text(json.dumps(obj, indent=2) + "\n")
@@ -111,6 +136,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", default="float32", help="float32, bfloat16 or float16 (default %(default)s)"
     )
     parser.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    parser.add_argument(
+        "--adapters-only",
+        action="store_true",
+        help="a fine-tuned run: write its adapters as a PEFT LoRA folder (load it onto the base run's export)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,8 +150,17 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         raise ConfigError("export: --out DIR is required")
     res = export_run(
-        args.run, args.out, dtype=args.dtype, config=args.config, overrides=args.overrides, force=args.force
+        args.run,
+        args.out,
+        dtype=args.dtype,
+        config=args.config,
+        overrides=args.overrides,
+        force=args.force,
+        adapters_only=args.adapters_only,
     )
+    if args.adapters_only:
+        print(f"wrote the adapters of {args.run} to {res.out_dir} (PEFT LoRA, {res.layout} module names)")
+        return 0
     f = res.factors
     print(
         f"exported {args.run} to {res.out_dir} ({res.layout} layout, readout {'tied' if res.tied else 'untied'}; "

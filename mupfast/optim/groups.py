@@ -12,7 +12,8 @@ from torch import nn
 
 from mupfast.config import Config
 from mupfast.errors import ConfigError
-from mupfast.parametrization import COMPONENTS, hyperp_transfer, rules_for
+from mupfast.finetune.rules import trainable_rules
+from mupfast.parametrization import COMPONENTS, hyperp_transfer
 
 
 def base_lr(cfg: Config, world_size: int = 1) -> float:
@@ -32,7 +33,8 @@ def build_param_groups(model: nn.Module, cfg: Config) -> list[dict]:
         )
     params = dict(model.named_parameters())
     groups: dict[str, dict] = {}
-    for r in rules_for(model, cfg.model):
+    # The rules table; under fine-tuning only what trains (adapters with their μP rules, no frozen weight).
+    for r in trainable_rules(model, cfg):
         key = r.component
         if clip.granularity == "layer_component" and r.layer is not None:
             key = f"layer{r.layer}.{r.component}"
