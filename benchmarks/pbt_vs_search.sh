@@ -41,4 +41,10 @@ if [[ $part == target || $part == all ]]; then
     "$MUPFAST" train --config "$cfg" train.run_dir="${cfg%.yaml}-run" train.progress=false \
       train.save_final=false | tee -a "$OUT/targets.log"
   done
+  # The ablation: PBT's values without its lr schedule (constant multiplier 1 over the proxy's shape).
+  "$MUPFAST" train --config "$OUT/target-pbt/target.yaml" schedule.piecewise=[] \
+    train.run_dir="$OUT/target-pbt-nopiecewise/run" train.progress=false train.save_final=false \
+    | tee -a "$OUT/targets.log"
 fi
+# Seeds: SEED=2027 OUT=runs/pbt-vs-search/seed2027 bash benchmarks/pbt_vs_search.sh; then the table,
+# JSON and picture over all of them: python -m benchmarks.pbt_vs_search_report

@@ -19,8 +19,11 @@ from pathlib import Path
 import torch
 
 METHODS = {
-    "full": (["finetune.method=full"], [3e-4, 1e-3, 3e-3, 1e-2]),
-    "lora": (["finetune.method=lora", "finetune.rank=4", "finetune.alpha=8"], [2e-3, 5e-3, 1.2e-2, 3e-2]),
+    "full": (["finetune.method=full"], [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]),
+    "lora": (
+        ["finetune.method=lora", "finetune.rank=4", "finetune.alpha=8"],
+        [2e-3, 5e-3, 1.2e-2, 3e-2, 6e-2, 1.2e-1],
+    ),
     "adalora": (
         [
             "finetune.method=adalora",
@@ -32,7 +35,7 @@ METHODS = {
             "finetune.delta_t=10",
             "finetune.orth_reg_weight=0.1",
         ],
-        [2e-3, 5e-3, 1.2e-2, 3e-2],
+        [2e-3, 5e-3, 1.2e-2, 3e-2, 6e-2, 1.2e-1],
     ),
     "adamole": (
         ["finetune.method=adamole", "finetune.rank=1", "finetune.experts=4", "finetune.alpha=2"],
