@@ -301,7 +301,11 @@ def train(cfg: Config) -> TrainResult:
                 f"(updates skipped; {good}); lower optim.lr or check the data"
             )
         if skipped and skipped[-1][0] == step + 1:
-            continue  # this step's update was skipped: nothing to log, evaluate or save
+            if not last:
+                continue  # this step's update was skipped: nothing to log, evaluate or save
+            # The last step (train.steps or stop_at) still ends with its eval and checkpoint: the state
+            # is the previous step's, and a PBT segment or a resumed run needs it at this step.
+            logs = False
 
         if logs:
             elapsed = time.perf_counter() - window_t0 - paused_s

@@ -133,6 +133,32 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     assert (Path(cfg.train.run_dir) / "checkpoints" / "latest").read_text().strip() == "step00000004"
 
 
+def test_a_skipped_last_step_still_ends_with_its_eval_and_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny_config(*COMMON, "train.steps=6", "train.stop_at=4", tmp_path=tmp_path)
+    real_build = trainer.build_model
+
+    def poisoned(model_cfg):
+        model = real_build(model_cfg)
+        forward, calls = model.forward, {"n": 0}
+
+        def forward_nan_at_step_4(tokens, targets=None):
+            out = forward(tokens, targets)
+            if targets is not None and model.training:
+                calls["n"] += 1
+                if calls["n"] == 4:
+                    return out * float("nan")
+            return out
+
+        model.forward = forward_nan_at_step_4
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", poisoned)
+    result = trainer.train(cfg)
+    assert [e["step"] for e in read_metrics(cfg.train.run_dir, "event")] == [4]
+    assert 4 in result.val_losses and 4 not in result.train_losses
+    assert (Path(cfg.train.run_dir) / "checkpoints" / "latest").read_text().strip() == "step00000004"
+
+
 def _deepspeed_run(
     tmp_path: Path, name: str, overrides: list[str], ranks: int, module: str = "mupfast.train"
 ) -> dict[int, float]:
