@@ -122,6 +122,11 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tag
 
 
+def checkpoint_tag(step: int) -> str:
+    """The name of the checkpoint taken after ``step`` (its directory under checkpoints/)."""
+    return f"step{step:08d}"
+
+
 def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, client_state: dict) -> str:
     """Engine checkpoint (every rank) + this rank's RNG state; returns the tag.
 
@@ -131,7 +136,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, client_state: 
     """
     import torch.distributed as dist
 
-    tag = f"step{step:08d}"
+    tag = checkpoint_tag(step)
     previous = latest_tag(ckpt_dir) if (ckpt_dir / "latest").is_file() else None
     try:
         engine.save_checkpoint(

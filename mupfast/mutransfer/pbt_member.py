@@ -32,6 +32,7 @@ import yaml
 
 from mupfast.atomic import write_text_atomically
 from mupfast.config import Config, with_overrides
+from mupfast.engine import checkpoint_tag
 from mupfast.mutransfer.pbt_schema import Segment
 from mupfast.mutransfer.trial import (
     MetricsTail,
@@ -52,10 +53,6 @@ _PR_SET_PDEATHSIG = 1
 def _die_with_worker() -> None:  # runs in the child between fork and exec: no imports, no locks
     if _prctl is not None:
         _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
-
-
-def tag_of(step: int) -> str:
-    return f"step{step:08d}"
 
 
 def member_dir(pbt_dir: Path, member: int) -> Path:
@@ -99,13 +96,12 @@ def rollback(ckpt_dir: Path, step: int) -> str | None:
     if step == 0:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         return None
-    tag = tag_of(step)
+    tag = checkpoint_tag(step)
     if not (ckpt_dir / tag).is_dir():
         return f"no checkpoint {ckpt_dir / tag} to resume from"
-    if (ckpt_dir / "latest").is_file() and (ckpt_dir / "latest").read_text().strip() == tag:
-        pass
-    else:
-        write_text_atomically(ckpt_dir / "latest", tag)
+    latest = ckpt_dir / "latest"
+    if not (latest.is_file() and latest.read_text().strip() == tag):
+        write_text_atomically(latest, tag)
     for other in tags(ckpt_dir):
         if other > tag:
             shutil.rmtree(ckpt_dir / other, ignore_errors=True)
@@ -128,7 +124,7 @@ def keep_latest(ckpt_dir: Path) -> None:
 def copy_checkpoint(src_run: Path, dst_run: Path, step: int) -> None:
     """Exploit's copy: ``dst``'s checkpoints become exactly ``src``'s tag of ``step`` (idempotent)."""
     src, dst = src_run / "checkpoints", dst_run / "checkpoints"
-    tag = tag_of(step)
+    tag = checkpoint_tag(step)
     if not (src / tag).is_dir():
         raise FileNotFoundError(f"exploit: the source checkpoint {src / tag} is missing")
     dst.mkdir(parents=True, exist_ok=True)
@@ -159,7 +155,7 @@ def _classify(
     val = vals[-1]
     if val is None or not math.isfinite(val):
         return "nonfinite", None, f"non-finite val loss at step {stop}"
-    if not (ckpt_dir / tag_of(stop)).is_dir():
+    if not (ckpt_dir / checkpoint_tag(stop)).is_dir():
         return "crash", float(val), f"no checkpoint saved at step {stop}"
     return "ok", float(val), None
 
