@@ -215,7 +215,7 @@ def train(cfg: Config) -> TrainResult:
     # every group's lr is base · schedule(t) · lr_mult, set by the optimizer's GroupLR (hyperp's base
     # η counts every rank's tokens in its batch)
     optimizer = build_optimizer(model, cfg, world_size=world, reduce_norms=cfg.zero.stage >= 1)
-    scheduler, optimizer_configured = optimizer.lr_schedule, optimizer.configured
+    scheduler = optimizer.lr_schedule
     if cfg.zero.stage == 3 and cfg.model.tie_embeddings:
         deepspeed.zero.register_external_parameter(model.readout, model.tok_emb.weight)
     engine, optimizer, _, scheduler = deepspeed.initialize(
@@ -231,7 +231,7 @@ def train(cfg: Config) -> TrainResult:
         # The config's hyperparameters, not the checkpoint's: the saved groups' betas, eps, weight decay
         # and clip thresholds are replaced, and the lrs recomputed from lr_mult (a PBT member resumes
         # with the values explore gave it).
-        apply_hyperparameters(client_opt, optimizer_configured)
+        apply_hyperparameters(client_opt, client_opt.configured)
         scheduler.load_state_dict({"last_step": start})
 
     result = TrainResult(run_dir=run_dir, steps=start)
