@@ -49,6 +49,9 @@ _DKDV_PRUNE = tuning.pruner("BLOCK_N1", "BLOCK_M1", 2, tuning.DKDV)
 _DQ_CONFIGS = tuning.configs("BLOCK_M2", "BLOCK_N2", tuning.DQ)
 _DQ_PRUNE = tuning.pruner("BLOCK_M2", "BLOCK_N2", 2, tuning.DQ)
 _KEY = ["T", "HEAD_D", "CAUSAL", "DOC"]
+# A dK/dV program loops over the GROUP query heads of its kv head: its work, and so its best tile,
+# changes with the GQA group (forward and dQ programs do one head's work whatever the group).
+_DKDV_KEY = [*_KEY, "GROUP"]
 PREPROCESS_BLOCK_M = 64  # δ = rowsum(O∘dO): one fixed block, no autotuning
 PREPROCESS_LAUNCH = {"num_warps": 4, **LAUNCH}
 
@@ -210,7 +213,7 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, dstart_ptr, s
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY, prune_configs_by=_DKDV_PRUNE)
+@triton.autotune(configs=_DKDV_CONFIGS, key=_DKDV_KEY, prune_configs_by=_DKDV_PRUNE)
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, DS, DE, scale, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, H,
                    GROUP, T, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,

@@ -109,6 +109,14 @@ def test_backward_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+def test_dkdv_tuning_is_cached_per_gqa_group():
+    """A dK/dV program does GROUP heads' work, so MHA and GQA 4 of one shape must not share a tile."""
+    from kernels.attention import _attn_bwd_dkdv, _attn_fwd
+
+    assert "GROUP" in _attn_bwd_dkdv.keys
+    assert set(_attn_fwd.keys) <= set(_attn_bwd_dkdv.keys)
+
+
 def test_bthd_layout_views_give_the_same_result():
     """(B, T, H, D) tensors viewed as (B, H, T, D) — how a model splits heads — run without copies."""
     q, k, v, do = _inputs(1, 4, 2, 67, 32, torch.float32)
