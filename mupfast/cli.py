@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
@@ -105,9 +106,42 @@ def run(argv: list[str]) -> int:
     return importlib.import_module(VERBS[args.verb][0]).run(args)
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (as logging's last-resort handler does)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def configure_logging() -> None:
+    """Show mupfast's own log lines (e.g. which attention backend ``auto`` chose) on stderr.
+
+    Level INFO unless ``MUPFAST_LOG_LEVEL`` says otherwise; under several ranks each line names its
+    rank. Only the ``mupfast`` logger is touched: DeepSpeed's and torch's keep their own settings.
+    """
+    logger = logging.getLogger("mupfast")
+    level = os.environ.get("MUPFAST_LOG_LEVEL", "INFO").upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise ConfigError(
+            f"MUPFAST_LOG_LEVEL: {level!r} is not a logging level (DEBUG, INFO, WARNING, ERROR)"
+        )
+    logger.setLevel(level)
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
+        rank = f"[rank {os.environ.get('RANK', '?')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        handler.setFormatter(logging.Formatter(f"{rank}%(name)s: %(message)s"))
+        logger.addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
+        configure_logging()
         return run(argv)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

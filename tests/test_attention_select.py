@@ -124,6 +124,39 @@ def test_a_candidate_that_raises_is_skipped_and_logged(tmp_path, rng, caplog):
     assert f"{winner}: RuntimeError" in caplog.text
 
 
+@pytest.fixture
+def cli_logging(monkeypatch):
+    """The ``mupfast`` logger as the CLI sets it up; put back as it was afterwards."""
+    from mupfast.cli import configure_logging
+
+    logger = logging.getLogger("mupfast")
+    level, handlers = logger.level, list(logger.handlers)
+    monkeypatch.delenv("MUPFAST_LOG_LEVEL", raising=False)
+    yield configure_logging
+    logger.setLevel(level)
+    logger.handlers[:] = handlers
+
+
+def test_the_cli_shows_the_choice_on_stderr(tmp_path, rng, capsys, cli_logging):
+    winner = rng.choice(CANDIDATES)
+    table = random_table(rng, [KEY_A], {KEY_A: winner})
+    cli_logging()
+    cli_logging()  # twice (main is called again in one process): still one line per message
+    make(tmp_path, FakeTimer(table)).choose(KEY_A)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "chose" in ln]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"{sel.__name__}: attention {KEY_A.label()}: chose {winner}"
+    )
+
+
+def test_a_bad_log_level_is_a_config_error(monkeypatch, cli_logging):
+    from mupfast.errors import ConfigError
+
+    monkeypatch.setenv("MUPFAST_LOG_LEVEL", "LOUD")
+    with pytest.raises(ConfigError, match="MUPFAST_LOG_LEVEL"):
+        cli_logging()
+
+
 def test_when_no_candidate_runs_it_uses_triton_and_caches_nothing(tmp_path, caplog):
     timer = FakeTimer({}, fail=CANDIDATES)
     with caplog.at_level(logging.WARNING, logger=sel.__name__):
