@@ -87,7 +87,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.2, 4.3))
+    fig, ax = plt.subplots(figsize=(8.4, 4.3))
     cmap = plt.get_cmap("viridis")
     ws = result["widths"]
     for i, w in enumerate(ws):
@@ -109,7 +109,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"{name}: optimum drift {result['drift']['grid_steps']} grid step(s) from d={ws[0]} to d={ws[-1]}",
                  fontsize=10)  # fmt: skip
     ax.grid(alpha=0.3, lw=0.5)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside: the curves fill the box
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
