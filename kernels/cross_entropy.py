@@ -218,7 +218,11 @@ def _fused_forward(
     row_op = _rows_triton if use_triton else _rows_torch
     chunk = chunk_size or _chunk_rows(N, V, d)
     write_grad = need_dh or need_dW
-    buf = torch.empty(min(chunk, N), padded_vocab(V), dtype=h.dtype, device=h.device)[:, :V]
+    full = torch.empty(min(chunk, N), padded_vocab(V), dtype=h.dtype, device=h.device)
+    # The padding columns are zeroed once: PyTorch's CPU bf16 GEMM reads them when x (row stride > V) is
+    # the left operand of x @ W (for dh), so uninitialised NaN bits there made whole rows of dh NaN.
+    full[:, V:].zero_()
+    buf = full[:, :V]
     row_loss, row_lse, row_amax = (torch.empty(N, dtype=torch.float32, device=h.device) for _ in range(3))
     dh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_dh else None
     dW = torch.zeros(V, d, dtype=torch.float32, device=h.device) if need_dW else None

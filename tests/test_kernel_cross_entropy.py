@@ -92,6 +92,25 @@ def test_bf16_chunk_driver_with_torch_row_op_matches_float64_reference():
 
 
 @pytest.mark.parametrize("use_triton", [True, False])
+def test_what_the_logits_buffer_held_before_never_reaches_the_result(monkeypatch, use_triton):
+    """The chunk buffer (row stride padded past V) comes from torch.empty: filled with NaN here, none of
+    it may show. CPU bf16 GEMMs read the padding columns of x in x @ W, so it has to be zeroed."""
+    real_empty = torch.empty
+
+    def nan_empty(*size, **kw):
+        out = real_empty(*size, **kw)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    dtype, tol = (torch.float32, 1e-5) if use_triton else (torch.bfloat16, 2e-2)
+    h, W, t = make(130, 64, 1000, dtype)  # V = 1000: the buffer's rows are 1024 wide
+    with monkeypatch.context() as m:
+        m.setattr(torch, "empty", nan_empty)
+        loss, stats = ce._fused(h, W, t, 3.0, 1e-2, -100, True, chunk_size=64, use_triton=use_triton)
+        loss.backward()
+    check(h, W, t, loss, stats, tol if use_triton else 5e-3, tol, logit_scale=3.0, z_loss=1e-2)
+
+
+@pytest.mark.parametrize("use_triton", [True, False])
 def test_grad_output_other_than_one_scales_the_grads(use_triton):
     h, W, t = make(45, 32, 700, torch.float32)
     loss, stats = ce._fused(h, W, t, 2.0, 1e-3, -100, True, chunk_size=16, use_triton=use_triton)
