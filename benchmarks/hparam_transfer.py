@@ -7,7 +7,7 @@ Written for #20's question of why a transferred proxy lost to SP tuned at the ta
 whether the output multiplier's 1/m rule holds from d=64 to d=256 at the CPU pair's horizon.
 
     python -m benchmarks.hparam_transfer --out docs/results --name output-alpha-transfer \\
-        --reference docs/results/transfer-compare-256.json
+        --reference docs/results/transfer-compare/tpe.json
 
 ``--reference`` (a ``transfer-compare`` result) draws its SP-tuned-at-the-target loss as a line.
 The base point (``--set``, default: μP equal to SP at the proxy width: embeddings × 1,
@@ -28,40 +28,30 @@ from mupfast.checks.results import write_result_files
 from mupfast.checks.scaling import scaled_config
 from mupfast.checks.transfer_test import drift, find_optimum
 from mupfast.config import load_config, with_overrides
-from mupfast.flags import parse_float_list, parse_int_list, parse_positive_int
+from mupfast.flags import parse_float_list, parse_int_list, parse_lr, parse_positive_int
 
 #: μP that is SP at the proxy width (m = 1): embeddings × 1, attention 1/√d_head, SP's proxy-best lr.
 SP_EQUIVALENT = ["model.embeddings_scale=1", "model.attention_logits_alpha=5.656854", "optim.lr=2^-8"]
 
 
-def _value(text: str) -> float | str:
-    if text.startswith("2^"):
-        return 2.0 ** float(text[2:])
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
 def hparam_transfer(cfg, *, key: str, values, widths, seeds: int, runs: Path, jobs: int) -> dict:
     """Train every (width, value, seed) under ``runs`` (finished runs reused); the result dict."""
-    base = min(widths)
-    points, value_of = [], {}
+    base, name = min(widths), key.split(".")[-1]
+    groups: dict[tuple[int, float], list[Point]] = {}  # (width, value) → its seeds' points
     for w in widths:
         scaled = scaled_config(cfg, parametrization=cfg.model.parametrization, width=w, base_width=base)
         for v in values:
             for s in range(seeds):
-                run_dir = runs / f"width{w}" / f"{key.split('.')[-1]}{v:g}" / f"seed{s}"
+                run_dir = runs / f"width{w}" / f"{name}{v:g}" / f"seed{s}"
                 pcfg = with_overrides(scaled, {key: v, **grid_run_overrides(cfg.train.seed + s, run_dir)})
-                points.append(Point(f"{key.split('.')[-1]}={v:g}", w, pcfg.optim.lr, s, str(run_dir), pcfg))
-                value_of[str(run_dir)] = v
+                groups.setdefault((w, v), []).append(
+                    Point(f"{name}={v:g}", w, pcfg.optim.lr, s, str(run_dir), pcfg)
+                )
     t0 = time.perf_counter()
-    got = run_points(points, jobs=jobs, desc="hparam-transfer")
+    got = run_points([p for pts in groups.values() for p in pts], jobs=jobs, desc="hparam-transfer")
     curves = {}
     for w in widths:
-        per_seed = [
-            [got[p.run_dir] for p in points if p.size == w and value_of[p.run_dir] == v] for v in values
-        ]
+        per_seed = [[got[p.run_dir] for p in groups[w, v]] for v in values]
         losses = [mean_loss(x) for x in per_seed]
         opt = find_optimum(values, losses)  # its "lr" fields are the value of `key` here
         curves[str(w)] = {"val_loss": losses, "val_loss_per_seed": per_seed, "optimum": opt}
@@ -129,7 +119,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/hparam-transfer", help="where the JSON and PNG go")
     p.add_argument("--name", default="hparam_transfer")
     a = p.parse_args(argv)
-    overrides = [f"{k}={_value(v)}" for k, v in (s.split("=", 1) for s in a.set)]
+    # load_config reads numbers itself; only the 2^k notation of the lr flags needs converting
+    overrides = [
+        f"{k}={parse_lr(v, '--set') if v.startswith('2^') else v}"
+        for k, v in (s.split("=", 1) for s in a.set)
+    ]
     cfg = load_config(a.config, overrides)
     values = parse_float_list(a.values, "--values")
     result = hparam_transfer(

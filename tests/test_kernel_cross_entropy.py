@@ -101,13 +101,13 @@ def test_what_the_logits_buffer_held_before_never_reaches_the_result(monkeypatch
         out = real_empty(*size, **kw)
         return out.fill_(float("nan")) if out.is_floating_point() else out
 
-    dtype, tol = (torch.float32, 1e-5) if use_triton else (torch.bfloat16, 2e-2)
+    dtype, tol_loss, tol_grad = (torch.float32, 1e-5, 1e-5) if use_triton else (torch.bfloat16, 5e-3, 2e-2)
     h, W, t = make(130, 64, 1000, dtype)  # V = 1000: the buffer's rows are 1024 wide
     with monkeypatch.context() as m:
         m.setattr(torch, "empty", nan_empty)
         loss, stats = ce._fused(h, W, t, 3.0, 1e-2, -100, True, chunk_size=64, use_triton=use_triton)
         loss.backward()
-    check(h, W, t, loss, stats, tol if use_triton else 5e-3, tol, logit_scale=3.0, z_loss=1e-2)
+    check(h, W, t, loss, stats, tol_loss, tol_grad, logit_scale=3.0, z_loss=1e-2)
 
 
 @pytest.mark.parametrize("use_triton", [True, False])
