@@ -268,3 +268,73 @@ def test_adalora_and_adamole_train_through_the_trainer_and_log_ranks_and_expert_
         for t in ("q", "ffn_out")
         for p in ("experts_A", "experts_B", "gate", "threshold", "threshold_bias")
     }
+
+
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("adalora", ["finetune.init_rank=4", "finetune.target_rank=2", "finetune.tinit=1",
+                     "finetune.tfinal=2", "finetune.delta_t=1"]),
+        ("adamole", ["finetune.experts=3"]),
+    ],
+)  # fmt: skip
+def test_adaptive_fine_tunes_are_unchanged_by_activation_checkpointing(tmp_path, data_dir, method, extra):  # noqa: F811
+    """The recomputed forward must not count twice in what the adapters accumulate in theirs
+    (AdaLoRA's importance from the gradients, AdaMoLE's expert use): losses, ranks and expert
+    counts equal the run without checkpointing."""
+    base_run, _ = make_base_run(tmp_path)
+    logged = {}
+    for mode in ("none", "full"):
+        cfg = ft_config(
+            base_run,
+            tmp_path / mode,
+            data_dir,
+            f"finetune.method={method}",
+            *extra,
+            "train.steps=6",
+            "train.log_every=1",
+            "finetune.target_components=[q, v, ffn_out]",
+            "optim.lr=1e-2",
+            f"train.activation_checkpointing={mode}",
+        )
+        trainer.train(cfg)
+        kept = ("loss", "rank/", "adalora/", "experts_active/")
+        logged[mode] = [
+            {k: v for k, v in r.items() if k.startswith(kept)}
+            for r in read_metrics(cfg.train.run_dir, "train")
+        ]
+    assert len(logged["none"]) == 6 and logged["none"] == logged["full"]
+    assert any(k != "loss" for k in logged["none"][-1])  # the adapter's own counters are compared too
+
+
+def test_adalora_in_bf16_keeps_its_budget_and_tracks_the_fp32_losses(tmp_path, data_dir):  # noqa: F811
+    """bf16 (the GPU default; DeepSpeed's bf16 path here on CPU) casts the adapters with the
+    model: AdaLoRA's importance and masks must still hold the budget at every step and reach
+    the target rank, and the losses stay near fp32's."""
+    base_run, _ = make_base_run(tmp_path)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        cfg = ft_config(
+            base_run,
+            tmp_path / precision,
+            data_dir,
+            "finetune.method=adalora",
+            "finetune.init_rank=4",
+            "finetune.target_rank=2",
+            "finetune.tinit=1",
+            "finetune.tfinal=2",
+            "finetune.delta_t=1",
+            "finetune.target_components=[q, v]",
+            "train.steps=8",
+            "train.log_every=1",
+            "optim.lr=1e-2",
+            f"train.precision={precision}",
+        )
+        trainer.train(cfg)
+        recs = read_metrics(cfg.train.run_dir, "train")
+        assert all(r["adalora/total_rank"] <= r["adalora/budget"] for r in recs)
+        assert recs[-1]["adalora/total_rank"] == 8
+        losses[precision] = torch.tensor([r["loss"] for r in recs])
+    assert torch.isfinite(losses["bf16"]).all() and len(losses["bf16"]) == 8
+    gap = (losses["bf16"] - losses["fp32"]).abs().max()
+    assert 0 < gap < 0.05 * losses["fp32"].abs().max()  # > 0: the run did train in bf16
