@@ -13,13 +13,15 @@ from mupfast.config import PARAMETRIZATIONS
 from mupfast.errors import ConfigError
 
 
-def parse_positive_int(text: str | int, flag: str) -> int:
+def parse_positive_int(text: str | int, flag: str, *, zero_ok: bool = False) -> int:
+    """An integer > 0 (≥ 0 with ``zero_ok``); ConfigError naming the flag."""
+    what = "a non-negative integer" if zero_ok else "a positive integer"
     try:
         value = int(text)
     except (TypeError, ValueError):
-        raise ConfigError(f"{flag}: {text!r} is not a positive integer") from None
-    if value <= 0:
-        raise ConfigError(f"{flag}: {text!r} is not a positive integer")
+        raise ConfigError(f"{flag}: {text!r} is not {what}") from None
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{flag}: {text!r} is not {what}")
     return value
 
 

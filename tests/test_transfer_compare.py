@@ -3,6 +3,7 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import optuna
@@ -188,6 +189,62 @@ def test_a_rerun_trains_nothing_and_a_killed_run_is_redone_alone(compared):
 
 
 @pytest.mark.slow
+def test_reseeds_rank_the_best_proxy_trials_by_their_mean_over_seeds(compared, tmp_path):
+    """--proxy-reseeds=1 on a copy of the finished study: the best 2×top stable trials train once
+    more at the next seed, the top by mean transfer, and the extra runs count as proxy FLOPs."""
+    argv, out, first = compared
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    moved = [a if not a.startswith("--out") else f"--out={copy}" for a in argv]
+    assert main([*moved, "--proxy-reseeds=1"]) == 0
+    r = json.loads((copy / "transfer_compare.json").read_text())
+    trials = {t["number"]: t for t in first["proxy"]["trials"]}
+    pool = sorted(trials, key=lambda n: trials[n]["value"])[: 2 * TOP]  # every tiny trial is stable
+    records = {rec["trial"]: rec for rec in r["proxy"]["reseeded"]}
+    assert r["proxy"]["reseeds"] == 1 and sorted(records) == sorted(pool)
+    proxy_seed = _saved_config(_trial_dir(r, pool[0]), "trial.yaml").train.seed
+    for n, rec in records.items():
+        assert len(rec["per_seed"]) == 2 and rec["per_seed"][0] == trials[n]["value"]
+        assert rec["val_loss"] == pytest.approx(sum(rec["per_seed"]) / 2)
+        cfg = _saved_config(copy / "proxy-reseeds" / f"trial-{n:04d}" / "seed1")
+        assert cfg.train.seed == proxy_seed + 1 and cfg.model.hidden_size == 32
+        assert (
+            cfg.optim.lr == trials[n]["params"]["lr"]
+            and cfg.model.init_std == trials[n]["params"]["init_std"]
+        )
+    assert r["proxy"]["selected"] == sorted(records, key=lambda n: records[n]["val_loss"])[:TOP]
+    assert [e["trial"] for e in r["mutransfer"]["configs"]] == r["proxy"]["selected"]
+    per_run = _run_flops(copy / "proxy-reseeds" / f"trial-{pool[0]:04d}" / "seed1")
+    assert r["flops"]["proxy_reseeds"] == len(pool) * per_run
+    assert r["flops"]["proxy"] == first["flops"]["proxy"] + len(pool) * per_run
+    md = (copy / "transfer_compare.md").read_text()
+    assert f"{len(pool)} proxy re-seed runs" in md and "proxy val loss (mean of 2 seeds)" in md
+    assert all(e["proxy_val_loss"] == records[e["trial"]]["val_loss"] for e in r["mutransfer"]["configs"])
+
+
+def _trial_dir(result: dict, number: int) -> str:
+    study = optuna.load_study(study_name=result["proxy"]["study"], storage=result["proxy"]["storage"])
+    return next(t.user_attrs["run_dir"] for t in study.trials if t.number == number)
+
+
+@pytest.mark.slow
+def test_a_reseed_run_at_the_trials_own_seed_measures_the_trials_value(compared, tmp_path):
+    """What the ranking averages is comparable: the re-seed runner at offset 0 retrains a trial
+    and finds the val loss the sweep recorded for it."""
+    _, _, r = compared
+    from mupfast.checks.grid_runs import run_points
+    from mupfast.mutransfer.compare import seed_points
+    from mupfast.mutransfer.trial import trial_config
+
+    study = optuna.load_study(study_name=r["proxy"]["study"], storage=r["proxy"]["storage"])
+    proxy = config_from_dict(study.user_attrs["proxy_config"])
+    t = min((t for t in study.trials if t.value is not None), key=lambda t: t.value)
+    cfg = trial_config(proxy, t.params, tmp_path)
+    pts = seed_points(cfg, tmp_path, 1, "proxy", cfg.optim.lr)
+    assert run_points(pts, jobs=1, progress=False)[pts[0].run_dir] == pytest.approx(t.value, rel=1e-4)
+
+
+@pytest.mark.slow
 def test_the_study_refuses_a_different_proxy(compared, capsys):
     argv, _, _ = compared
     changed = [a if not a.startswith("--proxy-steps") else f"--proxy-steps={STEPS + 2}" for a in argv]
@@ -202,6 +259,7 @@ def test_the_study_refuses_a_different_proxy(compared, capsys):
         (["--trials=0"], "--trials: '0' is not a positive integer"),
         (["--trials=2", "--top=3"], "--top: 3 is more than --trials 2"),
         (["--seeds=two"], "--seeds: 'two' is not a positive integer"),
+        (["--proxy-reseeds=-1"], "--proxy-reseeds: '-1' is not a non-negative integer"),
         (["--sp-lrs=2^-8"], "--sp-lrs: needs at least two"),
         (["--sp-lrs=2^-8,2^-7"], "--sp-lrs: SP gets 2 target configs, fewer than μP's 7"),
         (["--sp-init-stds=0.02,-1"], "--sp-init-stds: '-1' is not a positive number"),

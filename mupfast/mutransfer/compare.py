@@ -6,7 +6,9 @@ One command runs three ways of getting a target model's hyperparameters and pric
   trials: :func:`mupfast.mutransfer.sweep.sweep`), the top k stable trials as ``mupfast transfer``
   selects them, carried to the target by :func:`~mupfast.mutransfer.transfer_values.transferred_values`
   and trained there (the validation step, path (a)); its best is the lowest of those.
-  Tuning cost: every proxy trial's trained tokens + the validation runs.
+  Tuning cost: every proxy trial's trained tokens + the validation runs. With ``--proxy-reseeds R``
+  the best 2k stable trials first train at R more seeds on the proxy and the top k by their mean
+  transfer (:func:`reseed_candidates`; those runs are proxy cost too).
 - **SP tuned at the target** (path (c)): the same target in SP, its lr (and optionally init std)
   on a grid, every point a target-sized run. Tuning cost: the grid. The grid must hold at least
   as many target configurations as μP's target runs (a) + (d), so SP is never out-budgeted.
@@ -63,6 +65,8 @@ DEFAULT_MUP_LR_GRID = "-1,-0.5,0,0.5,1"  # exponents k of the transferred lr × 
 #: lr's target loss within this many percent of the best of the target's own μP lr grid.
 MAX_FLOPS_RATIO = 0.25
 MAX_TRANSFER_GAP_PCT = 0.5
+#: With --proxy-reseeds, this many × --top of the best stable trials are trained at more seeds.
+RESEED_POOL = 2
 #: Set by the command's own flags; as dotted overrides they would be silently replaced.
 FLAG_KEYS = {
     "train.steps": "--proxy-steps / --target-steps",
@@ -229,12 +233,41 @@ def run_proxy_study(proxy: Config, *, jobs: int, study: str, storage: str, sweep
     return st
 
 
+def reseed_candidates(
+    proxy: Config, pool: list, *, top: int, reseeds: int, out_dir: Path, jobs: int, progress: bool
+) -> tuple[list, list[dict[str, Any]], float]:
+    """Train each of ``pool``'s proxy trials again at ``reseeds`` more seeds (offsets 1…reseeds of
+    the proxy's seed; the trial itself is offset 0) and rank them by the mean over all seeds.
+
+    A single proxy run ranks partly on seed noise where the loss curve has a plateau whose end
+    varies by seed (docs/mutransfer.md); the mean ranks on the configuration. Returns the top
+    ``top`` rows by mean (a diverged seed sinks its trial), a record per pool trial, and the FLOPs
+    of the extra runs (every one trained all its steps).
+    """
+    from mupfast.mutransfer.trial import trial_config
+
+    points = {}
+    for row in pool:
+        run_dir = out_dir / f"trial-{row.number:04d}"
+        cfg = trial_config(proxy, row.params, run_dir)
+        points[row.number] = seed_points(cfg, run_dir, reseeds, "proxy", cfg.optim.lr, first=1)
+    flat = [pt for pts in points.values() for pt in pts]
+    values = run_points(flat, jobs=jobs, progress=progress, desc="transfer-compare proxy re-seeds")
+    records = [
+        {"trial": row.number, **seed_stats([row.value] + [values[pt.run_dir] for pt in points[row.number]])}
+        for row in pool
+    ]
+    order = sorted(range(len(pool)), key=lambda i: records[i]["val_loss"])
+    chosen = [pool[i] for i in order if math.isfinite(records[i]["val_loss"])][:top]
+    return chosen, records, sum(run_flops(pt.cfg) for pt in flat)
+
+
 # ----------------------------------------------------------------------------------------------
 # The target runs
 
 
-def seed_points(cfg: Config, run_dir: Path, seeds: int, label: str, lr: float) -> list[Point]:
-    """One grid point per seed of ``cfg`` under ``run_dir/seed<s>``."""
+def seed_points(cfg: Config, run_dir: Path, seeds: int, label: str, lr: float, first: int = 0) -> list[Point]:
+    """One grid point per seed offset ``first … first + seeds - 1`` of ``cfg`` under ``run_dir/seed<s>``."""
     return [
         Point(
             label,
@@ -244,7 +277,7 @@ def seed_points(cfg: Config, run_dir: Path, seeds: int, label: str, lr: float) -
             str(run_dir / f"seed{s}"),
             with_overrides(cfg, grid_run_overrides(cfg.train.seed + s, run_dir / f"seed{s}")),
         )
-        for s in range(seeds)
+        for s in range(first, first + seeds)
     ]
 
 
@@ -346,6 +379,7 @@ def transfer_compare(
     sampler: str = "tpe",
     pruner: str = "median",
     seed: int = 0,
+    proxy_reseeds: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run (or continue) all of it; return the result dict that the verb writes."""
@@ -384,11 +418,24 @@ def transfer_compare(
         top=top,
     )
     sweep_s = time.perf_counter() - t0
-    chosen, flagged = rank(collect(st, DEFAULT_THRESHOLDS), top)
+    rows = collect(st, DEFAULT_THRESHOLDS)
+    chosen, flagged = rank(rows, top)
+    reseeded, reseed_flops = [], 0.0
+    if proxy_reseeds and chosen:
+        chosen, reseeded, reseed_flops = reseed_candidates(
+            proxy,
+            rank(rows, RESEED_POOL * top)[0],
+            top=top,
+            reseeds=proxy_reseeds,
+            out_dir=out / "proxy-reseeds",
+            jobs=jobs,
+            progress=progress,
+        )
     if not chosen:
         raise ConfigError(
             f"--study {study}: no complete stable proxy trial to transfer (mupfast sweep --report)"
         )
+    ranked_by = {rec["trial"]: rec["val_loss"] for rec in reseeded}  # the proxy loss that ranked a trial
     proxy_trials = [
         {
             "number": t.number,
@@ -399,7 +446,7 @@ def transfer_compare(
         }
         for t in st.get_trials(deepcopy=False)
     ]
-    proxy_flops = sum(run_flops(proxy, t["steps"]) for t in proxy_trials)
+    proxy_flops = sum(run_flops(proxy, t["steps"]) for t in proxy_trials) + reseed_flops
 
     # Phase 1: (a) the transferred configs, (b) μP hand-set, (c) SP's grid.
     runs = out / "runs"
@@ -423,7 +470,14 @@ def transfer_compare(
     phase1 = [pt for _, _, _, pts in transferred for pt in pts] + hand + [pt for g in sp_groups for pt in g]
     values = run_points(phase1, jobs=jobs, progress=progress, desc="transfer-compare (a)-(c)")
     mut_entries = [
-        _entry(pts, values, key=key, trial=row.number, proxy_val_loss=row.value, params=row.params)
+        _entry(
+            pts,
+            values,
+            key=key,
+            trial=row.number,
+            proxy_val_loss=ranked_by.get(row.number, row.value),
+            params=row.params,
+        )
         for key, row, _, pts in transferred
     ]
     # Phase 2: (d) μP's lr at the target, around the best transferred config (top 1 if none is finite).
@@ -467,6 +521,7 @@ def transfer_compare(
         "target_flops_per_token": flops_per_token(target.model, target.train.seq_len),
         "proxy_trials": len(proxy_trials),
         "proxy_steps_trained": sum(t["steps"] for t in proxy_trials),
+        "proxy_reseeds": reseed_flops,
         "proxy": proxy_flops,
         "validation": validation,
         "mutransfer": proxy_flops + validation,
@@ -492,6 +547,8 @@ def transfer_compare(
             "storage": storage,
             "trials": proxy_trials,
             "selected": [r.number for r in chosen],
+            "reseeds": proxy_reseeds,
+            "reseeded": reseeded,
             "unstable_better": [r.number for r in flagged],
         },
         "target": {
@@ -569,6 +626,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--sampler", default="tpe", help="tpe or random (default %(default)s)")
     a("--pruner", default="median", help="median, hyperband or none (default %(default)s)")
     a("--seed", default="0", help="the sweep's sampler seed (default %(default)s)")
+    a(
+        "--proxy-reseeds",
+        default="0",
+        help=f"train the best {RESEED_POOL}×--top stable proxy trials at this many more seeds and "
+        "transfer the top by their mean (counted as proxy FLOPs; default %(default)s)",
+    )
     a("--study", default="transfer-compare", help="study name (default %(default)s)")
     a("--storage", help="the study's storage (default sqlite:///<out>/proxy.db)")
     a("--jobs", help="parallel runs (default: one per GPU, else up to 2)")
@@ -589,6 +652,7 @@ def run(args: argparse.Namespace) -> int:
     trials, top = parse_positive_int(args.trials, "--trials"), parse_positive_int(args.top, "--top")
     if top > trials:
         raise ConfigError(f"--top: {top} is more than --trials {trials}")
+    reseeds = parse_positive_int(args.proxy_reseeds, "--proxy-reseeds", zero_ok=True)
     try:
         seed = int(args.seed)
     except ValueError:
@@ -622,6 +686,7 @@ def run(args: argparse.Namespace) -> int:
         sampler=args.sampler,
         pruner=args.pruner,
         seed=seed,
+        proxy_reseeds=reseeds,
     )
     js, png = write_result_files(result, args.out, NAME, plot_compare)
     md = Path(args.out, f"{NAME}.md")

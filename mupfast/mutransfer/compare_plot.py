@@ -38,6 +38,7 @@ def markdown(r: dict) -> str:
     grid = r["mup_lr_grid"]
     gbest = next((e for e in grid["grid"] if e["exponent"] == grid["best_exponent"]), None)
     n_trials, runs = f["proxy_trials"], f["target_runs"]
+    reseeds = p.get("reseeds", 0)  # results written before --proxy-reseeds have none
     lines = [
         f"## μTransfer against SP tuned at the target: d={p['width']} proxy → d={t['width']} target "
         f"(L={t['num_layers']}, {t['steps']} steps × {t['tokens_per_step']:,} tokens, {t['seeds']} seed(s))",
@@ -48,7 +49,8 @@ def markdown(r: dict) -> str:
         + (f" (trial {mut['trial']})" if mut else "")
         + f" | {_loss(mut)} | {_lr(mut['lr']) if mut else '—'} | {f['mutransfer']:.3e}"
         f" (proxy {f['proxy']:.3e} + target {f['validation']:.3e}) | {n_trials} proxy trials"
-        f" + {runs['validation']} target |",
+        + (f" + {len(p['reseeded']) * reseeds} proxy re-seed runs" if reseeds else "")
+        + f" + {runs['validation']} target |",
         f"| SP tuned at the target ({len(r['sp']['grid'])} configs)"
         + (f", init std {sp['init_std']:g}" if sp else "")
         + f" | {_loss(sp)} | {_lr(sp['lr']) if sp else '—'}{' (grid edge)' if r['sp']['at_edge'] else ''}"
@@ -59,7 +61,7 @@ def markdown(r: dict) -> str:
         f"{' (grid edge)' if grid['at_edge'] else ''} | + {f['mup_lr_grid_extra']:.3e} on top of μTransfer"
         f" | + {runs['mup_lr_grid_extra']} target |",
         "",
-        "| transferred config | proxy val loss | target val loss | lr | init std | emb. scale | α_out | α_attn |",
+        f"| transferred config | proxy val loss{f' (mean of {reseeds + 1} seeds)' if reseeds else ''} | target val loss | lr | init std | emb. scale | α_out | α_attn |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for e in r["mutransfer"]["configs"]:
