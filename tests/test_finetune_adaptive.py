@@ -209,6 +209,15 @@ def test_adalora_merges_exactly_and_drops_pruned_triplets():
 # ---------------------------------------------------------------------------------------------
 # Through the trainer
 
+#: AdaLoRA from rank 4 to 2 per matrix, pruned on every step from the second: a budget in a few steps.
+ADALORA_SCHEDULE = (
+    "finetune.init_rank=4",
+    "finetune.target_rank=2",
+    "finetune.tinit=1",
+    "finetune.tfinal=2",
+    "finetune.delta_t=1",
+)
+
 
 @pytest.mark.parametrize("method", ["lora", "adalora", "adamole"])
 def test_every_method_starts_as_the_identity(tmp_path, data_dir, method):  # noqa: F811
@@ -234,11 +243,7 @@ def test_adalora_and_adamole_train_through_the_trainer_and_log_ranks_and_expert_
         data_dir,
         "finetune.method=adalora",
         "train.steps=8",
-        "finetune.init_rank=4",
-        "finetune.target_rank=2",
-        "finetune.tinit=1",
-        "finetune.tfinal=2",
-        "finetune.delta_t=1",
+        *ADALORA_SCHEDULE,
         "finetune.target_components=[q, v]",
         "optim.lr=1e-2",
     )
@@ -273,11 +278,10 @@ def test_adalora_and_adamole_train_through_the_trainer_and_log_ranks_and_expert_
 @pytest.mark.parametrize(
     "method,extra",
     [
-        ("adalora", ["finetune.init_rank=4", "finetune.target_rank=2", "finetune.tinit=1",
-                     "finetune.tfinal=2", "finetune.delta_t=1"]),
-        ("adamole", ["finetune.experts=3"]),
+        ("adalora", ADALORA_SCHEDULE),
+        ("adamole", ("finetune.experts=3",)),
     ],
-)  # fmt: skip
+)
 def test_adaptive_fine_tunes_are_unchanged_by_activation_checkpointing(tmp_path, data_dir, method, extra):  # noqa: F811
     """The recomputed forward must not count twice in what the adapters accumulate in theirs
     (AdaLoRA's importance from the gradients, AdaMoLE's expert use): losses, ranks and expert
@@ -319,11 +323,7 @@ def test_adalora_in_bf16_keeps_its_budget_and_tracks_the_fp32_losses(tmp_path, d
             tmp_path / precision,
             data_dir,
             "finetune.method=adalora",
-            "finetune.init_rank=4",
-            "finetune.target_rank=2",
-            "finetune.tinit=1",
-            "finetune.tfinal=2",
-            "finetune.delta_t=1",
+            *ADALORA_SCHEDULE,
             "finetune.target_components=[q, v]",
             "train.steps=8",
             "train.log_every=1",
