@@ -371,7 +371,8 @@ class Transformer(nn.Module):
         mult = multipliers(self.cfg)
         for block in self.blocks:
             block.attn.scale = mult.attention_scale
-        set_forward_multipliers(self, rules_for(self, self.cfg), mult)
+        # The base model's sites only: an attached adapter keeps the multipliers it was built with.
+        set_forward_multipliers(self, rules_for(self, self.cfg, skip_adapters=True), mult)
 
     def record_indicators(self, enabled: bool) -> None:
         """Whether the next training forwards compute the blocks' stability indicators: branch RMS,

@@ -249,11 +249,19 @@ def _rule(
     raise AssertionError(component)
 
 
-def rules_for(model: nn.Module, cfg: ModelConfig) -> list[Rule]:
-    """Match every parameter of ``model`` to exactly one rule; raise naming any that isn't."""
+#: What names a fine-tuning adapter's parameters (their rules: :mod:`mupfast.finetune.rules`).
+ADAPTER_MARK = ".adapter."
+
+
+def rules_for(model: nn.Module, cfg: ModelConfig, *, skip_adapters: bool = False) -> list[Rule]:
+    """Match every parameter of ``model`` to exactly one rule; raise naming any that isn't.
+
+    With ``skip_adapters`` only the base model's parameters: those of attached adapters are left out."""
     mult = multipliers(cfg)
     rules = []
     for name, p in model.named_parameters():
+        if skip_adapters and ADAPTER_MARK in name:
+            continue
         hits = [(m, comp) for pat, comp in _PATTERNS if (m := re.fullmatch(pat, name))]
         if not hits:
             raise ParametrizationError(

@@ -3,6 +3,8 @@ for bit), their μP rules reach the optimizer groups, and the verb runs the trai
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import yaml
@@ -77,6 +79,36 @@ def test_lora_starts_as_the_identity(tmp_path, data_dir, targets):
         assert torch.equal(model(tokens), base(tokens))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".adapter.lora_" in n for n in trainable)
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora", "adamole"])
+def test_forward_multipliers_change_on_an_adapted_model(tmp_path, data_dir, method):
+    """PBT's explore calls set_multipliers; on a model with adapters attached it must change the
+    base's multipliers and keep the adapters' (its next forward equals a model built with the new
+    values and the same weights)."""
+    base_run, _ = make_base_run(tmp_path)
+    cfg = ft_config(
+        base_run,
+        tmp_path,
+        data_dir,
+        f"finetune.method={method}",
+        "finetune.target_components=[q, v, ffn_out]",
+    )
+    model = adapted(cfg, base_run)
+    with torch.no_grad():  # adapters that change the output, so theirs is part of what is compared
+        for n, p in model.named_parameters():
+            if ".adapter." in n:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(n)))
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    before = model(tokens)
+    values = dict(embeddings_scale=3.0, output_logits_alpha=0.5, attention_logits_alpha=2.0)
+    model.set_multipliers(**values)
+    fresh = build_model(dataclasses.replace(cfg.model, **values))
+    attach_adapters(fresh, cfg)
+    fresh.load_state_dict(model.state_dict())
+    after = model(tokens)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, fresh.eval()(tokens), rtol=0, atol=0)
 
 
 def test_lora_forward_and_gradients_match_a_float64_reference():

@@ -63,11 +63,12 @@ def val_loss(run_dir: Path, data_cfg, train_cfg, batches: int) -> float:
 
 def trainable(run_dir: Path) -> int:
     from mupfast.export.load import load_run
+    from mupfast.parametrization import ADAPTER_MARK
 
     run = load_run(run_dir)
     if run.cfg.finetune.method == "full":
         return sum(p.numel() for p in run.model.parameters())
-    return sum(p.numel() for n, p in run.model.named_parameters() if ".adapter." in n)
+    return sum(p.numel() for n, p in run.model.named_parameters() if ADAPTER_MARK in n)
 
 
 def main(argv: list[str] | None = None) -> int:

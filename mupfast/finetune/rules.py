@@ -30,19 +30,9 @@ from mupfast.finetune.lora import adapted_modules
 from mupfast.parametrization import BLOCK_COMPONENTS, Rule, multipliers, rules_for
 
 
-class _BaseParameters:
-    """The model as ``rules_for`` should see it: only the base parameters (no adapters)."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def named_parameters(self):
-        return ((n, p) for n, p in self.model.named_parameters() if ".adapter." not in n)
-
-
 def base_rules(model: nn.Module, cfg: Config) -> list[Rule]:
     """The rules table of the base model's parameters (adapters or not)."""
-    return rules_for(_BaseParameters(model), cfg.model)
+    return rules_for(model, cfg.model, skip_adapters=True)
 
 
 def width_multipliers(cfg: Config, component: str) -> tuple[float, float]:
