@@ -20,6 +20,7 @@ from mupfast.finetune.run import finetune_config
 from mupfast.metrics import read_metrics
 from mupfast.model import build_model
 from mupfast.optim import build_param_groups
+from mupfast.parametrization import ADAPTER_MARK
 from tests.helpers import tiny_config
 
 MUP = ["model.parametrization=mup", "model.mup_base_hidden_size=32", "model.mup_base_filter_size=64"]
@@ -67,6 +68,19 @@ def adapted(cfg, base_run):
     return model.eval()
 
 
+def adapted_by(method: str, tmp_path, data_dir):
+    """(config, adapted model, base model): a random base run with ``method`` on q, v and ffn_out."""
+    base_run, base = make_base_run(tmp_path)
+    cfg = ft_config(
+        base_run,
+        tmp_path,
+        data_dir,
+        f"finetune.method={method}",
+        "finetune.target_components=[q, v, ffn_out]",
+    )
+    return cfg, adapted(cfg, base_run), base
+
+
 @pytest.mark.parametrize("targets", [["q", "v"], ["q", "k", "v", "o", "ffn_in", "ffn_out"]])
 def test_lora_starts_as_the_identity(tmp_path, data_dir, targets):
     base_run, base = make_base_run(tmp_path)
@@ -86,18 +100,10 @@ def test_forward_multipliers_change_on_an_adapted_model(tmp_path, data_dir, meth
     """PBT's explore calls set_multipliers; on a model with adapters attached it must change the
     base's multipliers and keep the adapters' (its next forward equals a model built with the new
     values and the same weights)."""
-    base_run, _ = make_base_run(tmp_path)
-    cfg = ft_config(
-        base_run,
-        tmp_path,
-        data_dir,
-        f"finetune.method={method}",
-        "finetune.target_components=[q, v, ffn_out]",
-    )
-    model = adapted(cfg, base_run)
+    cfg, model, _ = adapted_by(method, tmp_path, data_dir)
     with torch.no_grad():  # adapters that change the output, so theirs is part of what is compared
         for n, p in model.named_parameters():
-            if ".adapter." in n:
+            if ADAPTER_MARK in n:
                 p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(n)))
     tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
     before = model(tokens)

@@ -13,7 +13,7 @@ from mupfast.finetune.adalora import RankAllocator, SVDAdapter
 from mupfast.finetune.adamole import MoleAdapter
 from mupfast.finetune.lora import AdaptedLinear
 from mupfast.metrics import read_metrics
-from tests.test_finetune import adapted, data_dir, ft_config, make_base_run  # noqa: F401 (fixture)
+from tests.test_finetune import adapted_by, data_dir, ft_config, make_base_run  # noqa: F401 (fixture)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -221,15 +221,7 @@ ADALORA_SCHEDULE = (
 
 @pytest.mark.parametrize("method", ["lora", "adalora", "adamole"])
 def test_every_method_starts_as_the_identity(tmp_path, data_dir, method):  # noqa: F811
-    base_run, base = make_base_run(tmp_path)
-    cfg = ft_config(
-        base_run,
-        tmp_path,
-        data_dir,
-        f"finetune.method={method}",
-        "finetune.target_components=[q, v, ffn_out]",
-    )
-    model = adapted(cfg, base_run)
+    _, model, base = adapted_by(method, tmp_path, data_dir)
     tokens = torch.randint(0, 256, (2, 24))
     with torch.no_grad():
         assert torch.equal(model(tokens), base(tokens))
