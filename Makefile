@@ -22,7 +22,8 @@ demo: $(STAMP)  ## train the tiny μP model on CPU on the embedded corpus
 	$(VENV)/bin/mupfast train --config configs/tiny.yaml
 
 test: $(STAMP)  ## the whole test suite (CPU; Triton kernels run under the interpreter)
-	$(PY) -m pytest -q -ra
+	# --durations: the slowest tests in every CI log, the ones to sample or move under `slow`
+	$(PY) -m pytest -q -ra --durations=25
 
 test-fast: $(STAMP)  ## everything but the multi-rank and slow tests
 	$(PY) -m pytest -q -m "not slow and not distributed"
