@@ -14,13 +14,8 @@ from mupfast.cli import main
 from mupfast.config import config_from_dict
 from mupfast.errors import ConfigError
 from mupfast.flops import flops_per_token
-from mupfast.mutransfer.compare import (
-    MAX_FLOPS_RATIO,
-    MAX_TRANSFER_GAP_PCT,
-    parse_mup_lr_grid,
-    trial_steps,
-    verdicts,
-)
+from mupfast.mutransfer.compare import parse_mup_lr_grid, trial_steps
+from mupfast.mutransfer.compare_result import MAX_FLOPS_RATIO, MAX_TRANSFER_GAP_PCT, derive, verdicts
 
 STEPS, TRIALS, TOP = 12, 4, 2
 SP_LRS = [2**-9, 2**-8, 2**-7, 2**-6]
@@ -253,6 +248,72 @@ def test_the_study_refuses_a_different_proxy(compared, capsys):
     assert err[-1].startswith("error: --study transfer-compare: the study was started with a different proxy")
 
 
+@pytest.mark.slow
+def test_extend_trains_only_the_sp_points_the_result_lacks_and_retrains_a_dropped_one_exactly(
+    compared, tmp_path
+):
+    """--extend on the finished study, with one SP entry removed from its file and the grid widened
+    by an lr and an init std: exactly the missing points train (the removed one to the loss it had,
+    so the extension trains the study's own SP config), the rest are kept as they were, and FLOPs
+    and verdicts are concluded again from the widened grid."""
+    _, _, first = compared
+    r = json.loads(json.dumps(first))
+    dropped = r["sp"]["grid"].pop(0)
+    kept = {e["key"]: e for e in r["sp"]["grid"]}
+    source = tmp_path / "dropped.json"
+    source.write_text(json.dumps(r))
+    std = dropped["init_std"]
+    lrs = [*SP_LRS, 2**-5]
+    out = tmp_path / "extended"
+    argv = ["transfer-compare", f"--extend={source}", f"--out={out}", "--jobs=2"]
+    argv += ["--sp-lrs=" + ",".join(f"2^{math.log2(lr):g}" for lr in lrs), f"--sp-init-stds={std},0.1"]
+    assert main(argv) == 0
+    x = json.loads((out / "transfer_compare.json").read_text())
+
+    grid = {e["key"]: e for e in x["sp"]["grid"]}
+    assert sorted((e["init_std"], e["lr"]) for e in grid.values()) == sorted(
+        (s, lr) for s in (std, 0.1) for lr in lrs
+    )
+    assert all(grid[k] == e for k, e in kept.items())  # kept, not retrained
+    trained = sorted(str(p.parent) for p in out.rglob("summary.json"))
+    assert len(trained) == (len(grid) - len(kept)) * r["target"]["seeds"]
+    assert sorted(x["extensions"][-1]["added"]) == sorted(set(grid) - set(kept))
+    again = grid[dropped["key"]]
+    assert again["per_seed"] == pytest.approx(dropped["per_seed"], rel=1e-6)
+    assert _saved_config(again["run_dirs"][0]).model.parametrization == "sp"
+    for e in grid.values():
+        cfg = _saved_config(e["run_dirs"][0])
+        assert (cfg.optim.lr, cfg.model.init_std, cfg.model.hidden_size) == (e["lr"], e["init_std"], 64)
+    # Concluded again: the same numbers a fresh result with this grid would give.
+    f = x["flops"]
+    assert f["sp"] == sum(_run_flops(d) for e in grid.values() for d in e["run_dirs"])
+    assert f["ratio"] == f["mutransfer"] / f["sp"] and f["mutransfer"] == first["flops"]["mutransfer"]
+    assert x["best"]["sp"] == min(e["val_loss"] for e in grid.values())
+    assert x["mutransfer"] == first["mutransfer"] and x["mup_lr_grid"] == first["mup_lr_grid"]
+    assert x["verdicts"] == verdicts(
+        x["best"]["mutransfer"], x["best"]["sp"], f["ratio"], x["transfer_gap_pct"]
+    )
+
+
+COMMITTED = [  # the transfer-compare results in docs/ (why.json there is a side study's runs)
+    p
+    for p in sorted((Path(__file__).parents[1] / "docs/results/transfer-compare").glob("*.json"))
+    if "verdicts" in json.loads(p.read_text())
+]
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.stem)
+def test_derive_reproduces_every_committed_results_conclusions(path):
+    """The conclusions are a function of the runs: recomputed from a committed result's entries they
+    are the ones it records (its bests, FLOPs totals and ratio, transfer gap, verdicts)."""
+    from mupfast.checks.results import json_clean
+
+    recorded = json.loads(path.read_text())
+    again = json_clean(derive(json.loads(path.read_text())))
+    for key in ("best", "flops", "transfer_gap_pct", "verdicts", "sp", "mup_lr_grid", "mutransfer"):
+        assert again[key] == recorded[key], key
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -274,6 +335,11 @@ def test_the_study_refuses_a_different_proxy(compared, capsys):
         (["train.steps=50"], "train.steps: set by --proxy-steps / --target-steps"),
         (["model.hidden_size=128"], "model.hidden_size: set by --proxy-width / --target-width"),
         (["model.parametrization=sp"], "model.parametrization is sp; transfer-compare compares a mup"),
+        (["--extend=missing.json"], "--extend: cannot read missing.json"),
+        (["--extend=pyproject.toml"], "--extend: pyproject.toml is not JSON"),
+        (["--extend=docs/results/coord-check.json"], "is not a transfer-compare result (no proxy"),
+        (["--extend=x.json", "train.steps=5"], "--extend: the configs come from the result file; drop"),
+        (["--extend=x.json", "--target=configs/target-cpu.yaml"], "drop --target"),
     ],
 )
 def test_bad_flags_are_one_line_errors_before_anything_runs(tmp_path, capsys, flags, message):

@@ -55,16 +55,13 @@ from mupfast.config import Config, load_config, with_overrides
 from mupfast.errors import ConfigError
 from mupfast.flags import parse_float_list, parse_lrs, parse_positive_int
 from mupfast.flops import flops_per_token
+from mupfast.mutransfer.compare_result import MAX_FLOPS_RATIO, MAX_TRANSFER_GAP_PCT, best_entry, derive
 
 NAME = "transfer_compare"
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_PROXY, DEFAULT_TARGET = "configs/proxy-cpu.yaml", "configs/target-cpu.yaml"
 DEFAULT_SP_LRS = ",".join(f"2^{e}" for e in range(-12, -3))  # 2^-12 … 2^-4 in octaves
 DEFAULT_MUP_LR_GRID = "-1,-0.5,0,0.5,1"  # exponents k of the transferred lr × 2^k
-#: The issue's targets: μTransfer's tuning FLOPs at most this fraction of SP's, and the transferred
-#: lr's target loss within this many percent of the best of the target's own μP lr grid.
-MAX_FLOPS_RATIO = 0.25
-MAX_TRANSFER_GAP_PCT = 0.5
 #: With --proxy-reseeds, this many × --top of the best stable trials are trained at more seeds.
 RESEED_POOL = 2
 #: Set by the command's own flags; as dotted overrides they would be silently replaced.
@@ -300,7 +297,8 @@ def _speed(points: list[Point]) -> float | None:
     return statistics.fmean(speeds) if speeds else None
 
 
-def _entry(points: list[Point], values: dict[str, float], **fields) -> dict[str, Any]:
+def run_entry(points: list[Point], values: dict[str, float], **fields) -> dict[str, Any]:
+    """One target config's record: ``fields``, its hyperparameters, per-seed losses, FLOPs, speed, run dirs."""
     cfg = points[0].cfg
     return {
         **fields,
@@ -316,48 +314,6 @@ def _entry(points: list[Point], values: dict[str, float], **fields) -> dict[str,
         "tokens_per_s": _speed(points),
         "run_dirs": [pt.run_dir for pt in points],
     }
-
-
-def _best(entries: list[dict]) -> dict | None:
-    finite = [e for e in entries if math.isfinite(e["val_loss"])]
-    return min(finite, key=lambda e: e["val_loss"]) if finite else None
-
-
-def _at_edge(entries: list[dict], best: dict | None) -> bool:
-    """The best lr is the smallest or largest of its grid (the true optimum may lie outside)."""
-    if best is None:
-        return False
-    lrs = sorted({e["lr"] for e in entries if e.get("init_std") == best.get("init_std")})
-    return best["lr"] in (lrs[0], lrs[-1])
-
-
-def verdicts(mut: float, sp: float, ratio: float, gap_pct: float | None) -> list[dict[str, Any]]:
-    """The two claims under test, each with the numbers it follows from."""
-    loss_ok = math.isfinite(mut) and mut <= sp
-    flops_ok = ratio <= MAX_FLOPS_RATIO
-    gap_ok = gap_pct is not None and gap_pct <= MAX_TRANSFER_GAP_PCT
-
-    def word(ok: bool) -> str:
-        return "PASS" if ok else "FAIL"
-
-    return [
-        {
-            "claim": f"μTransfer's best ≤ SP tuned at the target, at ≤ {MAX_FLOPS_RATIO:g}× SP's tuning FLOPs",
-            "loss_ok": loss_ok,
-            "flops_ok": flops_ok,
-            "pass": loss_ok and flops_ok,
-            "line": f"{word(loss_ok and flops_ok)}: μTransfer's best val loss {mut:.4f} "
-            f"{'≤' if loss_ok else '>'} SP-tuned {sp:.4f} ({word(loss_ok)}), tuning FLOPs {ratio:.3f}× "
-            f"SP's {'≤' if flops_ok else '>'} {MAX_FLOPS_RATIO:g} ({word(flops_ok)})",
-        },
-        {
-            "claim": f"the transferred lr within {MAX_TRANSFER_GAP_PCT:g}% of the target's own best μP lr",
-            "pass": gap_ok,
-            "line": f"{word(gap_ok)}: the transferred lr's val loss is "
-            + ("— (no finite loss)" if gap_pct is None else f"{gap_pct:.3f}%")
-            + f" above the best of μP's target lr grid ({'≤' if gap_ok else '>'} {MAX_TRANSFER_GAP_PCT:g}%)",
-        },
-    ]
 
 
 def transfer_compare(
@@ -470,7 +426,7 @@ def transfer_compare(
     phase1 = [pt for _, _, _, pts in transferred for pt in pts] + hand + [pt for g in sp_groups for pt in g]
     values = run_points(phase1, jobs=jobs, progress=progress, desc="transfer-compare (a)-(c)")
     mut_entries = [
-        _entry(
+        run_entry(
             pts,
             values,
             key=key,
@@ -481,8 +437,7 @@ def transfer_compare(
         for key, row, _, pts in transferred
     ]
     # Phase 2: (d) μP's lr at the target, around the best transferred config (top 1 if none is finite).
-    mut_best = _best(mut_entries)
-    center = mut_best or mut_entries[0]
+    center = best_entry(mut_entries) or mut_entries[0]
     c_key, _, c_cfg, c_pts = next(t for t in transferred if t[0] == center["key"])
     grid_pts = {0.0: c_pts}  # × 2^0 is the transferred run itself: reused, not trained again
     for k in ks:
@@ -502,42 +457,10 @@ def transfer_compare(
     target_s = time.perf_counter() - t1
 
     sp_entries = [
-        _entry(g, values, key=Path(g[0].run_dir).parent.relative_to(runs / "sp").as_posix())
+        run_entry(g, values, key=Path(g[0].run_dir).parent.relative_to(runs / "sp").as_posix())
         for g in sp_groups
     ]
-    sp_best = _best(sp_entries)
-    hand_entry = _entry(hand, values, key="mup-hand-set")
-    grid_entries = [_entry(grid_pts[k], values, exponent=k) for k in ks]
-    grid_best = _best(grid_entries)
-    gap = (
-        100.0 * (center["val_loss"] - grid_best["val_loss"]) / grid_best["val_loss"]
-        if grid_best is not None and math.isfinite(center["val_loss"])
-        else None
-    )
-    validation = sum(e["flops"] for e in mut_entries)
-    sp_flops = sum(e["flops"] for e in sp_entries)
-    flops = {
-        "proxy_flops_per_token": flops_per_token(proxy.model, proxy.train.seq_len),
-        "target_flops_per_token": flops_per_token(target.model, target.train.seq_len),
-        "proxy_trials": len(proxy_trials),
-        "proxy_steps_trained": sum(t["steps"] for t in proxy_trials),
-        "proxy_reseeds": reseed_flops,
-        "proxy": proxy_flops,
-        "validation": validation,
-        "mutransfer": proxy_flops + validation,
-        "sp": sp_flops,
-        "mup_lr_grid_extra": sum(e["flops"] for e in grid_entries if e["exponent"]),
-        "hand_set": hand_entry["flops"],
-        "ratio": (proxy_flops + validation) / sp_flops,
-        "target_runs": {
-            "validation": sum(e["runs"] for e in mut_entries),
-            "sp": sum(e["runs"] for e in sp_entries),
-            "mup_lr_grid_extra": sum(e["runs"] for e in grid_entries if e["exponent"]),
-            "hand_set": hand_entry["runs"],
-        },
-    }
-    inf = math.inf
-    return {
+    result = {
         "proxy": {
             "width": proxy.model.hidden_size,
             "num_layers": proxy.model.num_layers,
@@ -559,41 +482,30 @@ def transfer_compare(
             "tokens_per_step": target.train.tokens_per_step(),
             "seeds": seeds,
         },
-        "mutransfer": {"configs": mut_entries, "best": mut_best["key"] if mut_best else None},
-        "mup_hand_set": hand_entry,
-        "sp": {
-            "grid": sp_entries,
-            "best": sp_best["key"] if sp_best else None,
-            "at_edge": _at_edge(sp_entries, sp_best),
-        },
+        "mutransfer": {"configs": mut_entries},
+        "mup_hand_set": run_entry(hand, values, key="mup-hand-set"),
+        "sp": {"grid": sp_entries},
         "mup_lr_grid": {
             "center": c_key,
             "center_lr": c_cfg.optim.lr,
             "exponents": ks,
-            "grid": grid_entries,
-            "best_exponent": grid_best["exponent"] if grid_best else None,
-            "at_edge": _at_edge(grid_entries, grid_best),
+            "grid": [run_entry(grid_pts[k], values, exponent=k) for k in ks],
         },
-        "best": {
-            "mutransfer": center["val_loss"] if mut_best else inf,
-            "sp": sp_best["val_loss"] if sp_best else inf,
-            "mup_hand_set": hand_entry["val_loss"],
-            "mup_lr_grid": grid_best["val_loss"] if grid_best else inf,
+        "flops": {
+            "proxy_flops_per_token": flops_per_token(proxy.model, proxy.train.seq_len),
+            "target_flops_per_token": flops_per_token(target.model, target.train.seq_len),
+            "proxy_trials": len(proxy_trials),
+            "proxy_steps_trained": sum(t["steps"] for t in proxy_trials),
+            "proxy_reseeds": reseed_flops,
+            "proxy": proxy_flops,
         },
-        "flops": flops,
-        "transfer_gap_pct": gap,
         "targets": {"max_flops_ratio": MAX_FLOPS_RATIO, "max_transfer_gap_pct": MAX_TRANSFER_GAP_PCT},
-        "verdicts": verdicts(
-            center["val_loss"] if mut_best else inf,
-            sp_best["val_loss"] if sp_best else inf,
-            flops["ratio"],
-            gap,
-        ),
         "elapsed_s": {"proxy": round(sweep_s, 1), "target": round(target_s, 1)},
         "jobs": jobs,
         "proxy_config": proxy.to_dict(),
         "target_config": target.to_dict(),
     }
+    return derive(result)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -613,8 +525,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--trials", default="48", help="proxy trials, the study's budget (default %(default)s)")
     a("--top", default="3", help="stable proxy trials transferred (default %(default)s)")
     a("--seeds", default="2", help="seeds of every target run (default %(default)s)")
-    a("--sp-lrs", default=DEFAULT_SP_LRS, help="SP's target lr grid (default 2^-12..2^-4 in octaves)")
-    a("--sp-init-stds", help="SP's init std grid (default: the target's model.init_std)")
+    a(
+        "--sp-lrs",
+        help="SP's target lr grid (default 2^-12..2^-4 in octaves; with --extend, the lrs the grid has)",
+    )
+    a(
+        "--sp-init-stds",
+        help="SP's init std grid (default: the target's model.init_std; with --extend, the stds the grid has)",
+    )
+    a(
+        "--extend",
+        metavar="RESULT_JSON",
+        help="widen a finished study's SP grid to --sp-lrs × --sp-init-stds: train only the points the "
+        "result lacks (from the target config it recorded), keep the rest, conclude again into --out",
+    )
     a(
         "--mup-lr-grid",
         default=DEFAULT_MUP_LR_GRID,
@@ -644,11 +568,24 @@ def _optional_int(text: str | None, flag: str) -> int | None:
 
 def run(args: argparse.Namespace) -> int:
     """The verb: check every flag, run what is not done yet, write JSON, markdown and picture."""
-    from mupfast.checks.results import write_result_files
-    from mupfast.mutransfer.compare_plot import markdown, plot_compare
     from mupfast.mutransfer.space import load_space
     from mupfast.mutransfer.sweep import make_pruner, make_sampler
 
+    sp_init_stds = parse_float_list(args.sp_init_stds, "--sp-init-stds") if args.sp_init_stds else None
+    jobs = parse_positive_int(args.jobs, "--jobs") if args.jobs else default_jobs()
+    if args.extend:
+        from mupfast.mutransfer.compare_extend import check_extend_flags, extend_sp_grid, load_result
+
+        check_extend_flags(args.overrides, args.config, args.target)
+        result = extend_sp_grid(
+            load_result(args.extend),
+            source=str(args.extend),
+            out=args.out,
+            sp_lrs=parse_lrs(args.sp_lrs, "--sp-lrs") if args.sp_lrs else None,
+            sp_init_stds=sp_init_stds,
+            jobs=jobs,
+        )
+        return _write(result, args.out)
     trials, top = parse_positive_int(args.trials, "--trials"), parse_positive_int(args.top, "--top")
     if top > trials:
         raise ConfigError(f"--top: {top} is more than --trials {trials}")
@@ -676,10 +613,10 @@ def run(args: argparse.Namespace) -> int:
         trials=trials,
         top=top,
         seeds=parse_positive_int(args.seeds, "--seeds"),
-        sp_lrs=parse_lrs(args.sp_lrs, "--sp-lrs"),
-        sp_init_stds=parse_float_list(args.sp_init_stds, "--sp-init-stds") if args.sp_init_stds else None,
+        sp_lrs=parse_lrs(args.sp_lrs or DEFAULT_SP_LRS, "--sp-lrs"),
+        sp_init_stds=sp_init_stds,
         mup_lr_grid=parse_mup_lr_grid(args.mup_lr_grid),
-        jobs=parse_positive_int(args.jobs, "--jobs") if args.jobs else default_jobs(),
+        jobs=jobs,
         space=load_space(args.space, proxy),
         study=args.study,
         storage=args.storage,
@@ -688,8 +625,16 @@ def run(args: argparse.Namespace) -> int:
         seed=seed,
         proxy_reseeds=reseeds,
     )
-    js, png = write_result_files(result, args.out, NAME, plot_compare)
-    md = Path(args.out, f"{NAME}.md")
+    return _write(result, args.out)
+
+
+def _write(result: dict[str, Any], out: str) -> int:
+    """The result's JSON, markdown table and picture under ``out``; the table also to stdout."""
+    from mupfast.checks.results import write_result_files
+    from mupfast.mutransfer.compare_plot import markdown, plot_compare
+
+    js, png = write_result_files(result, out, NAME, plot_compare)
+    md = Path(out, f"{NAME}.md")
     md.write_text(markdown(result) + "\n")
     print(md.read_text(), end="")
     print(f"wrote {js}, {md} and {png}")
