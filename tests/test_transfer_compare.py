@@ -278,6 +278,8 @@ def test_extend_trains_only_the_sp_points_the_result_lacks_and_retrains_a_droppe
     trained = sorted(str(p.parent) for p in out.rglob("summary.json"))
     assert len(trained) == (len(grid) - len(kept)) * r["target"]["seeds"]
     assert sorted(x["extensions"][-1]["added"]) == sorted(set(grid) - set(kept))
+    md = (out / "transfer_compare.md").read_text()
+    assert f"SP's grid widened by `--extend` ({len(trained)} runs: " in md and dropped["key"] in md
     again = grid[dropped["key"]]
     assert again["per_seed"] == pytest.approx(dropped["per_seed"], rel=1e-6)
     assert _saved_config(again["run_dirs"][0]).model.parametrization == "sp"

@@ -89,6 +89,10 @@ def markdown(r: dict) -> str:
         lines.append(
             f"- note: unstable proxy trials {p['unstable_better']} ranked above a selected one (not transferred)"
         )
+    for ext in r.get("extensions", []):
+        lines.append(
+            f"- SP's grid widened by `--extend` ({ext['runs']} runs: {', '.join(ext['added']) or 'none'})"
+        )
     if r["sp"]["at_edge"] or grid["at_edge"]:
         lines.append("- note: an optimum at the edge of its lr grid: the true optimum may lie outside it")
     return "\n".join(lines)
