@@ -228,7 +228,7 @@ def test_a_reseed_run_at_the_trials_own_seed_measures_the_trials_value(compared,
     and finds the val loss the sweep recorded for it."""
     _, _, r = compared
     from mupfast.checks.grid_runs import run_points
-    from mupfast.mutransfer.compare import seed_points
+    from mupfast.mutransfer.compare_runs import seed_points
     from mupfast.mutransfer.trial import trial_config
 
     study = optuna.load_study(study_name=r["proxy"]["study"], storage=r["proxy"]["storage"])

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -42,12 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from mupfast.checks.grid_runs import (
-    Point,
     default_jobs,
     gpu_count,
-    grid_run_overrides,
     lr_tag,
-    mean_loss,
     run_points,
 )
 from mupfast.checks.scaling import scaled_config
@@ -56,6 +52,7 @@ from mupfast.errors import ConfigError
 from mupfast.flags import parse_float_list, parse_lrs, parse_positive_int
 from mupfast.flops import flops_per_token
 from mupfast.mutransfer.compare_result import MAX_FLOPS_RATIO, MAX_TRANSFER_GAP_PCT, best_entry, derive
+from mupfast.mutransfer.compare_runs import run_entry, run_flops, seed_points, seed_stats
 
 NAME = "transfer_compare"
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -146,12 +143,6 @@ def parse_mup_lr_grid(text: str) -> list[float]:
 
 # ----------------------------------------------------------------------------------------------
 # Compute
-
-
-def run_flops(cfg: Config, steps: int | None = None) -> float:
-    """Training FLOPs of one run of ``cfg`` over ``steps`` (default its train.steps)."""
-    t = cfg.train
-    return flops_per_token(cfg.model, t.seq_len) * t.tokens_per_step() * (t.steps if steps is None else steps)
 
 
 def trial_steps(trial, steps: int) -> int:
@@ -257,63 +248,6 @@ def reseed_candidates(
     order = sorted(range(len(pool)), key=lambda i: records[i]["val_loss"])
     chosen = [pool[i] for i in order if math.isfinite(records[i]["val_loss"])][:top]
     return chosen, records, sum(run_flops(pt.cfg) for pt in flat)
-
-
-# ----------------------------------------------------------------------------------------------
-# The target runs
-
-
-def seed_points(cfg: Config, run_dir: Path, seeds: int, label: str, lr: float, first: int = 0) -> list[Point]:
-    """One grid point per seed offset ``first … first + seeds - 1`` of ``cfg`` under ``run_dir/seed<s>``."""
-    return [
-        Point(
-            label,
-            cfg.model.hidden_size,
-            lr,
-            s,
-            str(run_dir / f"seed{s}"),
-            with_overrides(cfg, grid_run_overrides(cfg.train.seed + s, run_dir / f"seed{s}")),
-        )
-        for s in range(first, first + seeds)
-    ]
-
-
-def seed_stats(per_seed: list[float]) -> dict[str, Any]:
-    """Mean over seeds (inf if one diverged) and the sample std where there are two or more."""
-    mean = mean_loss(per_seed)
-    std = statistics.stdev(per_seed) if math.isfinite(mean) and len(per_seed) > 1 else None
-    return {"per_seed": per_seed, "val_loss": mean, "seed_std": std}
-
-
-def _speed(points: list[Point]) -> float | None:
-    import json
-
-    speeds = []
-    for pt in points:
-        try:
-            speeds.append(float(json.loads(Path(pt.run_dir, "summary.json").read_text())["tokens_per_s"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-    return statistics.fmean(speeds) if speeds else None
-
-
-def run_entry(points: list[Point], values: dict[str, float], **fields) -> dict[str, Any]:
-    """One target config's record: ``fields``, its hyperparameters, per-seed losses, FLOPs, speed, run dirs."""
-    cfg = points[0].cfg
-    return {
-        **fields,
-        "lr": cfg.optim.lr,
-        "init_std": cfg.model.init_std,
-        **{
-            k: getattr(cfg.model, k)
-            for k in ("embeddings_scale", "output_logits_alpha", "attention_logits_alpha")
-        },
-        **seed_stats([values[pt.run_dir] for pt in points]),
-        "runs": len(points),
-        "flops": sum(run_flops(pt.cfg) for pt in points),
-        "tokens_per_s": _speed(points),
-        "run_dirs": [pt.run_dir for pt in points],
-    }
 
 
 def transfer_compare(

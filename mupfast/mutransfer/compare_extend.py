@@ -22,6 +22,7 @@ from mupfast.checks.scaling import scaled_config
 from mupfast.config import Config, config_from_dict, with_overrides
 from mupfast.errors import ConfigError
 from mupfast.mutransfer.compare_result import derive
+from mupfast.mutransfer.compare_runs import run_entry, seed_points
 
 #: What a file must hold to be extended: a transfer-compare result, not another check's JSON.
 RESULT_KEYS = ("proxy", "target", "mutransfer", "mup_hand_set", "sp", "mup_lr_grid", "flops", "target_config")
@@ -68,7 +69,6 @@ def extend_sp_grid(
     """``r`` with SP's grid widened to ``sp_lrs × sp_init_stds`` (each defaults to the values the grid
     already has); only the missing points train, under ``<out>/runs/sp/``."""
     from mupfast.data import prepare_sources
-    from mupfast.mutransfer.compare import run_entry, seed_points
 
     grid = r["sp"]["grid"]
     lrs = list(sp_lrs or sorted({e["lr"] for e in grid}))
