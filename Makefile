@@ -1,9 +1,13 @@
 # Each target creates/updates the local virtual environment (.venv) it needs.
 # TORCH_SPEC picks the torch build: the default is the CPU build this project is developed with;
-# on a GPU machine use e.g. `make test TORCH_SPEC="torch>=2.4"` (or install torch first).
+# on a GPU machine use e.g. `make test TORCH_SPEC="torch>=2.4" TRITON_SPEC=triton` (or install torch first).
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+# Triton for the CPU test environment, where kernels run under its interpreter. 3.9.0's interpreter
+# corrupts the heap in our attention tests (std::bad_alloc, then a segfault in test_kernel_ops on a
+# fresh clone); 3.8.0 runs them clean. pyproject keeps <3.10, so a GPU image's triton is left alone.
+TRITON_SPEC ?= triton>=3.0,<3.9
 STAMP      := $(VENV)/.installed
 
 .PHONY: install demo test test-fast bench gpu-check lint format clean
@@ -11,7 +15,7 @@ STAMP      := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
 	# DeepSpeed's build imports torch: without --no-build-isolation pip would fetch a second (CUDA) torch.
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev,hpo]"
 	touch $(STAMP)
