@@ -43,7 +43,6 @@ from typing import Any
 from mupfast.checks.grid_runs import (
     default_jobs,
     gpu_count,
-    lr_tag,
     run_points,
 )
 from mupfast.checks.scaling import scaled_config
@@ -52,7 +51,7 @@ from mupfast.errors import ConfigError
 from mupfast.flags import parse_float_list, parse_lrs, parse_positive_int
 from mupfast.flops import flops_per_token
 from mupfast.mutransfer.compare_result import MAX_FLOPS_RATIO, MAX_TRANSFER_GAP_PCT, best_entry, derive
-from mupfast.mutransfer.compare_runs import run_entry, run_flops, seed_points, seed_stats
+from mupfast.mutransfer.compare_runs import run_entry, run_flops, seed_points, seed_stats, sp_key, sp_points
 
 NAME = "transfer_compare"
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -349,13 +348,8 @@ def transfer_compare(
         pts = seed_points(cfg, runs / "mutransfer" / key, seeds, "μT", cfg.optim.lr)
         transferred.append((key, row, cfg, pts))
     hand = seed_points(target, runs / "mup-hand-set", seeds, "mup", target.optim.lr)
-    sp_groups = []
-    for std in sp_init_stds:
-        for lr in sp_lrs:
-            cfg = with_overrides(sp_target, {"optim.lr": lr, "model.init_std": std})
-            sp_groups.append(
-                seed_points(cfg, runs / "sp" / f"std{std:g}" / f"lr{lr_tag(lr)}", seeds, "sp", lr)
-            )
+    sp_grid = [(std, lr) for std in sp_init_stds for lr in sp_lrs]
+    sp_groups = [sp_points(sp_target, std, lr, runs / "sp", seeds) for std, lr in sp_grid]
     t1 = time.perf_counter()
     phase1 = [pt for _, _, _, pts in transferred for pt in pts] + hand + [pt for g in sp_groups for pt in g]
     values = run_points(phase1, jobs=jobs, progress=progress, desc="transfer-compare (a)-(c)")
@@ -390,10 +384,7 @@ def transfer_compare(
     )
     target_s = time.perf_counter() - t1
 
-    sp_entries = [
-        run_entry(g, values, key=Path(g[0].run_dir).parent.relative_to(runs / "sp").as_posix())
-        for g in sp_groups
-    ]
+    sp_entries = [run_entry(g, values, key=sp_key(*point)) for point, g in zip(sp_grid, sp_groups)]
     result = {
         "proxy": {
             "width": proxy.model.hidden_size,

@@ -17,12 +17,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mupfast.checks.grid_runs import lr_tag, run_points
+from mupfast.checks.grid_runs import run_points
 from mupfast.checks.scaling import scaled_config
-from mupfast.config import Config, config_from_dict, with_overrides
+from mupfast.config import Config, config_from_dict
 from mupfast.errors import ConfigError
 from mupfast.mutransfer.compare_result import derive
-from mupfast.mutransfer.compare_runs import run_entry, seed_points
+from mupfast.mutransfer.compare_runs import run_entry, sp_key, sp_points
 
 #: What a file must hold to be extended: a transfer-compare result, not another check's JSON.
 RESULT_KEYS = ("proxy", "target", "mutransfer", "mup_hand_set", "sp", "mup_lr_grid", "flops", "target_config")
@@ -51,11 +51,6 @@ def sp_target(r: dict[str, Any]) -> Config:
     )
 
 
-def sp_key(std: float, lr: float) -> str:
-    """An SP grid entry's key, which is also its run directory under ``runs/sp``."""
-    return f"std{std:g}/lr{lr_tag(lr)}"
-
-
 def extend_sp_grid(
     r: dict[str, Any],
     *,
@@ -78,10 +73,7 @@ def extend_sp_grid(
     base = sp_target(r)
     seeds = r["target"]["seeds"]
     runs = Path(out) / "runs" / "sp"
-    groups = []
-    for std, lr in todo:
-        cfg = with_overrides(base, {"optim.lr": lr, "model.init_std": std})
-        groups.append(seed_points(cfg, runs / sp_key(std, lr), seeds, "sp", lr))
+    groups = [sp_points(base, std, lr, runs, seeds) for std, lr in todo]
     t0 = time.perf_counter()
     if groups:
         prepare_sources(base.data, progress=progress)

@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from mupfast.checks.grid_runs import Point, grid_run_overrides, mean_loss
+from mupfast.checks.grid_runs import Point, grid_run_overrides, lr_tag, mean_loss
 from mupfast.config import Config, with_overrides
 from mupfast.flops import flops_per_token
 
@@ -36,6 +36,17 @@ def seed_points(cfg: Config, run_dir: Path, seeds: int, label: str, lr: float, f
         )
         for s in range(first, first + seeds)
     ]
+
+
+def sp_key(std: float, lr: float) -> str:
+    """An SP grid entry's key, which is also its run directory under ``runs/sp``."""
+    return f"std{std:g}/lr{lr_tag(lr)}"
+
+
+def sp_points(sp_target: Config, std: float, lr: float, sp_dir: Path, seeds: int) -> list[Point]:
+    """SP's grid point (init std, lr): ``sp_target`` with them, one run per seed under ``sp_dir/<key>``."""
+    cfg = with_overrides(sp_target, {"optim.lr": lr, "model.init_std": std})
+    return seed_points(cfg, sp_dir / sp_key(std, lr), seeds, "sp", lr)
 
 
 def seed_stats(per_seed: list[float]) -> dict[str, Any]:
