@@ -8,16 +8,27 @@ TORCH_SPEC ?= torch==2.13.0
 # corrupts the heap in our attention tests (std::bad_alloc, then a segfault in test_kernel_ops on a
 # fresh clone); 3.8.0 runs them clean. pyproject keeps <3.10, so a GPU image's triton is left alone.
 TRITON_SPEC ?= triton>=3.0,<3.9
+# The versions the suite last passed with: a fresh clone installs these, so a new release of a
+# dependency cannot break `make test` (and CI) by surprise. pyproject.toml keeps ranges for users;
+# `make test-latest` tries the newest versions they allow, `make constraints` records them after.
+# `make … CONSTRAINTS=` installs without it (a GPU image with its own torch and triton).
+CONSTRAINTS ?= constraints.txt
+PIN         = $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 STAMP      := $(VENV)/.installed
+LATEST_VENV ?= .venv-latest
 
-.PHONY: install demo test test-fast bench gpu-check lint format clean
+.PHONY: install demo test test-fast test-latest constraints bench gpu-check lint format clean
 
-$(STAMP): pyproject.toml Makefile
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
-	# DeepSpeed's build imports torch: without --no-build-isolation pip would fetch a second (CUDA) torch.
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev,hpo]"
+# DeepSpeed's build imports torch: without --no-build-isolation pip would fetch a second (CUDA) torch.
+define make_venv
+	test -x $(1)/bin/python || python3 -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(1)/bin/python -m pip install -q $(2) "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	$(1)/bin/python -m pip install -q $(2) --no-build-isolation -e ".[dev,hpo]"
+endef
+
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
+	$(call make_venv,$(VENV),$(PIN))
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,6 +39,14 @@ demo: $(STAMP)  ## train the tiny μP model on CPU on the embedded corpus
 test: $(STAMP)  ## the whole test suite (CPU; Triton kernels run under the interpreter)
 	# --durations: the slowest tests in every CI log, the ones to sample or move under `slow`
 	$(PY) -m pytest -q -ra --durations=25
+
+test-latest:  ## the suite with the newest versions pyproject allows, in .venv-latest (not in CI)
+	$(call make_venv,$(LATEST_VENV),--upgrade --upgrade-strategy eager)
+	$(LATEST_VENV)/bin/python -m pytest -q -ra --durations=25
+
+constraints:  ## after `make test-latest` passes: record its versions as the ones `make test` installs
+	$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable \
+		| grep -v -E '^(torch|pip|setuptools|wheel)==' > constraints.txt
 
 test-fast: $(STAMP)  ## everything but the multi-rank and slow tests
 	$(PY) -m pytest -q -m "not slow and not distributed"
@@ -56,4 +75,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format mupfast kernels tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs data .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) runs data .pytest_cache

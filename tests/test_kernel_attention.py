@@ -111,7 +111,7 @@ def test_backward_is_deterministic():
 
 def test_dkdv_tuning_is_cached_per_gqa_group():
     """A dK/dV program does GROUP heads' work, so MHA and GQA 4 of one shape must not share a tile."""
-    from kernels.attention import _attn_bwd_dkdv, _attn_fwd
+    from mupfast.kernels.attention import _attn_bwd_dkdv, _attn_fwd
 
     assert "GROUP" in _attn_bwd_dkdv.keys
     assert set(_attn_fwd.keys) <= set(_attn_bwd_dkdv.keys)
