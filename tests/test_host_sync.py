@@ -22,7 +22,7 @@ from mupfast.data import BatchSampler
 from mupfast.metrics import read_metrics
 from tests.helpers import tiny_config
 
-OURS = (str(Path(mupfast.__file__).parent), str(Path(mupfast.kernels.__file__).parent))
+OURS = (str(Path(mupfast.__file__).parent), *map(str, mupfast.kernels.__path__))  # kernels: a namespace
 DATA = str(Path(mupfast.__file__).parent / "data")  # host-side token arrays, never on the device
 SYNCING = ["item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "nonzero"]
 STEPS, LOG_EVERY = 8, 8
