@@ -67,12 +67,12 @@ gpu-check:  ## the one-call GPU check (benchmarks/gpu_check.sh, with the image's
 	bash benchmarks/gpu_check.sh $(if $(wildcard /dev/nvidiactl),,--dry-run)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check mupfast kernels tests benchmarks
-	$(VENV)/bin/ruff format --check mupfast kernels tests benchmarks
+	$(VENV)/bin/ruff check mupfast kernels tests benchmarks experiments
+	$(VENV)/bin/ruff format --check mupfast kernels tests benchmarks experiments
 
 format: $(STAMP)
-	$(VENV)/bin/ruff check --fix mupfast kernels tests benchmarks
-	$(VENV)/bin/ruff format mupfast kernels tests benchmarks
+	$(VENV)/bin/ruff check --fix mupfast kernels tests benchmarks experiments
+	$(VENV)/bin/ruff format mupfast kernels tests benchmarks experiments
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) runs data .pytest_cache

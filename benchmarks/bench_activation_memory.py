@@ -130,7 +130,7 @@ def _by_label(entries: dict[int, tuple[int, int | str]], layers: int) -> tuple[l
 def measure_mode(base: torch.nn.Module, mode: str, every: int, tokens: torch.Tensor) -> dict:
     """One forward of the loss through a copy of ``base`` with the mode's checkpointing; what it
     keeps, per token."""
-    from mupfast.activation_checkpoint import apply_activation_checkpointing
+    from mupfast.distributed.activation_checkpoint import apply_activation_checkpointing
 
     model = copy.deepcopy(base)
     chosen = apply_activation_checkpointing(model, mode, every)

@@ -15,7 +15,7 @@ full: the default on the CPU, where Triton runs interpreted and inductor compile
 Each variant is a real run of the trainer (DeepSpeed engine, data, clip+AdamW, schedule) on the
 byte-level embedded corpus with the target's vocabulary size, so the readout costs what it would.
 Throughput is the median of the logging windows after the first (compilation and autotuning);
-FLOPs per token and MFU come from ``mupfast.flops`` (6·N + 12·L·H·d_head·T, model FLOPs: the
+FLOPs per token and MFU come from ``mupfast.model.flops`` (6·N + 12·L·H·d_head·T, model FLOPs: the
 recomputation of checkpointing is not credited), MFU against the device's nominal dense bf16 peak
 and ``mfu_measured`` against a bf16 matmul timed in this process. ``speedup_vs_base`` and
 ``mem_vs_base`` compare each variant with kernels off, eager, no checkpointing of the same model.
@@ -35,8 +35,8 @@ import torch
 from benchmarks.ceiling import probe
 from benchmarks.common import publish, write_results
 from mupfast.config import load_config
-from mupfast.flops import flops_per_token, peak_bf16_tflops, throughput_metrics
-from mupfast.metrics import read_metrics
+from mupfast.model.flops import flops_per_token, peak_bf16_tflops, throughput_metrics
+from mupfast.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = {
@@ -76,7 +76,7 @@ def parse_variants(spec: str | None, gpu: bool) -> list[str]:
 
 
 def run_variant(config: Path, overrides: list[str], work: Path) -> dict:
-    """One training run; its median throughput and the figures mupfast.flops makes of it."""
+    """One training run; its median throughput and the figures mupfast.model.flops makes of it."""
     from mupfast.train import train
 
     cfg = load_config(config, [*overrides, f"train.run_dir={work}", "train.resume=false"])
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> Path:
         f"ceiling today: {ceiling['matmul_tflops']:.4g} TFLOP/s {ceiling['matmul_dtype']} matmul, "
         f"{ceiling['copy_gbs']:.0f} GB/s copy; mfu_measured divides by the former"
         + (f", mfu_nominal by {nominal} TFLOP/s (nominal dense bf16)" if nominal else "")
-        + f"; FLOPs per token from mupfast.flops (model FLOPs, recomputation not credited); base = {BASE}"
+        + f"; FLOPs per token from mupfast.model.flops (model FLOPs, recomputation not credited); base = {BASE}"
     )
     rows: list[dict] = []
     total = len(models) * len(variants)

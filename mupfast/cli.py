@@ -26,7 +26,7 @@ VERBS: dict[str, tuple[str, str]] = {
         "print the parametrization table: init, lr and wd multipliers, forward multipliers",
     ),
     "prepare-data": (
-        "mupfast.data.prepare",
+        "mupfast.data.prepare_data",
         "tokenize the corpus into token shards (cached; training does this itself)",
     ),
     "coord-check": (
@@ -34,32 +34,35 @@ VERBS: dict[str, tuple[str, str]] = {
         "coordinate check: every layer's output size vs width, per parametrization (JSON + PNG)",
     ),
     "transfer-test": (
-        "mupfast.checks.transfer_test",
+        "mupfast.checks.transfer_check",
         "μTransfer test: lr sweep per width (or depth) through the trainer (JSON + PNG)",
     ),
     "horizon-test": (
-        "mupfast.checks.horizon",
+        "mupfast.checks.horizon_check",
         "token-horizon check: optimal lr vs training tokens, fitted exponent (JSON + PNG)",
     ),
     "sweep": (
-        "mupfast.mutransfer.sweep",
+        "mupfast.tuning.sweep.sweep",
         "proxy hyperparameter sweep (Optuna; each trial a training run); --report to rank it",
     ),
     "transfer": (
-        "mupfast.mutransfer.transfer",
+        "mupfast.tuning.transfer.transfer",
         "write target configs from a sweep's best stable trials (μTransfer)",
     ),
-    "transfer-compare": ("mupfast.mutransfer.compare", "μTransfer vs SP tuned at the target: loss, FLOPs"),
+    "transfer-compare": (
+        "mupfast.tuning.transfer_compare.transfer_compare",
+        "μTransfer vs SP tuned at the target: loss, FLOPs",
+    ),
     "pbt": (
-        "mupfast.mutransfer.pbt",
+        "mupfast.tuning.pbt.pbt",
         "population-based training on the proxy (exploit/explore); --report to draw it",
     ),
     "finetune": (
-        "mupfast.finetune.run",
+        "mupfast.finetune.finetune",
         "fine-tune a trained run with LoRA, AdaLoRA or AdaMoLE adapters (the base stays frozen)",
     ),
     "export": (
-        "mupfast.export.to_hf",
+        "mupfast.export.export",
         "fold every μP multiplier into the weights; write a Hugging Face model (Llama/GPT-2)",
     ),
     "generate": (

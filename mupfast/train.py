@@ -1,46 +1,42 @@
 """The training loop: ``mupfast train``, and ``python -m mupfast.train`` under the deepspeed launcher.
 
-Read top to bottom: set up ranks and data, build the μP model, optimizer and schedule, hand them to
-DeepSpeed, resume if a checkpoint exists, then train with periodic eval, metrics and checkpoints.
+Read top to bottom: :func:`setup` joins the ranks, opens the data, builds the μP model, optimizer
+and schedule, hands them to DeepSpeed and resumes from the latest checkpoint; :func:`train_step`
+does one optimizer step; :func:`train` loops over the steps, logging, evaluating and checkpointing
+on the steps that sync with the device anyway. Features (fine-tuning) take part through the hooks
+of :mod:`mupfast.plugins`; the run directory's files are :mod:`mupfast.rundir`'s.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 
-from mupfast.activation_checkpoint import apply_activation_checkpointing
+from mupfast import rundir
 from mupfast.config import Config, load_config
 from mupfast.data import BatchSampler, prepare_sources
-from mupfast.data.packing import document_ids, position_ids
-from mupfast.engine import (
-    checkpoint_dir,
-    ds_config,
-    init_distributed,
-    latest_tag,
-    load_checkpoint,
-    save_checkpoint,
-)
+from mupfast.data.packing import packed_inputs
+from mupfast.distributed.activation_checkpoint import apply_activation_checkpointing
+from mupfast.distributed.checkpoint import load_checkpoint, save_checkpoint
+from mupfast.distributed.compile import compile_blocks
+from mupfast.distributed.engine import ds_config, init_distributed
+from mupfast.distributed.zero_shards import attach as attach_to_zero
 from mupfast.errors import ConfigError, TrainingError
-from mupfast.finetune.attach import prepare_finetune
-from mupfast.flops import flops_per_token, throughput_metrics
-from mupfast.metrics import MetricsWriter, read_metrics
 from mupfast.model import build_model
+from mupfast.model.flops import flops_per_token, throughput_metrics
 from mupfast.optim import build_optimizer
 from mupfast.optim.optimizer import apply_hyperparameters
-from mupfast.optim.zero_shards import attach as attach_to_zero
 from mupfast.parametrization import RULES_VERSION
-from mupfast.regional_compile import compile_blocks
+from mupfast.plugins import TrainerHooks, prepare_model
 
 
 @dataclass
@@ -113,40 +109,6 @@ def _mean_over_ranks(x: float) -> float:
     return x
 
 
-def packing(cfg: Config, eos_id: int | None) -> Callable[[torch.Tensor], dict]:
-    """What a batch's input ids tell the model besides themselves: the document of every token
-    (data.document_masking) and its position in it (data.reset_position_ids), read off the EOS that
-    ends each document."""
-    d = cfg.data
-    if not (d.document_masking or d.reset_position_ids):
-        return lambda x: {}
-    if eos_id is None:
-        raise ConfigError(
-            "data.document_masking: the prepared data has no end-of-document token (prepared by an older "
-            "mupfast); prepare it again"
-        )
-
-    def model_kwargs(x: torch.Tensor) -> dict:
-        docs = document_ids(x, eos_id)
-        out = {"doc_ids": docs} if d.document_masking else {}
-        if d.reset_position_ids:
-            out["position_ids"] = position_ids(docs)
-        return out
-
-    return model_kwargs
-
-
-@torch.no_grad()
-def evaluate(engine, sampler: BatchSampler, n_batches: int, device: torch.device, packed) -> float:
-    engine.eval()
-    losses = []
-    for x, y in sampler.eval_batches(n_batches):
-        x, y = to_device(x, device), to_device(y, device)
-        losses.append(engine(x, y, **packed(x)).float().item())
-    engine.train()
-    return sum(losses) / len(losses)
-
-
 def _source_names(data) -> list[str]:
     """A metrics name per mixture source: its corpus's file stem, made unique."""
     names: list[str] = []
@@ -157,22 +119,39 @@ def _source_names(data) -> list[str]:
     return names
 
 
-def train(cfg: Config) -> TrainResult:
-    """Run (or resume) the training the config describes; return what it measured."""
-    import deepspeed
+# ----------------------------------------------------------------------------------------------
+# Setup
 
+
+@dataclass
+class Trainer:
+    """Everything a run needs between its steps, as :func:`setup` leaves it."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    run_dir: Path
+    engine: Any
+    optimizer: Any  # DeepSpeed's view of it: its param_groups carry this step's lrs
+    client_opt: Any  # ours (ClipAdamW): per-group norms, clip coefficients, the skip flag
+    train_sampler: BatchSampler
+    val_sampler: BatchSampler
+    packed: Callable[[torch.Tensor], dict]
+    hooks: TrainerHooks
+    source_names: list[str]
+    start: int = 0
+    resumed_from: Path | None = None
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return rundir.checkpoint_dir(self.run_dir)
+
+
+def _open_data(cfg: Config, rank: int, world: int, run_dir: Path):
+    """The batch samplers and the tokenizer's EOS: rank 0 prepares the data (cached by fingerprint),
+    the others wait and then open the same shards."""
     t = cfg.train
-    rank, local_rank, world = init_distributed(t.dist_timeout_s)
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    run_dir = Path(t.run_dir)
-    ckpt_dir = checkpoint_dir(run_dir)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-    # Data: rank 0 prepares (cached by fingerprint), the others wait and then open the same shards.
     if rank == 0:
         sources = prepare_sources(cfg.data, progress=t.progress)
     if world > 1:
@@ -180,8 +159,8 @@ def train(cfg: Config) -> TrainResult:
     if rank != 0:
         sources = prepare_sources(cfg.data, progress=False)
     tokenizer = sources[0].tokenizer()
-    if rank == 0:  # the run carries its own tokenizer: export and generate read it from here
-        tokenizer.save(run_dir)
+    if rank == 0:
+        rundir.save_tokenizer(run_dir, tokenizer)
     if sources[0].vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary ({sources[0].vocab_size})"
@@ -201,160 +180,272 @@ def train(cfg: Config) -> TrainResult:
         **common,
     )
     val_sampler = BatchSampler([s.val_set() for s in sources], **common)
-    source_names = _source_names(cfg.data) if len(sources) > 1 else []
-    packed = packing(cfg, tokenizer.eos_id)
+    return train_sampler, val_sampler, tokenizer.eos_id
 
-    # Model, optimizer and schedule: every lr is optim.lr · schedule(t) · lr_mult of its group.
+
+def _build_engine(cfg: Config, world: int):
+    """The μP model, our optimizer and schedule, handed to DeepSpeed; the features' hooks."""
+    import deepspeed
+
+    t = cfg.train
     torch.manual_seed(t.seed)
     model = build_model(cfg.model)
-    tuner = prepare_finetune(model, cfg)  # finetune.*: the base run's weights, frozen, adapters attached
-    train_sampler, val_sampler = tuner.samplers(train_sampler, val_sampler)  # prompt/completion: loss masks
+    hooks = prepare_model(model, cfg)  # features: fine-tuning's base weights and adapters
     apply_activation_checkpointing(model, t.activation_checkpointing, t.checkpoint_every)
     if t.compile:
         compile_blocks(model)
     # every group's lr is base · schedule(t) · lr_mult, set by the optimizer's GroupLR (hyperp's base
     # η counts every rank's tokens in its batch)
     optimizer = build_optimizer(model, cfg, world_size=world, reduce_norms=cfg.zero.stage >= 1)
-    scheduler = optimizer.lr_schedule
     if cfg.zero.stage == 3 and cfg.model.tie_embeddings:
         deepspeed.zero.register_external_parameter(model.readout, model.tok_emb.weight)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg, world)
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=optimizer.lr_schedule, config=ds_config(cfg, world)
     )
     client_opt = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
     attach_to_zero(engine, client_opt)  # ZeRO: one collective for all groups' norms; Muon's matrix layout
+    return engine, optimizer, client_opt, hooks
 
-    start, end = 0, t.stop_at or t.steps  # the schedule spans train.steps; this run stops at `end`
-    tag = latest_tag(ckpt_dir) if t.resume else None
+
+def setup(cfg: Config) -> Trainer:
+    """Join the ranks, open the data, build the engine, and resume from the latest checkpoint."""
+    t = cfg.train
+    rank, local_rank, world = init_distributed(t.dist_timeout_s)
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    run_dir = Path(t.run_dir)
+    if rank == 0:
+        rundir.write_config(run_dir, cfg.to_dict())
+    train_sampler, val_sampler, eos_id = _open_data(cfg, rank, world, run_dir)
+    engine, optimizer, client_opt, hooks = _build_engine(cfg, world)
+    train_sampler, val_sampler = hooks.samplers(train_sampler, val_sampler)  # prompt/completion: loss masks
+    tr = Trainer(
+        cfg=cfg,
+        rank=rank,
+        world=world,
+        device=device,
+        run_dir=run_dir,
+        engine=engine,
+        optimizer=optimizer,
+        client_opt=client_opt,
+        train_sampler=train_sampler,
+        val_sampler=val_sampler,
+        packed=packed_inputs(cfg.data, eos_id),
+        hooks=hooks,
+        source_names=_source_names(cfg.data) if len(cfg.data.sources) > 1 else [],
+    )
+    tag = rundir.latest_tag(tr.ckpt_dir) if t.resume else None
     if tag is not None:
-        start = int(load_checkpoint(engine, ckpt_dir, tag, rank)["step"])
+        tr.start = int(load_checkpoint(engine, tr.ckpt_dir, tag, rank)["step"])
+        tr.resumed_from = tr.ckpt_dir / tag
         # The config's hyperparameters, not the checkpoint's: the saved groups' betas, eps, weight decay
         # and clip thresholds are replaced, and the lrs recomputed from lr_mult (a PBT member resumes
         # with the values explore gave it).
         apply_hyperparameters(client_opt, client_opt.configured)
-        scheduler.load_state_dict({"last_step": start})
+        client_opt.lr_schedule.load_state_dict({"last_step": tr.start})
+    return tr
 
-    result = TrainResult(run_dir=run_dir, steps=start)
-    if start >= end:  # nothing left to do: report what the finished run measured
-        result.train_losses = {r["step"]: r["loss"] for r in read_metrics(run_dir, "train")}
-        result.val_losses = {r["step"]: r["val_loss"] for r in read_metrics(run_dir, "eval")}
-        if rank == 0:
-            what = "train.stop_at" if t.stop_at else "train.steps"
-            print(f"run already complete at step {start} (raise {what} to train on)", file=sys.stderr)
-        return result
-    metrics = MetricsWriter(run_dir, enabled=rank == 0)
-    tokens_per_step = t.tokens_per_step(world)
-    bar = None
-    if rank == 0 and t.progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
-        if start:
-            bar.write(f"resumed from {ckpt_dir / tag} at step {start}")
+# ----------------------------------------------------------------------------------------------
+# One step
 
-    skips, last_saved = SkippedSteps(t.max_nonfinite_in_row), start
-    flops_token = flops_per_token(cfg.model, t.seq_len)
-    # Throughput counts training time only (not eval or checkpoint writes), measured between the
-    # host syncs of logging steps so that the device's queue is drained at both ends.
-    window_t0, window_steps, paused_s, total_s, total_steps = time.perf_counter(), 0, 0.0, 0.0, 0
-    for step in range(start, end):
-        # Forward/backward over the micro-batches; DeepSpeed steps the optimizer at the boundary.
-        step_lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the lrs this update uses
-        losses = []
-        last = step + 1 == end
-        logs = (step + 1) % t.log_every == 0 or last
-        evals = (t.eval_every and (step + 1) % t.eval_every == 0) or last
-        saves = (t.save_every and (step + 1) % t.save_every == 0) or (last and t.save_final)
-        for micro in range(t.grad_accum_steps):
-            # Indicators only where they are logged: the last micro-batch of a logging step.
-            engine.module.record_indicators(logs and micro == t.grad_accum_steps - 1)
-            x, y = (to_device(b, device) for b in train_sampler.batch(step, micro * world + rank))
-            loss = engine(x, y, **packed(x))
-            engine.backward(loss)
-            losses.append(loss.detach().float())
-            if micro == t.grad_accum_steps - 1:
-                step_loss = torch.stack(losses).mean()
-                bad = _nonfinite_anywhere(step_loss)
-                client_opt.skip_step = bad  # read by the update on the device, on every rank alike
-                tuner.before_step(bad)  # AdaLoRA: importance from this step's full gradients
-            engine.step()
-        client_opt.skip_step = False
-        tuner.after_step(step + 1)  # AdaLoRA: rank allocation
-        skips.add(step + 1, bad)
-        result.steps = step + 1
-        window_steps += 1
-        if bar is not None:
-            bar.update(1)
+
+@torch.no_grad()
+def evaluate(tr: Trainer, n_batches: int) -> float:
+    tr.engine.eval()
+    losses = []
+    for x, y in tr.val_sampler.eval_batches(n_batches):
+        x, y = to_device(x, tr.device), to_device(y, tr.device)
+        losses.append(tr.engine(x, y, **tr.packed(x)).float().item())
+    tr.engine.train()
+    return sum(losses) / len(losses)
+
+
+def train_step(tr: Trainer, step: int, *, record: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward/backward over the step's micro-batches, then the update (skipped on every rank alike
+    when some rank's loss is non-finite); returns (the step's mean loss, its non-finite flag), both on
+    the device. ``record``: keep the indicators of the last micro-batch (a logging step)."""
+    engine, accum = tr.engine, tr.cfg.train.grad_accum_steps
+    losses = []
+    for micro in range(accum):
+        engine.module.record_indicators(record and micro == accum - 1)
+        x, y = (to_device(b, tr.device) for b in tr.train_sampler.batch(step, micro * tr.world + tr.rank))
+        loss = engine(x, y, **tr.packed(x))
+        engine.backward(loss)
+        losses.append(loss.detach().float())
+        if micro == accum - 1:
+            step_loss = torch.stack(losses).mean()
+            bad = _nonfinite_anywhere(step_loss)
+            tr.client_opt.skip_step = bad  # read by the update on the device, on every rank alike
+            tr.hooks.before_step(bad)  # AdaLoRA: importance from this step's full gradients
+        engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
+    tr.client_opt.skip_step = False
+    tr.hooks.after_step(step + 1)  # AdaLoRA: rank allocation
+    return step_loss, bad
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+class _Progress:
+    """Rank 0's progress bar (``train.progress``), or nothing."""
+
+    def __init__(self, tr: Trainer, end: int):
+        self.bar = None
+        if tr.rank == 0 and tr.cfg.train.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=end, initial=tr.start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
+            )
+            if tr.resumed_from is not None:
+                self.bar.write(f"resumed from {tr.resumed_from} at step {tr.start}")
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def postfix(self, loss: float, tok_s: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _Window:
+    """Training throughput: counts training time only (not eval or checkpoint writes), measured
+    between the host syncs of logging steps so that the device's queue is drained at both ends."""
+
+    def __init__(self):
+        self.t0, self.steps, self.paused_s, self.total_s, self.total_steps = (
+            time.perf_counter(),
+            0,
+            0.0,
+            0.0,
+            0,
+        )
+
+    def close(self, tokens_per_step: int) -> float:
+        """Tokens/s over the window since the last close, which starts a new one."""
+        elapsed = time.perf_counter() - self.t0 - self.paused_s
+        self.total_s, self.total_steps = self.total_s + elapsed, self.total_steps + self.steps
+        tok_s = tokens_per_step * self.steps / max(elapsed, 1e-9)
+        self.t0, self.steps, self.paused_s = time.perf_counter(), 0, 0.0
+        return tok_s
+
+
+def _log_record(tr: Trainer, step: int, step_loss: torch.Tensor, lrs: dict, tok_s: float) -> dict:
+    """A logging step's values: loss, throughput, every group's lr, grad norm and clip coefficient,
+    the stability indicators, the features' metrics and the tokens drawn from each source."""
+    values = {"loss": _mean_over_ranks(step_loss.item()), "tokens_per_s": tok_s}
+    values.update(throughput_metrics(tok_s, flops_per_token(tr.cfg.model, tr.cfg.train.seq_len), tr.device))
+    values.update({f"lr/{k}": v for k, v in lrs.items()})
+    values.update({f"grad_norm/{k}": v for k, v in tr.client_opt.last_grad_norms.items()})
+    values.update({f"clip_coef/{k}": v for k, v in tr.client_opt.last_clip_coefs.items()})
+    values.update(tr.engine.module.stability_stats())
+    values.update(tr.hooks.metrics())  # AdaLoRA ranks, AdaMoLE expert use
+    values.update({f"tokens/{n}": c for n, c in zip(tr.source_names, tr.train_sampler.tokens_seen(step))})
+    return values
+
+
+def _skipped_since_last_sync(tr: Trainer, skips: SkippedSteps, metrics, step: int) -> bool:
+    """Log the updates skipped since the last sync; stop the run after too many in a row. True when
+    this step's own update was skipped."""
+    skipped, stop_at = skips.read()
+    for s, count in skipped:
+        metrics.log(s, {"nonfinite_loss": 1.0, "skipped_steps": count}, kind="event")
+    if stop_at is not None:
+        good_tag = rundir.latest_tag(tr.ckpt_dir)
+        good = f"last good checkpoint: {tr.ckpt_dir / good_tag}" if good_tag else "no checkpoint was saved"
+        raise TrainingError(
+            f"stopping: {skips.limit} non-finite losses in a row at step {stop_at} "
+            f"(updates skipped; {good}); lower optim.lr or check the data"
+        )
+    return bool(skipped) and skipped[-1][0] == step
+
+
+def _finished_already(tr: Trainer, result: TrainResult) -> TrainResult:
+    """Nothing left to do: report what the finished run measured."""
+    result.train_losses = {r["step"]: r["loss"] for r in rundir.read_metrics(tr.run_dir, "train")}
+    result.val_losses = {r["step"]: r["val_loss"] for r in rundir.read_metrics(tr.run_dir, "eval")}
+    if tr.rank == 0:
+        what = "train.stop_at" if tr.cfg.train.stop_at else "train.steps"
+        print(f"run already complete at step {tr.start} (raise {what} to train on)", file=sys.stderr)
+    return result
+
+
+def train(cfg: Config) -> TrainResult:
+    """Run (or resume) the training the config describes; return what it measured."""
+    t = cfg.train
+    tr = setup(cfg)
+    end = t.stop_at or t.steps  # the schedule spans train.steps; this run stops at `end`
+    result = TrainResult(run_dir=tr.run_dir, steps=tr.start)
+    if tr.start >= end:
+        return _finished_already(tr, result)
+    metrics = rundir.MetricsWriter(tr.run_dir, enabled=tr.rank == 0)
+    progress, window = _Progress(tr, end), _Window()
+    skips, last_saved = SkippedSteps(t.max_nonfinite_in_row), tr.start
+    for step in range(tr.start + 1, end + 1):  # `step` counts the updates done after this one
+        lrs = {g["name"]: g["lr"] for g in tr.optimizer.param_groups}  # the lrs this update uses
+        last = step == end
+        logs = step % t.log_every == 0 or last
+        evals = (t.eval_every and step % t.eval_every == 0) or last
+        saves = (t.save_every and step % t.save_every == 0) or (last and t.save_final)
+        step_loss, bad = train_step(tr, step - 1, record=logs)
+        skips.add(step, bad)
+        result.steps, window.steps = step, window.steps + 1
+        progress.update()
         if not (logs or evals or saves):
             continue  # no host sync on this step
-
         # A step that syncs anyway: learn which updates were skipped since the last one.
-        skipped, stop_at = skips.read()
-        for s, count in skipped:
-            metrics.log(s, {"nonfinite_loss": 1.0, "skipped_steps": count}, kind="event")
+        this_skipped = _skipped_since_last_sync(tr, skips, metrics, step)
         result.skipped_steps = skips.total
-        if stop_at is not None:
-            good_tag = latest_tag(ckpt_dir)
-            good = f"last good checkpoint: {ckpt_dir / good_tag}" if good_tag else "no checkpoint was saved"
-            raise TrainingError(
-                f"stopping: {skips.limit} non-finite losses in a row at step {stop_at} "
-                f"(updates skipped; {good}); lower optim.lr or check the data"
-            )
-        if skipped and skipped[-1][0] == step + 1:
+        if this_skipped:
             if not last:
                 continue  # this step's update was skipped: nothing to log, evaluate or save
             # The last step (train.steps or stop_at) still ends with its eval and checkpoint: the state
             # is the previous step's, and a PBT segment or a resumed run needs it at this step.
             logs = False
-
         if logs:
-            elapsed = time.perf_counter() - window_t0 - paused_s
-            total_s, total_steps = total_s + elapsed, total_steps + window_steps
-            tok_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
-            values = {"loss": _mean_over_ranks(step_loss.item()), "tokens_per_s": tok_s}
-            values.update(throughput_metrics(tok_s, flops_token, device))
-            values.update({f"lr/{k}": v for k, v in step_lrs.items()})
-            values.update({f"grad_norm/{k}": v for k, v in client_opt.last_grad_norms.items()})
-            values.update({f"clip_coef/{k}": v for k, v in client_opt.last_clip_coefs.items()})
-            values.update(engine.module.stability_stats())
-            values.update(tuner.metrics())  # AdaLoRA ranks, AdaMoLE expert use
-            values.update(
-                {f"tokens/{n}": c for n, c in zip(source_names, train_sampler.tokens_seen(step + 1))}
-            )
-            record = metrics.log(step + 1, values)
-            result.train_losses[step + 1] = record["loss"]
-            window_t0, window_steps, paused_s = time.perf_counter(), 0, 0.0
-            if bar is not None:
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tok_s:,.0f}")
-
+            tok_s = window.close(t.tokens_per_step(tr.world))
+            record = metrics.log(step, _log_record(tr, step, step_loss, lrs, tok_s))
+            result.train_losses[step] = record["loss"]
+            progress.postfix(record["loss"], tok_s)
         pause_t0 = time.perf_counter()
         if evals:
-            val = evaluate(engine, val_sampler, t.eval_batches, device, packed)
-            metrics.log(step + 1, {"val_loss": val}, kind="eval")
-            result.val_losses[step + 1] = val
-            if bar is not None:
-                bar.write(f"step {step + 1}: val loss {val:.4f}")
+            result.val_losses[step] = val = evaluate(tr, t.eval_batches)
+            metrics.log(step, {"val_loss": val}, kind="eval")
+            progress.write(f"step {step}: val loss {val:.4f}")
         if saves:
-            save_checkpoint(engine, ckpt_dir, step + 1, rank, {"config": cfg.to_dict()})
-            last_saved = step + 1
-        paused_s += time.perf_counter() - pause_t0
-
-    if bar is not None:
-        bar.close()
+            save_checkpoint(tr.engine, tr.ckpt_dir, step, tr.rank, {"config": cfg.to_dict()})
+            last_saved = step
+        window.paused_s += time.perf_counter() - pause_t0
+    progress.close()
     metrics.close()
-    result.tokens_per_s = tokens_per_step * total_steps / max(total_s, 1e-9)
-    if rank == 0:
-        summary = {
-            "steps": result.steps,
-            "last_checkpoint_step": last_saved,
-            "skipped_steps": result.skipped_steps,
-            "final_train_loss": result.train_losses.get(result.steps),
-            "final_val_loss": result.val_losses.get(result.steps),
-            "tokens_per_s": result.tokens_per_s,
-            "rules_version": RULES_VERSION,
-        }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    result.tokens_per_s = t.tokens_per_step(tr.world) * window.total_steps / max(window.total_s, 1e-9)
+    if tr.rank == 0:
+        rundir.write_summary(tr.run_dir, _summary(result, last_saved))
     return result
+
+
+def _summary(result: TrainResult, last_saved: int) -> dict:
+    return {
+        "steps": result.steps,
+        "last_checkpoint_step": last_saved,
+        "skipped_steps": result.skipped_steps,
+        "final_train_loss": result.train_losses.get(result.steps),
+        "final_val_loss": result.val_losses.get(result.steps),
+        "tokens_per_s": result.tokens_per_s,
+        "rules_version": RULES_VERSION,
+    }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -106,7 +106,7 @@ def assert_resume_is_bitwise(
     overrides: list[str], tmp_path, monkeypatch, *, steps: int, crash_step: int
 ) -> None:
     """A run cut after the checkpoint of ``crash_step`` and resumed logs the uninterrupted run's losses bit for bit."""
-    from mupfast.metrics import read_metrics
+    from mupfast.rundir import read_metrics
 
     full = tiny_config(*overrides, tmp_path=tmp_path / "full")
     import mupfast.train as trainer

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from mupfast.engine import free_port
+from mupfast.distributed.engine import free_port
 
 
 def pg_bindir() -> Path | None:

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import mupfast.train as trainer
-from mupfast.activation_checkpoint import apply_activation_checkpointing, checkpointed_blocks
-from mupfast.metrics import read_metrics
+from mupfast.distributed.activation_checkpoint import apply_activation_checkpointing, checkpointed_blocks
 from mupfast.model import build_model
+from mupfast.rundir import read_metrics
 from tests.helpers import tiny_config
 from tests.test_train import _deepspeed_run
 

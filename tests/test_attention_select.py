@@ -17,8 +17,8 @@ import textwrap
 import pytest
 import torch
 
-from mupfast import attention_select as sel
-from mupfast.attention_select import CANDIDATES, BackendSelector, ShapeKey, run_attention, select_backend
+import mupfast.ops.attention_select as sel
+from mupfast.ops.attention_select import CANDIDATES, BackendSelector, ShapeKey, run_attention, select_backend
 from tests.helpers import ROOT
 
 VERSIONS = {"torch": "9.9", "triton": "3.9", "flash_attn": "absent", "mupfast_attention_kernel": "abc"}
@@ -284,7 +284,7 @@ WORKER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from mupfast.attention_select import BackendSelector, ShapeKey
+    from mupfast.ops.attention_select import BackendSelector, ShapeKey
     calls = []
     def timer(name, key):
         calls.append(name)

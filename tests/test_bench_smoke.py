@@ -18,7 +18,7 @@ from typing import NamedTuple
 import pytest
 
 from mupfast.config import load_config
-from mupfast.flops import flops_per_token
+from mupfast.model.flops import flops_per_token
 from tests.helpers import ROOT, run_bench_smoke, subprocess_env
 
 
@@ -76,7 +76,7 @@ def check_cross_entropy(result, out_dir):
 
 def check_e2e(result, out_dir):
     notes = result["meta"]["notes"]
-    assert "SMOKE RUN" in notes and "mupfast.flops" in notes
+    assert "SMOKE RUN" in notes and "mupfast.model.flops" in notes
     rows = {r["variant"]: r for r in result["rows"]}
     tiny = load_config(ROOT / "configs" / "tiny.yaml")
     fpt = flops_per_token(tiny.model, tiny.train.seq_len)  # the smoke run keeps the config's seq_len

@@ -8,12 +8,12 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import mupfast.train as trainer
-from mupfast.activation_checkpoint import apply_activation_checkpointing
 from mupfast.config import with_overrides
-from mupfast.metrics import read_metrics
+from mupfast.distributed.activation_checkpoint import apply_activation_checkpointing
+from mupfast.distributed.compile import compile_blocks
 from mupfast.model import build_model, set_forward_multipliers
 from mupfast.parametrization import multipliers, rules_for
-from mupfast.regional_compile import compile_blocks
+from mupfast.rundir import read_metrics
 from tests.helpers import tiny_config
 
 

@@ -1,4 +1,4 @@
-"""The config loader and every cross-field rule of ``mupfast.config_validate``, one message each."""
+"""The config loader and every cross-field rule of ``mupfast.config.validate``, one message each."""
 
 from __future__ import annotations
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 import mupfast.train as trainer
-from mupfast.engine import free_port
+from mupfast.distributed.engine import free_port
 from mupfast.errors import CheckpointError
-from mupfast.metrics import read_metrics
+from mupfast.rundir import read_metrics
 from tests.helpers import deepspeed_cmd, subprocess_env, tiny_config, write_config
 
 FAST = ["train.log_every=1", "train.eval_every=0", "schedule.warmup_steps=2", "optim.lr=3e-3"]

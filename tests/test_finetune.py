@@ -15,12 +15,12 @@ from mupfast.errors import ConfigError
 from mupfast.export.load import read_checkpoint_weights
 from mupfast.finetune.adapters import attach_adapters
 from mupfast.finetune.attach import load_base_weights
+from mupfast.finetune.finetune import finetune_config
 from mupfast.finetune.lora import AdaptedLinear, LoraAdapter
-from mupfast.finetune.run import finetune_config
-from mupfast.metrics import read_metrics
 from mupfast.model import build_model
 from mupfast.optim import build_param_groups
 from mupfast.parametrization import ADAPTER_MARK
+from mupfast.rundir import read_metrics
 from tests.helpers import tiny_config
 
 MUP = ["model.parametrization=mup", "model.mup_base_hidden_size=32", "model.mup_base_filter_size=64"]

@@ -15,7 +15,7 @@ import yaml
 from mupfast.cli import main
 from mupfast.data import BatchSampler, prepare_sources
 from mupfast.finetune.data import completion_only, is_prompt_completion, prepare_finetune_data
-from mupfast.finetune.run import finetune_config
+from mupfast.finetune.finetune import finetune_config
 from mupfast.model import build_model
 from tests.test_finetune import make_base_run
 

@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 import mupfast.train as trainer
-from mupfast.engine import free_port
+from mupfast.distributed.engine import free_port
 from mupfast.finetune.data import prepare_finetune_data
-from mupfast.finetune.run import finetune_config
-from mupfast.metrics import read_metrics
+from mupfast.finetune.finetune import finetune_config
+from mupfast.rundir import read_metrics
 from tests.helpers import deepspeed_cmd, subprocess_env
 from tests.test_finetune import make_base_run
 from tests.test_finetune_data import write_jsonl
@@ -57,7 +57,7 @@ def test_two_rank_adalora_matches_one_process(tmp_path):
         "2",
         "--master_port",
         str(free_port()),
-        module="mupfast.finetune.run",
+        module="mupfast.finetune.finetune",
     )
     cmd += ["--run", str(base_run), f"data.dir={tmp_path}/data2", f"train.run_dir={tmp_path}/two"]
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)

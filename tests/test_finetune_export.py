@@ -20,7 +20,7 @@ from mupfast.errors import ConfigError
 from mupfast.export import export_run
 from mupfast.finetune.adapters import attach_adapters
 from mupfast.finetune.attach import load_base_weights
-from mupfast.finetune.run import finetune_config
+from mupfast.finetune.finetune import finetune_config
 from mupfast.model import build_model
 from tests.helpers import tiny_config
 

@@ -1,4 +1,4 @@
-"""mupfast.flops (issue 18, point 4): the FLOP count per token against counts taken from real models
+"""mupfast.model.flops (issue 18, point 4): the FLOP count per token against counts taken from real models
 (the Linear layers each token passes through; torch's FlopCounterMode over a training step), the
 attention term's scaling, and the nominal-peak lookup behind MFU."""
 
@@ -11,15 +11,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from mupfast.config import load_config
-from mupfast.flops import (
+from mupfast.model import Transformer, build_model
+from mupfast.model.flops import (
     attention_flops_per_token,
     flops_per_token,
     matmul_params_per_token,
     peak_bf16_tflops,
     throughput_metrics,
 )
-from mupfast.model import Transformer, build_model
-from mupfast.moe import SqrtGateMoE
+from mupfast.model.moe import SqrtGateMoE
 from tests.helpers import ROOT, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-import mupfast.checks.horizon as horizon
+import mupfast.checks.horizon_check as horizon
 from mupfast.cli import main as cli_main
 from mupfast.errors import ConfigError
 from mupfast.parametrization import hyperp_transfer

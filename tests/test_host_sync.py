@@ -19,7 +19,7 @@ import mupfast
 import mupfast.kernels
 import mupfast.train as trainer
 from mupfast.data import BatchSampler
-from mupfast.metrics import read_metrics
+from mupfast.rundir import read_metrics
 from tests.helpers import tiny_config
 
 OURS = (str(Path(mupfast.__file__).parent), *map(str, mupfast.kernels.__path__))  # kernels: a namespace

@@ -1,4 +1,4 @@
-"""benchmarks/hparam_transfer.py: a non-lr hyperparameter gridded at two widths, through the trainer.
+"""experiments/hparam_transfer.py: a non-lr hyperparameter gridded at two widths, through the trainer.
 
 Three steps per run at widths 32 and 64: what is checked is the bookkeeping — every run trained once,
 each width's optimum the lowest of its own curve, the drift the distance between them, a rerun
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 
-from benchmarks.hparam_transfer import main
+from experiments.hparam_transfer import main
 
 FLAGS = ["--widths", "32,64", "--values", "1,4", "--seeds", "1", "--jobs", "1", "--set",
          "model.embeddings_scale=1", "optim.lr=2^-8", "train.steps=3", "schedule.warmup_steps=1",

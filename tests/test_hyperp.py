@@ -13,10 +13,10 @@ import mupfast.train as trainer
 from mupfast.config import with_overrides
 from mupfast.errors import ConfigError
 from mupfast.explain import format_table, rules_table, table_json
-from mupfast.metrics import read_metrics
 from mupfast.optim import base_lr, build_optimizer
+from mupfast.optim.schedules import build_schedule
 from mupfast.parametrization import MUON_COMPONENTS, hyperp_own_bases, hyperp_transfer, multipliers
-from mupfast.schedules import build_schedule
+from mupfast.rundir import read_metrics
 from tests.helpers import assert_resume_is_bitwise, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

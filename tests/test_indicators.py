@@ -5,8 +5,8 @@ outlier share of the residual stream, computed on device during the training for
 import pytest
 import torch
 
-from mupfast.indicators import outlier_share
 from mupfast.model import build_model
+from mupfast.model.indicators import outlier_share
 from tests.helpers import tiny_config
 
 
@@ -103,8 +103,8 @@ def test_torch_attention_z_is_computed_only_when_the_indicators_are_read():
 
 def test_the_trainer_keeps_q_k_only_for_the_steps_it_logs(tmp_path, monkeypatch):
     import mupfast.train as trainer
-    from mupfast.metrics import read_metrics
     from mupfast.model import Transformer
+    from mupfast.rundir import read_metrics
 
     kept_at = []
     original = Transformer.record_indicators

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import mupfast.optim.muon as muon
+from mupfast.distributed.zero_shards import GroupShards, contiguous_fragments
 from mupfast.errors import ConfigError
 from mupfast.kernels import newton_schulz as ns_kernel
 from mupfast.kernels.newton_schulz import newton_schulz_triton, syrk
 from mupfast.model import build_model
 from mupfast.optim import build_optimizer
 from mupfast.optim.muon_sharded import muon_sphere_update_sharded
-from mupfast.optim.zero_shards import GroupShards, contiguous_fragments
 from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from mupfast.config import load_config
-from mupfast.engine import ds_config
+from mupfast.distributed.engine import ds_config
 from mupfast.errors import ConfigError
-from mupfast.metrics import read_metrics
+from mupfast.rundir import read_metrics
 from tests.helpers import ROOT, subprocess_env, tiny_config, write_config
 
 LAUNCH = ROOT / "launch"

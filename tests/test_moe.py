@@ -12,11 +12,11 @@ import torch
 import mupfast.train as trainer
 from mupfast.errors import ConfigError
 from mupfast.explain import format_table, rules_table
-from mupfast.metrics import read_metrics
 from mupfast.model import build_model
-from mupfast.moe import SqrtGateMoE, reference_moe
+from mupfast.model.moe import SqrtGateMoE, reference_moe
 from mupfast.optim import build_optimizer
 from mupfast.parametrization import COMPONENTS, multipliers
+from mupfast.rundir import read_metrics
 from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

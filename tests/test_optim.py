@@ -7,8 +7,8 @@ import torch
 
 from mupfast.model import build_model
 from mupfast.optim import ClipAdamW, build_optimizer, build_param_groups
+from mupfast.optim.schedules import GroupLR, build_schedule
 from mupfast.parametrization import hyperp_transfer
-from mupfast.schedules import GroupLR, build_schedule
 from tests.helpers import tiny_config
 
 MUP = ["model.hidden_size=64", "model.mup_base_hidden_size=16", "model.mup_base_filter_size=32"]

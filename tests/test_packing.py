@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mupfast.data.packing import document_ids, position_ids
-from mupfast.indicators import attention_lse
 from mupfast.model import build_model
+from mupfast.model.indicators import attention_lse
 from tests.helpers import assert_resume_is_bitwise, tiny_config
 
 EOS = 0
@@ -122,7 +122,7 @@ def test_the_trainer_with_document_masking_resumes_bitwise(tmp_path, monkeypatch
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_cuda_torch_path_uses_flex_attention_with_the_same_result():
-    from mupfast.model import document_attention, document_mask
+    from mupfast.ops.attention import document_attention, document_mask
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 256, 64, device="cuda", requires_grad=True) for _ in range(3))

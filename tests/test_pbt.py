@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-import mupfast.mutransfer.pbt as pbt_module
-import mupfast.mutransfer.pbt_member as member_module
+import mupfast.tuning.pbt.member as member_module
+import mupfast.tuning.pbt.pbt as pbt_module
 from mupfast.cli import main
 from mupfast.config import load_config
 from mupfast.errors import ConfigError
-from mupfast.mutransfer.pbt_plan import check_settings, explore, make_plan, quantile_size
-from mupfast.mutransfer.pbt_schema import Segment
-from mupfast.mutransfer.space import Range, parse_space
+from mupfast.tuning.pbt.plan import check_settings, explore, make_plan, quantile_size
+from mupfast.tuning.pbt.schema import Segment
+from mupfast.tuning.space import Range, parse_space
 
 ROOT = Path(__file__).resolve().parents[1]
 PROXY = ROOT / "configs" / "proxy-cpu.yaml"
@@ -71,7 +71,7 @@ finally:
 DRIVER = r"""
 import sys
 sys.path.insert(0, {root!r})
-import mupfast.mutransfer.pbt_member as m
+import mupfast.tuning.pbt.member as m
 m.train_command = lambda config_path, launcher, gpus: [sys.executable, {fake!r}, str(config_path)]
 from mupfast.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -351,7 +351,7 @@ def test_crashed_and_nonfinite_members_are_replaced_and_counted(tmp_path, fake, 
 
 
 def test_the_lineage_follows_the_weights_back_to_generation_zero(tmp_path, fake):
-    from mupfast.mutransfer.pbt_report import lineage
+    from mupfast.tuning.pbt.report import lineage
 
     store = run_pbt(tmp_path, population=4, interval=1, steps=4, jobs=2)  # two worker threads
     assert {s.worker.rsplit(":", 1)[1] for s in store.segments()} == {"0", "1"}
@@ -368,7 +368,7 @@ def test_the_lineage_follows_the_weights_back_to_generation_zero(tmp_path, fake)
 
 
 def test_transfer_pbt_writes_the_lineage_lr_schedule_as_fractions_of_the_target_run(tmp_path, fake, capsys):
-    from mupfast.mutransfer.pbt_report import lineage
+    from mupfast.tuning.pbt.report import lineage
 
     store = run_pbt(tmp_path, population=4, interval=2, steps=8)
     lin = lineage(store)
@@ -384,7 +384,7 @@ def test_transfer_pbt_writes_the_lineage_lr_schedule_as_fractions_of_the_target_
     assert cfg.model.embeddings_scale == entries[-1]["hparams"]["embeddings_scale"]  # the final value
     assert cfg.model.mup_base_hidden_size == 32 and cfg.model.hidden_size == 256
     assert cfg.train.steps == 400 and cfg.schedule.warmup_steps == round(2 * 400 / 8)  # rescaled
-    from mupfast.schedules import piecewise_starts
+    from mupfast.optim.schedules import piecewise_starts
 
     starts = [s for s, _ in piecewise_starts(cfg.schedule.piecewise, cfg.train.steps)]
     assert starts == [0, 100, 200, 300]  # generation g of the proxy's 8 steps → step g·100 of 400
@@ -398,7 +398,7 @@ def test_transfer_pbt_refuses_an_unfinished_study(tmp_path, fake, capsys):
     store = run_pbt(tmp_path, population=2, interval=2, steps=4)
     from sqlalchemy import update
 
-    from mupfast.mutransfer.pbt_schema import studies
+    from mupfast.tuning.pbt.schema import studies
 
     with store.engine.begin() as c:  # as if the last generation were still running
         c.execute(update(studies).values(generation=1))

@@ -8,8 +8,8 @@ import sys
 import threading
 import time
 
-from mupfast.mutransfer.pbt_schema import worker_id
-from mupfast.mutransfer.pbt_store import PbtStore
+from mupfast.tuning.pbt.schema import worker_id
+from mupfast.tuning.pbt.store import PbtStore
 from tests.postgres import postgres_server
 from tests.test_pbt import DRIVER, FAKE_TRAINER, PROXY, ROOT, SPACE, fake, run_pbt, seg, tiny  # noqa: F401
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-import mupfast.mutransfer.pbt as pbt_module
+import mupfast.tuning.pbt.pbt as pbt_module
 from mupfast.cli import main
 from mupfast.config import load_config
-from mupfast.mutransfer.pbt_store import PbtStore
-from mupfast.mutransfer.space import parse_space
+from mupfast.tuning.pbt.store import PbtStore
+from mupfast.tuning.space import parse_space
 from tests.test_pbt import PROXY, TARGET, tiny
 
 

@@ -15,12 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-import mupfast.data.prepare as prepare_module
+import mupfast.data.prepare_data as prepare_module
 from mupfast.config import DataConfig
 from mupfast.data import BPETokenizer, TokenShard, prepare_data
 from mupfast.data.shards import HEADER_BYTES, MAGIC
 from mupfast.errors import ConfigError, DataError
-from mupfast.metrics import read_metrics
+from mupfast.rundir import read_metrics
 from tests.helpers import assert_resume_is_bitwise, tiny_config
 
 EXTRA = 70_000  # added tokens: the vocabulary passes 65,536, so ids are stored as uint32

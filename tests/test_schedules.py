@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mupfast.config import ScheduleConfig
-from mupfast.schedules import (
+from mupfast.optim.schedules import (
     KINDS,
     GroupLR,
     build_schedule,

@@ -4,8 +4,8 @@ grad-norm ratio, peak |logit|, and the ranking that passes over a 'lowest loss b
 import optuna
 import pytest
 
-from mupfast.mutransfer.report import collect, rank, report
-from mupfast.mutransfer.stability import Thresholds, judge, run_stability, running_ratios
+from mupfast.tuning.stability import Thresholds, judge, run_stability, running_ratios
+from mupfast.tuning.sweep.report import collect, rank, report
 
 
 def records(losses, grad=None, logits=None, events=()):

@@ -11,14 +11,14 @@ import optuna
 import pytest
 import yaml
 
-import mupfast.mutransfer.sweep as sweep_module
-import mupfast.mutransfer.trial as trial_module
+import mupfast.tuning.sweep.sweep as sweep_module
+import mupfast.tuning.trial as trial_module
 from mupfast.cli import main
 from mupfast.config import load_config
 from mupfast.errors import ConfigError
-from mupfast.metrics import read_metrics
-from mupfast.mutransfer.space import SPACE_KEYS, load_space
-from mupfast.mutransfer.storage import open_storage
+from mupfast.rundir import read_metrics
+from mupfast.tuning.space import SPACE_KEYS, load_space
+from mupfast.tuning.storage import open_storage
 from tests.postgres import postgres_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,7 +253,7 @@ def test_tpe_models_the_results_after_its_startup_trials():
     it is random search unless --startup-trials is lower."""
     import optuna
 
-    from mupfast.mutransfer.sweep import make_sampler
+    from mupfast.tuning.sweep.sweep import make_sampler
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
 

@@ -12,8 +12,8 @@ import torch
 import yaml
 
 import mupfast.train as trainer
-from mupfast.engine import free_port
-from mupfast.metrics import read_metrics
+from mupfast.distributed.engine import free_port
+from mupfast.rundir import read_metrics
 from tests.helpers import (
     crash_after_checkpoint_then_resume,
     deepspeed_cmd,

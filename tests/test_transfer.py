@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import mupfast.checks.grid_runs as grid_runs
-import mupfast.checks.transfer_test as transfer_test
+import mupfast.checks.transfer_check as transfer_test
 import mupfast.train as trainer
+import mupfast.tuning.launch as grid_runs
 from mupfast.checks.transfer_plot import table_lines
 from mupfast.cli import main as cli_main
 from mupfast.errors import ConfigError, TrainingError
@@ -181,7 +181,7 @@ def test_hyperp_points_grid_the_base_lr_at_the_smallest_models_own_batch_depth_a
 
 
 def test_equal_compute_comparison_takes_each_parametrizations_own_optimum_and_its_seed_spread(tmp_path):
-    from mupfast.checks.equal_compute import best_per_size, markdown_table
+    from experiments.equal_compute import best_per_size, markdown_table
 
     def curve(losses_per_seed, lrs):
         means = [sum(v) / len(v) for v in losses_per_seed]

@@ -13,9 +13,9 @@ import yaml
 from mupfast.cli import main
 from mupfast.config import config_from_dict
 from mupfast.errors import ConfigError
-from mupfast.flops import flops_per_token
-from mupfast.mutransfer.compare import parse_mup_lr_grid, trial_steps
-from mupfast.mutransfer.compare_result import MAX_FLOPS_RATIO, MAX_TRANSFER_GAP_PCT, derive, verdicts
+from mupfast.model.flops import flops_per_token
+from mupfast.tuning.transfer_compare.result import MAX_FLOPS_RATIO, MAX_TRANSFER_GAP_PCT, derive, verdicts
+from mupfast.tuning.transfer_compare.transfer_compare import parse_mup_lr_grid, trial_steps
 
 STEPS, TRIALS, TOP = 12, 4, 2
 SP_LRS = [2**-9, 2**-8, 2**-7, 2**-6]
@@ -227,9 +227,9 @@ def test_a_reseed_run_at_the_trials_own_seed_measures_the_trials_value(compared,
     """What the ranking averages is comparable: the re-seed runner at offset 0 retrains a trial
     and finds the val loss the sweep recorded for it."""
     _, _, r = compared
-    from mupfast.checks.grid_runs import run_points
-    from mupfast.mutransfer.compare_runs import seed_points
-    from mupfast.mutransfer.trial import trial_config
+    from mupfast.tuning.launch import run_points
+    from mupfast.tuning.transfer_compare.runs import seed_points
+    from mupfast.tuning.trial import trial_config
 
     study = optuna.load_study(study_name=r["proxy"]["study"], storage=r["proxy"]["storage"])
     proxy = config_from_dict(study.user_attrs["proxy_config"])

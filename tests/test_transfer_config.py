@@ -12,8 +12,8 @@ import pytest
 from mupfast.cli import main
 from mupfast.config import load_config, with_overrides
 from mupfast.explain import rules_table
-from mupfast.mutransfer.stability import run_stability
 from mupfast.parametrization import hyperp_transfer, multipliers
+from mupfast.tuning.stability import run_stability
 from tests.test_stability import SMOOTH, records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,7 +210,7 @@ def test_hyperp_lr_does_not_transfer_to_an_adamw_target_or_back(tmp_path, capsys
 
 
 def test_fixed_kv_heads_transfer_as_the_proxys_so_k_and_v_stay_output_like(tmp_path):
-    from mupfast.mutransfer.transfer_values import transferred_values
+    from mupfast.tuning.transfer.values import transferred_values
 
     proxy = load_config(PROXY, ["model.num_kv_heads=1"])  # 2 heads at width 64: one kv head
     target = load_config(TARGET, ["model.num_kv_heads=1", "model.mup_base_num_kv_heads=1"])

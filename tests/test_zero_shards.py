@@ -9,11 +9,16 @@ import pytest
 import torch
 
 import mupfast.train as trainer
-from mupfast.metrics import read_metrics
+from mupfast.distributed.zero_shards import (
+    GroupShards,
+    ZeroLayoutError,
+    contiguous_fragments,
+    per_tensor_fragments,
+)
 from mupfast.optim.muon import muon_sphere_update
 from mupfast.optim.muon_sharded import muon_sphere_update_sharded
 from mupfast.optim.sphere import adam_sphere_update
-from mupfast.optim.zero_shards import GroupShards, ZeroLayoutError, contiguous_fragments, per_tensor_fragments
+from mupfast.rundir import read_metrics
 from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -189,7 +194,7 @@ def test_two_rank_zero_hyperp_matches_single_process_with_one_norm_collective(tm
     for r in (0, 1):
         counts = json.loads((run / f"collectives_rank{r}.json").read_text())
         # the clip norms of every group: one all-reduce per step, issued before DeepSpeed's group loop
-        assert counts.get("mupfast.optim.zero_shards.all_reduce") == 4, counts
+        assert counts.get("mupfast.distributed.zero_shards.all_reduce") == 4, counts
         assert "mupfast.optim.optimizer.all_reduce" not in counts, counts
         # Muon: per group and step one gather of the look-ahead and one reduce-scatter of the results;
         # every sphere group: two norm reductions

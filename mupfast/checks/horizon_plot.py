@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mupfast.checks.grid_runs import mean_loss
+from mupfast.tuning.launch import mean_loss
 
 
 def summary_lines(result: dict) -> list[str]:

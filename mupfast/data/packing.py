@@ -12,7 +12,15 @@ at that position sees only the document the EOS ends.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
+
+from mupfast.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mupfast.config.schema import DataConfig
 
 
 def document_ids(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -30,3 +38,25 @@ def position_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
     return idx - first
+
+
+def packed_inputs(data: DataConfig, eos_id: int | None) -> Callable[[torch.Tensor], dict]:
+    """What a batch's input ids tell the model besides themselves: the document of every token
+    (data.document_masking) and its position in it (data.reset_position_ids), read off the EOS that
+    ends each document."""
+    if not (data.document_masking or data.reset_position_ids):
+        return lambda x: {}
+    if eos_id is None:
+        raise ConfigError(
+            "data.document_masking: the prepared data has no end-of-document token (prepared by an older "
+            "mupfast); prepare it again"
+        )
+
+    def model_kwargs(x: torch.Tensor) -> dict:
+        docs = document_ids(x, eos_id)
+        out = {"doc_ids": docs} if data.document_masking else {}
+        if data.reset_position_ids:
+            out["position_ids"] = position_ids(docs)
+        return out
+
+    return model_kwargs

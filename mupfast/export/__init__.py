@@ -5,13 +5,13 @@
 * :mod:`~mupfast.export.fold`: every μP forward multiplier folded into the weights, and the check
   that the folded model computes the same logits.
 * :mod:`~mupfast.export.layouts`: the Llama and GPT-2 tensor names and ``config.json``.
-* :mod:`~mupfast.export.to_hf`: ``mupfast export``, writing all of it as safetensors.
+* :mod:`~mupfast.export.export`: ``mupfast export``, writing all of it as safetensors.
 * :mod:`~mupfast.export.generate`: ``mupfast generate``, sampling with the model's KV cache.
 """
 
+from mupfast.export.export import export_run
 from mupfast.export.fold import check_folding, fold_multipliers
 from mupfast.export.layouts import layout_for
 from mupfast.export.load import load_run, run_tokenizer
-from mupfast.export.to_hf import export_run
 
 __all__ = ["check_folding", "export_run", "fold_multipliers", "layout_for", "load_run", "run_tokenizer"]

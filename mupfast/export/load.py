@@ -3,7 +3,7 @@
 :func:`load_run` rebuilds the model from ``RUN/config.yaml`` and loads the latest DeepSpeed
 checkpoint into it (ZeRO 0–2 from the one model-states file, ZeRO-3 consolidated with DeepSpeed's
 ``zero_to_fp32``), always with ``torch.load(weights_only=True)``. ``mupfast export`` and
-``mupfast generate`` both start here; every problem is a :class:`~mupfast.engine.CheckpointError` or
+``mupfast generate`` both start here; every problem is a :class:`~mupfast.errors.CheckpointError` or
 :class:`~mupfast.config.ConfigError` with a one-line message naming the file.
 """
 
@@ -20,10 +20,11 @@ from typing import Any
 import torch
 
 from mupfast.config import Config, ModelConfig, config_from_dict, read_raw_config
-from mupfast.config_validate import validate
-from mupfast.engine import checkpoint_dir, deepspeed_checkpoint_types, latest_tag
+from mupfast.config.validate import validate
+from mupfast.distributed.checkpoint import deepspeed_checkpoint_types
 from mupfast.errors import CheckpointError, ConfigError
 from mupfast.model import Transformer
+from mupfast.rundir import checkpoint_dir, latest_tag
 
 
 @dataclass

@@ -8,9 +8,9 @@
 * :mod:`~mupfast.finetune.attach`: the base run's weights and the trainer's hooks.
 * :mod:`~mupfast.finetune.merge`: adapters merged into the weights, or written as a PEFT folder.
 * :mod:`~mupfast.finetune.data`: prompt/completion JSON Lines, loss on the completions only.
-* :mod:`~mupfast.finetune.run`: ``mupfast finetune --run BASE_RUN --config FT.yaml``.
+* :mod:`~mupfast.finetune.finetune`: ``mupfast finetune --run BASE_RUN --config FT.yaml``.
 * :mod:`~mupfast.finetune.config_check`: the checks of the ``finetune`` config section.
 
-Nothing is imported here: ``mupfast.config_validate`` reaches the config checks without loading
+Nothing is imported here: ``mupfast.config.validate`` reaches the config checks without loading
 the adapters (the trainer imports :mod:`~mupfast.finetune.attach` itself).
 """

@@ -1,4 +1,4 @@
-"""Checks of the ``finetune`` config section (called by :func:`mupfast.config_validate.validate`).
+"""Checks of the ``finetune`` config section (called by :func:`mupfast.config.validate.validate`).
 
 The base run's directory is not checked here (a fine-tuned run exported on another machine must
 load); the trainer checks it when it loads the base weights.

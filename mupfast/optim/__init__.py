@@ -3,10 +3,10 @@
 * :mod:`~mupfast.optim.groups`: groups from the rules table (lr/wd multipliers, clip norm) and the
   base lr they scale.
 * :mod:`~mupfast.optim.optimizer`: :class:`ClipAdamW`, per-group clipping fused into AdamW, and
-  :func:`build_optimizer`, which attaches the :class:`~mupfast.schedules.GroupLR` that sets its lrs.
+  :func:`build_optimizer`, which attaches the :class:`~mupfast.optim.schedules.GroupLR` that sets its lrs.
 * hyperp's matrices: :mod:`~mupfast.optim.muon` (MuonH), :mod:`~mupfast.optim.sphere` (the sphere
   step MuonH and AdamH share), :mod:`~mupfast.optim.muon_sharded` (MuonH on ZeRO partitions).
-* :mod:`~mupfast.optim.zero_shards`: what DeepSpeed's ZeRO optimizers hand ours (one norm
+* :mod:`~mupfast.distributed.zero_shards`: what DeepSpeed's ZeRO optimizers hand ours (one norm
   collective per step; where each matrix's slices sit in a flat partition).
 """
 

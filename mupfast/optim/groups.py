@@ -3,7 +3,7 @@
 One group per component (or per layer × component). Each group carries ``name``, ``component``,
 ``lr_mult``, ``wd_mult``, ``optimizer`` (adamw, or hyperp's sphere optimizers) and
 ``max_grad_norm``; its ``weight_decay`` is optim.weight_decay × wd_mult. A group's ``lr`` is not
-written here: :class:`~mupfast.schedules.GroupLR` alone sets it, to ``base_lr · schedule(t) · lr_mult``.
+written here: :class:`~mupfast.optim.schedules.GroupLR` alone sets it, to ``base_lr · schedule(t) · lr_mult``.
 """
 
 from __future__ import annotations

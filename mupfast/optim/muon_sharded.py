@@ -1,7 +1,7 @@
 """MuonH on a ZeRO partition: the update of ``mupfast.optim.muon.muon_sphere_update``, matrix by matrix.
 
 Under ZeRO each rank holds a flat slice of a group that cuts through its matrices
-(``mupfast.optim.zero_shards.GroupShards`` says where). Momentum and the Nesterov look-ahead are
+(``mupfast.distributed.zero_shards.GroupShards`` says where). Momentum and the Nesterov look-ahead are
 elementwise, so each rank keeps them for its own slice only. Newton–Schulz needs whole matrices:
 per group and step the look-ahead partitions are all-gathered, each matrix is orthogonalised once
 by one of the ranks holding a piece of it (``GroupShards.owned``: flops balanced greedily), and a
@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from mupfast.distributed.zero_shards import GroupShards
 from mupfast.optim.muon import MOMENTUM, nesterov_look_ahead, newton_schulz
 from mupfast.optim.sphere import sphere_step
-from mupfast.optim.zero_shards import GroupShards
 
 
 def _reduce_scatter(rows: torch.Tensor, group) -> torch.Tensor:

@@ -3,7 +3,7 @@
 :class:`ClipAdamW` clips each group's gradient norm to its own ``max_grad_norm`` and applies
 AdamW in one fused pass (``mupfast.kernels.clip_adamw``). Under ZeRO 1–3 each rank holds a
 partition of every group, so the per-group squared norms are all-reduced first, all groups in one
-collective (``mupfast.optim.zero_shards.attach`` computes them before DeepSpeed's per-group loop).
+collective (``mupfast.distributed.zero_shards.attach`` computes them before DeepSpeed's per-group loop).
 Groups whose rule says ``optimizer = "muon_sphere"`` (hyperp's hidden matrices) take the
 Muon-on-the-sphere update of ``mupfast.optim.muon`` instead, with the same per-group clipping; under ZeRO
 their flat partitions go through ``mupfast.optim.muon_sharded``, which gathers whole matrices.
@@ -22,9 +22,9 @@ from mupfast.kernels import clip_adamw as fused
 from mupfast.optim.groups import base_lr, build_param_groups
 from mupfast.optim.muon import muon_sphere_update
 from mupfast.optim.muon_sharded import muon_sphere_update_sharded
+from mupfast.optim.schedules import GroupLR, build_schedule
 from mupfast.optim.sphere import adam_sphere_update
 from mupfast.parametrization import SPHERE_OPTIMIZERS
-from mupfast.schedules import GroupLR, build_schedule
 
 
 class ClipAdamW(torch.optim.Optimizer):
@@ -36,7 +36,7 @@ class ClipAdamW(torch.optim.Optimizer):
     After each step ``last_grad_norms`` and ``last_clip_coefs`` hold the pre-clip norm and the
     coefficient of every group (device tensors, keyed by group name).
 
-    Every group's ``lr`` is set by a :class:`~mupfast.schedules.GroupLR` (``build_optimizer``
+    Every group's ``lr`` is set by a :class:`~mupfast.optim.schedules.GroupLR` (``build_optimizer``
     attaches one); the optimizer has no lr of its own, and a group without one is an error.
     The other group hyperparameters (``betas``, ``eps``, ``weight_decay``, ``max_grad_norm``) are read
     from ``param_groups`` at every step, per group, as in torch's optimizers: a change made between
@@ -72,7 +72,7 @@ class ClipAdamW(torch.optim.Optimizer):
         # Every group's clip threshold by slot, refreshed from the groups of each step (a group DeepSpeed
         # does not show this step keeps its last value; it is not clipped in this call anyway).
         self._max_norms = [g["max_grad_norm"] for g in self.param_groups]
-        # Set by mupfast.optim.zero_shards.attach under ZeRO: every group's all-reduced squared norm for
+        # Set by mupfast.distributed.zero_shards.attach under ZeRO: every group's all-reduced squared norm for
         # the step in progress, and the layout of each flat partition (for Muon).
         self.pending_sq_norms: torch.Tensor | None = None
         self.shards: dict = {}
@@ -223,7 +223,7 @@ class ClipAdamW(torch.optim.Optimizer):
     def _lr(group: dict) -> float:
         if "lr" not in group:
             raise RuntimeError(
-                f"group {group['name']} has no lr: a GroupLR (mupfast.schedules) sets every group's lr"
+                f"group {group['name']} has no lr: a GroupLR (mupfast.optim.schedules) sets every group's lr"
             )
         return group["lr"]
 
@@ -290,7 +290,7 @@ def build_optimizer(
 ) -> ClipAdamW:
     """The clip+AdamW optimizer over the model's μP parameter groups (hyperp: Muon for its matrices).
 
-    Its lrs come from ``optimizer.lr_schedule``, a :class:`~mupfast.schedules.GroupLR` over the
+    Its lrs come from ``optimizer.lr_schedule``, a :class:`~mupfast.optim.schedules.GroupLR` over the
     config's schedule with the base lr of :func:`~mupfast.optim.groups.base_lr` at ``world_size``
     ranks (hyperp's batch counts every rank's tokens): each group's lr is base · schedule(t) · lr_mult,
     set now for t = 0 and at each ``lr_schedule.step()``. The trainer hands that scheduler to DeepSpeed.

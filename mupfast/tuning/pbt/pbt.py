@@ -1,0 +1,274 @@
+"""Population-based training on the proxy: ``mupfast pbt``.
+
+``mupfast pbt --config proxy.yaml --population N --interval K --steps S`` trains N members of the
+proxy for S steps in generations of K steps. After each generation the members are ranked by the
+val loss at its last step (all members see the same batches and the same eval batches: one
+``train.seed``), the bottom ``--quantile`` (and every member that crashed or went non-finite)
+copies the checkpoint and hyperparameters of a random top-quantile member (exploit), then perturbs
+them (explore: × or ÷ ``--perturb``, or with ``--resample-p`` drawn afresh from the space). The
+result is the best member's lineage: a hyperparameter schedule that ``mupfast transfer --pbt``
+carries to a target.
+
+Generations are synchronous: a member's segment g runs only when the decision after g-1 has been
+applied, so exploit copies a checkpoint of exactly the step it ranked. The population lives in the
+study database (:mod:`~mupfast.tuning.pbt.store`); every ``mupfast pbt`` process on the same
+``--study`` and ``--storage`` is a worker (``--jobs`` of them in one process: one per GPU with
+CUDA), claims members to train, and whichever worker sees a generation complete makes its
+decision (:mod:`~mupfast.tuning.pbt.plan`). A killed PBT is continued by running the same
+command again. Segments are child training runs (:mod:`~mupfast.tuning.pbt.member`); the report
+is :mod:`~mupfast.tuning.pbt.report`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mupfast.config import Config, load_config, with_overrides
+from mupfast.errors import ConfigError
+from mupfast.tuning.pbt.plan import check_settings, initial_hparams
+from mupfast.tuning.pbt.schema import GRACE_S, HEARTBEAT_S, default_pbt_storage
+from mupfast.tuning.pbt.store import PbtStore
+from mupfast.tuning.pbt.worker import Worker, run_workers
+from mupfast.tuning.space import Range, load_space, parse_space, space_dict
+
+#: Space names PBT cannot change mid-run (the init is drawn once, at step 0).
+FIXED_MID_RUN = ("init_std",)
+
+
+def pbt_space(path: str | None, cfg: Config, say=print) -> dict[str, Range]:
+    """The sweep's space without init_std: an error in a space file, a note for the built-in one."""
+    space = load_space(path, cfg)
+    fixed = [n for n in FIXED_MID_RUN if n in space]
+    if fixed and path is not None:
+        raise ConfigError(
+            f"{path}: {fixed[0]}: cannot change mid-run (the init is drawn once); PBT keeps the proxy's "
+            f"model.{fixed[0]} — leave it out of the space"
+        )
+    for n in fixed:
+        say(
+            f"note: PBT leaves {n} out of the space (it cannot change mid-run); model.{n} stays {getattr(cfg.model, n):g}"
+        )
+        del space[n]
+    if not space:
+        raise ConfigError("--space: nothing left to explore")
+    return space
+
+
+def _comparable_settings(s: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in s.items() if k != "seed"}
+
+
+def open_study(
+    store: PbtStore, base: Config, space: dict[str, Range], settings: dict[str, Any]
+) -> dict[str, Any]:
+    """Create the study, or check that this worker agrees with the one there; the stored settings."""
+    from mupfast.tuning.storage import comparable_config, first_difference
+    from mupfast.tuning.sweep.sweep import hash_name
+
+    given_seed = settings["seed"]
+    seed = given_seed if given_seed is not None else hash_name(str(time.time_ns()))
+    settings = {**settings, "seed": seed}
+    if store.study_row() is None:
+        store.create(
+            base.to_dict(), space_dict(space), settings, initial_hparams(space, seed, settings["population"])
+        )
+    row = store.study_row()
+    mine = {
+        "proxy config": (comparable_config(base.to_dict()), comparable_config(row["proxy_config"])),
+        "space": (space_dict(space), row["space"]),
+        "settings": (_comparable_settings(settings), _comparable_settings(row["settings"])),
+    }
+    for what, (here, there) in mine.items():
+        if here != there:
+            raise ConfigError(
+                f"--study {store.study}: the study was started with a different {what}; it differs at "
+                f"{first_difference(there, here)}"
+            )
+    if given_seed is not None and given_seed != row["settings"]["seed"]:
+        raise ConfigError(
+            f"--seed: the study {store.study} was started with seed {row['settings']['seed']} (got {given_seed})"
+        )
+    return row["settings"]
+
+
+def pbt(
+    base: Config,
+    *,
+    study: str,
+    storage: str | None = None,
+    population: int,
+    interval: int,
+    steps: int | None = None,
+    space: dict[str, Range] | None = None,
+    quantile: float = 0.25,
+    perturb: float = 1.2,
+    resample_p: float = 0.25,
+    seed: int | None = None,
+    jobs: int | None = None,
+    pbt_dir: str | Path | None = None,
+    launcher: str = "auto",
+    threads: int | None = None,
+    timeout_s: float | None = None,
+    grace_s: float = GRACE_S,
+    say=None,
+) -> PbtStore:
+    """Run (or continue, or help) the study until its last generation is decided; return its store."""
+    from mupfast.tuning.trial import resolve_launcher
+
+    say = say or (lambda s: print(s, file=sys.stderr, flush=True))
+    steps = steps if steps is not None else base.train.steps
+    settings = {
+        "population": population,
+        "interval": interval,
+        "steps": steps,
+        "quantile": float(quantile),
+        "perturb": float(perturb),
+        "resample_p": float(resample_p),
+        "seed": seed,
+    }
+    check_settings(settings)
+    settings["generations"] = steps // interval
+    base = with_overrides(base, {"train.steps": steps})
+    space = space if space is not None else pbt_space(None, base, say)
+    launcher = resolve_launcher(launcher)
+    if jobs is None:  # one member at a time on CPU, one per GPU with CUDA
+        jobs = 1
+        if launcher == "deepspeed":
+            import torch
+
+            jobs = max(torch.cuda.device_count(), 1)
+    if jobs < 1:
+        raise ConfigError(f"--jobs: must be positive (got {jobs})")
+    if not grace_s > 0:
+        raise ConfigError(f"--claim-grace: must be positive seconds (got {grace_s:g})")
+    if timeout_s is not None and not timeout_s > 0:
+        raise ConfigError(f"--segment-timeout: must be positive seconds (got {timeout_s:g})")
+    storage = storage or default_pbt_storage(study)
+    store = PbtStore(storage, study)
+    settings = open_study(store, base, space, settings)
+    space = parse_space(store.study_row()["space"])
+    pbt_dir = Path(pbt_dir) if pbt_dir is not None else Path("runs/pbt") / study
+    from mupfast.tuning.storage import redact
+
+    g = store.generation()
+    say(
+        f"pbt {study} in {redact(storage)}: {settings['population']} members, {settings['generations']} generations "
+        f"of {interval} steps (at generation {min(g, settings['generations'])}); {jobs} job(s), {launcher} launcher, "
+        f"members under {pbt_dir}/"
+    )
+    workers = [
+        Worker(
+            store,
+            base,
+            space,
+            settings,
+            pbt_dir,
+            launcher=launcher,
+            gpus=str(j) if launcher == "deepspeed" and jobs > 1 else None,
+            threads=threads,
+            job=j,
+            grace_s=grace_s,
+            heartbeat_s=min(HEARTBEAT_S, grace_s / 4),
+            timeout_s=timeout_s,
+            say=say,
+        )
+        for j in range(jobs)
+    ]
+    run_workers(workers)
+    return store
+
+
+# ----------------------------------------------------------------------------------------------
+# The verb
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--study", help="study name (default: the --config file's stem)")
+    parser.add_argument(
+        "--storage", help="sqlite:///path.db or postgresql://… (default sqlite:///runs/pbt/<study>.db)"
+    )
+    parser.add_argument("--population", type=int, default=8, help="members (default %(default)s)")
+    parser.add_argument("--interval", type=int, default=None, help="steps per generation (K; required)")
+    parser.add_argument("--steps", type=int, default=None, help="steps of each member (default: train.steps)")
+    parser.add_argument(
+        "--space", help="YAML space file (default: the sweep's built-in ranges without init_std)"
+    )
+    parser.add_argument(
+        "--quantile", type=float, default=0.25, help="bottom/top fraction (default %(default)s)"
+    )
+    parser.add_argument(
+        "--perturb", type=float, default=1.2, help="explore: × or ÷ this (default %(default)s)"
+    )
+    parser.add_argument(
+        "--resample-p",
+        type=float,
+        default=0.25,
+        help="explore: chance to redraw from the space (default %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: the study's)")
+    parser.add_argument(
+        "--jobs", type=int, default=None, help="members at once (default: 1 on CPU, one per GPU)"
+    )
+    parser.add_argument("--pbt-dir", help="member run directories (default runs/pbt/<study>)")
+    parser.add_argument("--launcher", default="auto", help="python, deepspeed, or auto (deepspeed with CUDA)")
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each member's run")
+    parser.add_argument(
+        "--segment-timeout", type=float, default=None, help="seconds before a segment is failed"
+    )
+    parser.add_argument(
+        "--claim-grace", type=float, default=GRACE_S, help="seconds of silence before a claim is taken over"
+    )
+    parser.add_argument("--report", action="store_true", help="report the study: table, pictures, lineage")
+    parser.add_argument("--report-dir", help="where the report goes (default <pbt-dir>/report)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``pbt`` verb: run (or continue) the study, or with ``--report`` draw what it holds."""
+    from mupfast.tuning.pbt.report import write_report
+
+    study = args.study or (Path(args.config).stem if args.config else None)
+    if not study:
+        raise ConfigError("pbt: --study NAME is required")
+    storage = args.storage or default_pbt_storage(study)
+    pbt_dir = Path(args.pbt_dir) if args.pbt_dir else Path("runs/pbt") / study
+    report_dir = Path(args.report_dir) if args.report_dir else pbt_dir / "report"
+    if args.report:
+        store = PbtStore(storage, study, must_exist=True)
+        if store.study_row() is None:
+            there = ", ".join(store.list_studies()) or "none"
+            raise ConfigError(f"--study: no PBT study {study!r} in {storage} (studies there: {there})")
+        print(write_report(store, report_dir))
+        return 0
+    if not args.config:
+        raise ConfigError("pbt: --config FILE (the proxy model's config) is required")
+    if args.interval is None:
+        raise ConfigError("pbt: --interval K (steps per generation) is required")
+    cfg = load_config(args.config, args.overrides)
+    store = pbt(
+        cfg,
+        study=study,
+        storage=storage,
+        population=args.population,
+        interval=args.interval,
+        steps=args.steps,
+        space=pbt_space(args.space, cfg, lambda s: print(s, file=sys.stderr)),
+        quantile=args.quantile,
+        perturb=args.perturb,
+        resample_p=args.resample_p,
+        seed=args.seed,
+        jobs=args.jobs,
+        pbt_dir=pbt_dir,
+        launcher=args.launcher,
+        threads=args.threads,
+        timeout_s=args.segment_timeout,
+        grace_s=args.claim_grace,
+    )
+    print(write_report(store, report_dir))
+    from mupfast.tuning.storage import redact
+
+    print(f"next: mupfast transfer --pbt {study} --storage {redact(storage)} --target TARGET.yaml")
+    return 0

@@ -1,0 +1,121 @@
+"""``mupfast transfer --pbt STUDY --target CONFIG``: a target config that replays a PBT lineage.
+
+The best member's lineage (:func:`~mupfast.tuning.pbt.report.lineage`) is a hyperparameter per
+generation. What the target gets:
+
+* ``optim.lr`` ← the lineage's *first* lr, carried exactly as ``mupfast transfer`` carries a sweep's
+  lr (:func:`~mupfast.tuning.transfer.values.transferred_values`: the proxy's μP base dimensions, so
+  the width rules scale it through each group's lr_mult; under hyperp it is η0, rebased on the proxy);
+* ``schedule.piecewise`` ← ``[[g·K/S, lr_g / lr_0], …]``: the lineage's lr in generation g relative to
+  the first, from the same *fraction* of training (so the steps are rescaled to the target's
+  ``train.steps``), multiplying the proxy's own schedule shape (kind, warmup, decay), which is
+  carried with its step counts rescaled likewise;
+* every other explored hyperparameter (embeddings_scale, the logit alphas) ← its value at the end
+  of the lineage. Those are forward multipliers: a schedule of them is not replayed (the target
+  would need the same mid-run switches), so the final values — the ones the best member finished
+  with — stand for them. The written config says so in its header.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mupfast.config import config_from_dict, read_raw_config
+from mupfast.config.validate import validate
+from mupfast.errors import ConfigError
+
+
+def pbt_target_config(
+    store, target: str | Path, out: str | Path | None = None, overrides: list[str] | None = None
+) -> tuple[Path, Any, dict[str, Any], dict[str, Any]]:
+    """Write the target config; return (path, config, the transferred values, the lineage)."""
+    from mupfast.tuning.pbt.report import lineage
+    from mupfast.tuning.transfer.values import (
+        NOT_TRANSFERRED,
+        hyperp_lines,
+        short_value,
+        transferred_values,
+        wrap_items,
+    )
+
+    row = store.study_row()
+    if row is None:
+        raise ConfigError(f"--pbt: no PBT study {store.study!r} in {store.url}")
+    proxy = config_from_dict(row["proxy_config"])
+    lin = lineage(store)
+    if not lin["complete"]:
+        raise ConfigError(
+            f"--pbt {store.study}: the study is at generation {row['generation']} of {lin['generations']}; "
+            "finish it (run the same mupfast pbt again) before transferring its schedule"
+        )
+    if proxy.schedule.piecewise:
+        raise ConfigError(
+            f"--pbt {store.study}: the proxy already had a schedule.piecewise; there is no one lineage lr to replay"
+        )
+    first, final = lin["lineage"][0]["hparams"], lin["final_hparams"]
+    params = {**final, **({"lr": first["lr"]} if "lr" in first else {})}
+    target_raw = read_raw_config(target, list(overrides or []), what="--target: config file")
+    target_cfg = config_from_dict(target_raw)
+    validate(target_cfg)
+    values = transferred_values(proxy, params, target_cfg)
+    hyperp = values.pop("hyperp", None)
+    values["schedule.piecewise"] = [[float(f), float(m)] for f, m in lin.get("piecewise", [])]
+    raw = copy.deepcopy(target_raw)
+    for key, value in values.items():
+        section, name = key.split(".")
+        if value is None and getattr(getattr(target_cfg, section), name) is None:
+            continue
+        raw.setdefault(section, {})[name] = value
+    raw.setdefault("train", {})["run_dir"] = f"{target_cfg.train.run_dir.rstrip('/')}-pbt-{store.study}"
+    cfg = config_from_dict(raw)
+    validate(cfg)
+
+    stem = Path(target).stem
+    out = Path(out) if out is not None else Path("runs/transfer") / store.study
+    path = out if out.suffix in (".yaml", ".yml") else out / f"{stem}-pbt-{store.study}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    members = [e["member"] for e in lin["lineage"]]
+    later = sorted(k for k in final if k != "lr")
+    header = [
+        f"# PBT-transferred from study {store.study!r}: best member {lin['best_member']} (proxy val loss "
+        f"{lin['best_val']:.4f} at step {lin['best_step']}), lineage of members {members};",
+        f"# proxy d={proxy.model.hidden_size} d_ff={proxy.model.filter_size} → target d={cfg.model.hidden_size}"
+        f" d_ff={cfg.model.filter_size}, {lin['steps']} proxy steps → {cfg.train.steps} target steps.",
+        "# optim.lr is the lineage's first lr (μP's width rules apply to it through lr_mult); schedule.piecewise",
+        "# replays the lineage's lr per generation divided by it, from the same fraction of training.",
+    ]
+    if later:
+        header.append(
+            f"# {', '.join(later)}: the lineage's FINAL values (they are not replayed as schedules)."
+        )
+    header += [
+        "# Transferred:",
+        *wrap_items([f"{k}={short_value(v)}" for k, v in values.items() if k != "schedule.piecewise"]),
+        *(["# " + line for line in hyperp_lines(hyperp)] if hyperp else []),
+        f"# Kept from the target: {NOT_TRANSFERRED}.",
+    ]
+    path.write_text("\n".join(header) + "\n" + yaml.safe_dump(raw, sort_keys=False))
+    return path, cfg, values, lin
+
+
+def run_pbt_transfer(args, target: str) -> int:
+    """``transfer --pbt``: write the config and say what it holds."""
+    from mupfast.explain import format_table, rules_table
+    from mupfast.tuning.pbt.schema import default_pbt_storage
+    from mupfast.tuning.pbt.store import PbtStore
+
+    store = PbtStore(args.storage or default_pbt_storage(args.pbt), args.pbt, must_exist=True)
+    path, cfg, values, lin = pbt_target_config(store, target, args.out, args.overrides)
+    pieces = (
+        "  ".join(f"{f:.3g}:×{m:.3g}" for f, m in values["schedule.piecewise"]) or "none (lr not explored)"
+    )
+    print(f"wrote {path}")
+    print(f"lr {cfg.optim.lr:.4g} (the lineage's first), piecewise multipliers {pieces}")
+    print(f"target rules table ({path.name}):")
+    print(format_table(cfg.model, rules_table(cfg.model), cfg))
+    print(f"next: mupfast train --config {path}")
+    return 0

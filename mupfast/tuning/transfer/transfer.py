@@ -1,0 +1,241 @@
+"""μTransfer: carry the best stable proxy configurations of a sweep to a target model's config.
+
+``mupfast transfer --storage URL --study NAME --top-k K --target target.yaml --out DIR`` writes one
+target config per selected trial (the top K stable trials by val loss, as ``mupfast sweep
+--report`` ranks them) and prints the target's μP rules table.
+
+What each written config gets (the Cerebras guide's table of what is μTransferable):
+
+- ``model.mup_base_hidden_size`` / ``mup_base_filter_size`` (/ ``mup_base_num_kv_heads`` with
+  grouped-query attention) ← the proxy's *base* dimensions
+  (its ``mup_base_*``, which default to its own hidden/filter size). The proxy was tuned at
+  m = d_proxy / base; keeping the base makes every μP multiplier continue from there, so the
+  target's hidden lr multiplier is the proxy's × d_proxy / d_target exactly. With ``completep``
+  in both, ``mup_base_num_layers`` ← the proxy's base depth likewise.
+- the swept hyperparameters — ``optim.lr``, ``model.init_std``, ``embeddings_scale``,
+  ``output_logits_alpha``, ``attention_logits_alpha`` — at the trial's values, and the proxy's
+  other optimisation and init settings they were tuned with: Adam β1, β2, ε, the constant init
+  stds (``embedding_init_std``, ``output_init_std``, ``readout_zero_init``) and the μP conventions
+  that give the alphas their meaning (``scale_qk_dot_by_d``, ``scale_output_logits_by_d``);
+- the schedule's shape: its kind, floor and decay settings, with ``warmup_steps`` and
+  ``cycle_steps`` rescaled to the same fraction of the target's ``train.steps``.
+
+HyperP (``parametrization: hyperp`` in proxy and target): its one lr comes from the transfer rule
+η = η0·√(B/B0)·√(d0/L)·(T/T0)^-0.32, so the target is *rebased on the proxy*:
+``optim.hyperp_base_lr`` ← the η the proxy trained with, ``hyperp_base_batch_tokens`` ← the proxy's
+tokens per step, ``model.hyperp_base_depth`` ← its depth and ``hyperp_base_tokens`` ← its training
+tokens. The target's η then follows from the rule at its own B, L and T:
+η_target = η_proxy·√(B_t/B_p)·√(L_p/L_t)·(T_t/T_p)^-0.32. The sweep's ``lr`` is hyperp's tuned η0
+(``optim.hyperp_base_lr``; optim.lr is unused under hyperp), which the proxy's own base values turn
+into η_proxy; because the rule is a product of powers, rebasing gives the target the same η as
+keeping the proxy's base values would, and its base values now name the scale η0 was tuned at.
+``optim.muon_momentum`` travels with the other optimizer settings. B counts every rank's tokens:
+``proxy_world_size`` / ``target_world_size`` (1: a CPU sweep trial is one process) say how many.
+
+Not transferred — the target keeps its own: regularisation (``optim.weight_decay``,
+``model.weight_decay_scaling``), clipping thresholds, and everything that defines the scale
+(width, depth, heads, batch, steps, sequence length, data).
+
+With K > 1 the K configs are the guide's intermediate-scale validation step: train each at a mid
+size, and carry the best (again looking at its stability, not only its loss) to the full target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mupfast.config import Config, config_from_dict, read_raw_config
+from mupfast.config.validate import validate
+from mupfast.errors import ConfigError
+from mupfast.flags import parse_positive_int
+from mupfast.tuning.stability import DEFAULT_THRESHOLDS, Thresholds
+from mupfast.tuning.sweep.report import (
+    TrialRow,
+    add_study_arguments,
+    collect,
+    rank,
+    space_names,
+    thresholds_from,
+)
+from mupfast.tuning.transfer.values import (
+    NOT_TRANSFERRED,
+    hyperp_lines,
+    short_value,
+    transferred_values,
+    wrap_items,
+)
+
+
+@dataclass
+class Transferred:
+    path: Path
+    trial: TrialRow
+    config: Config
+    values: dict[str, Any]
+    hyperp: dict[str, Any] | None = None  # hyperp: proxy η, target η and the rule's factors
+
+
+def write_target_configs(
+    study,
+    *,
+    top_k: int,
+    target: str | Path,
+    out: str | Path,
+    overrides: list[str] | None = None,
+    th: Thresholds | None = None,
+    proxy_world_size: int = 1,
+    target_world_size: int = 1,
+) -> list[Transferred]:
+    """Write one target config per selected trial under ``out``; return what was written.
+
+    The world sizes matter under hyperp only (its B counts every rank's tokens).
+    """
+    if top_k <= 0:
+        raise ConfigError(f"--top-k: must be positive (got {top_k})")
+    proxy_raw = study.user_attrs.get("proxy_config")
+    if not proxy_raw:
+        raise ConfigError(f"--study {study.study_name}: no proxy config stored (not a mupfast sweep?)")
+    proxy = config_from_dict(proxy_raw)
+    target_raw = read_raw_config(target, list(overrides or []), what="--target: config file")
+    target_cfg = config_from_dict(target_raw)
+    validate(target_cfg)
+
+    top, _ = rank(collect(study, th or DEFAULT_THRESHOLDS), top_k)
+    if not top:
+        raise ConfigError(
+            f"--study {study.study_name}: no complete stable trial to transfer (see sweep --report)"
+        )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(target).stem
+    base_run_dir = target_cfg.train.run_dir.rstrip("/")
+    written = []
+    for i, row in enumerate(top, 1):
+        values = transferred_values(
+            proxy,
+            row.params,
+            target_cfg,
+            proxy_world_size=proxy_world_size,
+            target_world_size=target_world_size,
+        )
+        hyperp = values.pop("hyperp", None)
+        raw = copy.deepcopy(target_raw)
+        for key, value in values.items():
+            section, field = key.split(".")
+            if value is None and getattr(getattr(target_cfg, section), field) is None:
+                continue  # both at the default: nothing to write
+            raw.setdefault(section, {})[field] = value
+        raw.setdefault("train", {})["run_dir"] = f"{base_run_dir}-trial{row.number:04d}"
+        cfg = config_from_dict(raw)
+        validate(cfg)
+        path = out / f"{stem}-top{i}-trial{row.number:04d}.yaml"
+        header = [
+            f"# μTransferred from study {study.study_name!r}, trial {row.number} (rank {i} of the stable trials,",
+            f"# proxy val loss {row.value:.4f}; proxy d={proxy.model.hidden_size} d_ff={proxy.model.filter_size}"
+            f" → target d={cfg.model.hidden_size} d_ff={cfg.model.filter_size}).",
+            "# Transferred:",
+            *wrap_items([f"{k}={short_value(v)}" for k, v in values.items()]),
+            *(["# " + line for line in hyperp_lines(hyperp)] if hyperp else []),
+            f"# Kept from the target: {NOT_TRANSFERRED}.",
+        ]
+        path.write_text("\n".join(header) + "\n" + yaml.safe_dump(raw, sort_keys=False))
+        written.append(Transferred(path, row, cfg, values, hyperp))
+    return written
+
+
+def summary(study, written: list[Transferred]) -> str:
+    """What ``mupfast transfer`` prints: the configs, the best one's rules table, the next step."""
+    from mupfast.explain import format_table, rules_table
+    from mupfast.tuning.sweep.report import SHORT
+
+    names = space_names(study)
+    lines = [
+        f"{'rank':>4} {'trial':>5} {'proxy val':>9}"
+        + "".join(f" {SHORT.get(n, n):>10}" for n in names)
+        + "  config"
+    ]
+    for i, w in enumerate(written, 1):
+        lines.append(
+            f"{i:>4} {w.trial.number:>5} {w.trial.value:>9.4f}"
+            + "".join(f" {w.trial.params.get(n, float('nan')):>10.3g}" for n in names)
+            + f"  {w.path}"
+        )
+    best = written[0].config
+    if written[0].hyperp:
+        lines += ["", *hyperp_lines(written[0].hyperp)]
+    lines += [
+        "",
+        f"target rules table ({written[0].path.name}):",
+        format_table(best.model, rules_table(best.model), best),
+    ]
+    lines.append("")
+    if len(written) > 1:
+        lines.append(
+            f"next: train the {len(written)} configs at this (intermediate) size and keep the best stable one:"
+        )
+        lines += [f"  mupfast train --config {w.path}" for w in written]
+    else:
+        lines.append(f"next: mupfast train --config {written[0].path}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The verb
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_study_arguments(parser)
+    parser.add_argument("--target", help="the target model's YAML config (or --config)")
+    parser.add_argument(
+        "--out",
+        help="directory of the written configs (default runs/transfer/<study>); with --pbt also a .yaml file",
+    )
+    parser.add_argument(
+        "--pbt",
+        metavar="STUDY",
+        help="replay a PBT study's best lineage instead (lr schedule; --storage: its database)",
+    )
+    parser.add_argument(
+        "--proxy-world-size", default="1", help="hyperp: ranks of each proxy trial (default %(default)s)"
+    )
+    parser.add_argument(
+        "--target-world-size", default="1", help="hyperp: ranks the target trains on (default %(default)s)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``transfer`` verb: write the target configs of the study's best stable trials, and say so."""
+    from mupfast.tuning.storage import default_storage, load_study
+
+    target = args.target or args.config
+    if args.pbt:
+        from mupfast.tuning.pbt.transfer import run_pbt_transfer
+
+        if args.study:
+            raise ConfigError("transfer: --pbt STUDY and --study NAME exclude each other (a PBT or a sweep)")
+        if not target:
+            raise ConfigError("transfer: --target FILE (the target model's config) is required")
+        return run_pbt_transfer(args, target)
+    if not args.study:
+        raise ConfigError("transfer: --study NAME is required")
+    if not target:
+        raise ConfigError("transfer: --target FILE (the target model's config) is required")
+    study = load_study(args.storage or default_storage(args.study), args.study)
+    written = write_target_configs(
+        study,
+        top_k=1 if args.top_k is None else args.top_k,
+        target=target,
+        out=args.out or f"runs/transfer/{args.study}",
+        overrides=args.overrides,
+        th=thresholds_from(args),
+        proxy_world_size=parse_positive_int(args.proxy_world_size, "--proxy-world-size"),
+        target_world_size=parse_positive_int(args.target_world_size, "--target-world-size"),
+    )
+    print(summary(study, written))
+    return 0
