@@ -34,7 +34,6 @@ from mupfast.errors import ConfigError, TrainingError
 from mupfast.model import build_model
 from mupfast.model.flops import flops_per_token, throughput_metrics
 from mupfast.optim import build_optimizer
-from mupfast.optim.optimizer import apply_hyperparameters
 from mupfast.parametrization import RULES_VERSION
 from mupfast.plugins import TrainerHooks, prepare_model
 
@@ -239,10 +238,9 @@ def setup(cfg: Config) -> Trainer:
     if tag is not None:
         tr.start = int(load_checkpoint(engine, tr.ckpt_dir, tag, rank)["step"])
         tr.resumed_from = tr.ckpt_dir / tag
-        # The config's hyperparameters, not the checkpoint's: the saved groups' betas, eps, weight decay
-        # and clip thresholds are replaced, and the lrs recomputed from lr_mult (a PBT member resumes
-        # with the values explore gave it).
-        apply_hyperparameters(client_opt, client_opt.configured)
+        # The config's hyperparameters, not the checkpoint's (ClipAdamW.load_state_dict puts back the
+        # configured betas, eps, weight decay and clip thresholds; a PBT member resumes with the values
+        # explore gave it), and the lrs recomputed from lr_mult at the resumed step.
         client_opt.lr_schedule.load_state_dict({"last_step": tr.start})
     return tr
 

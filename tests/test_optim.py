@@ -235,7 +235,8 @@ def test_a_group_hyperparameter_changed_between_steps_applies_to_the_next_update
 
 
 def test_the_configs_hyperparameters_replace_a_loaded_state_dicts():
-    """A checkpoint restores the saved groups; apply_hyperparameters puts the config's values back."""
+    """A checkpoint restores the saved state; the groups keep the config's hyperparameters, and the
+    trainer's apply_hyperparameters after the load changes nothing."""
     from mupfast.optim.optimizer import apply_hyperparameters
 
     cfg = tiny_config(*MUP, "optim.backend=torch")
@@ -246,7 +247,9 @@ def test_the_configs_hyperparameters_replace_a_loaded_state_dicts():
     )
     opt = build_optimizer(model, changed)
     opt.load_state_dict(saved)
-    assert opt.param_groups[0]["betas"][0] == cfg.optim.beta1  # what torch's load does
+    assert saved["param_groups"][0]["betas"][0] == cfg.optim.beta1
+    for g in opt.param_groups:
+        assert (g["betas"][0], g["eps"], g["max_grad_norm"]) == (0.5, 1e-4, 0.3), g["name"]
     apply_hyperparameters(opt, opt.configured)
     for g in opt.param_groups:
         assert (g["betas"][0], g["eps"], g["max_grad_norm"]) == (0.5, 1e-4, 0.3), g["name"]

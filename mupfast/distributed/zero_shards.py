@@ -1,18 +1,12 @@
 """What DeepSpeed's ZeRO optimizers hand our optimizer, read once so the optimizer needn't know.
 
-Under ZeRO 1–3 (and DeepSpeed's bf16 ZeRO-1 optimizer) our optimizer never sees a model
-parameter: each group is one flat fp32 partition per rank, and at stages 1–3 DeepSpeed calls our
-``step`` once per group. Two things need more than that, and both come from here:
+Under ZeRO 1–3 (and DeepSpeed's bf16 ZeRO-1 optimizer) our optimizer sees each group as one flat
+fp32 partition per rank, and at stages 1–3 DeepSpeed calls its ``step`` once per group. ``attach``
+wraps the ZeRO optimizer's ``step`` so that the squared gradient norms of all groups are all-reduced
+in one collective before that loop; ``GroupShards`` records which slice of which matrix sits where
+in every rank's partition, so Muon can gather whole matrices (``mupfast.optim.muon_sharded``).
 
-- **Per-group clipping in one collective.** Before DeepSpeed's per-group loop, every group's
-  gradient partition already sits in the ZeRO optimizer (``averaged_gradients``). ``attach`` wraps
-  the ZeRO optimizer's ``step`` so that the squared norms of all groups are summed locally and
-  all-reduced once, then handed to our optimizer, which uses them in each per-group call.
-- **Muon on whole matrices.** A flat partition holds slices of several matrices. ``GroupShards``
-  records, for every rank, which slice of which matrix sits where in its partition, so the sharded
-  Muon update can gather whole matrices (``mupfast.optim.muon_sharded``).
-
-DeepSpeed's internals read here (checked against 0.19): stages 1/2 flatten a group's parameters in
+The DeepSpeed layouts read here (checked against 0.19): stages 1/2 flatten a group's parameters in
 ``round_robin_bit16_groups`` order at ``round_robin_bit16_offsets`` and give rank r the elements
 [r·P, (r+1)·P); stage 3 partitions every parameter on its own (``ds_tensor``: P_p elements each) and
 concatenates a sub-group's partitions; bf16 ZeRO-1 flattens ``bf16_groups`` contiguously. Each

@@ -2,8 +2,10 @@
 
 * :mod:`~mupfast.optim.groups`: groups from the rules table (lr/wd multipliers, clip norm) and the
   base lr they scale.
-* :mod:`~mupfast.optim.optimizer`: :class:`ClipAdamW`, per-group clipping fused into AdamW, and
-  :func:`build_optimizer`, which attaches the :class:`~mupfast.optim.schedules.GroupLR` that sets its lrs.
+* :mod:`~mupfast.optim.optimizer`: :class:`ClipAdamW`, per-group clipping fused into each group's
+  update, and :func:`build_optimizer`, which attaches the :class:`~mupfast.optim.schedules.GroupLR`
+  that sets its lrs.
+* :mod:`~mupfast.optim.updates`: the update kinds a group can take (AdamW, MuonH, AdamH), one signature.
 * hyperp's matrices: :mod:`~mupfast.optim.muon` (MuonH), :mod:`~mupfast.optim.sphere` (the sphere
   step MuonH and AdamH share), :mod:`~mupfast.optim.muon_sharded` (MuonH on ZeRO partitions).
 * :mod:`~mupfast.distributed.zero_shards`: what DeepSpeed's ZeRO optimizers hand ours (one norm

@@ -1,19 +1,17 @@
-"""Muon on the Frobenius sphere (HyperP's "MuonH", research/mup-anchors.md §B).
+"""MuonH: Muon on the Frobenius sphere, HyperP's optimizer for the hidden matrices
+(HyperP, arXiv 2603.28743; its code: microsoft/ArchScale, ``lit_gpt/optim/muon.py``).
 
-For every hidden matrix W with gradient G (already clipped by its group's coefficient):
+For a matrix W with gradient G (already clipped by its group's coefficient):
 
     M ← β·M + (1−β)·G                       momentum (β = 0.95)
     U ← NS5((1−β)·G + β·M)                   Nesterov look-ahead, orthogonalised by Newton–Schulz
     W ← W − η·(‖W‖_F/‖U‖_F)·U                relative step size η
     W ← W·r/‖W‖_F                            back onto the sphere, r = ‖W₀‖_F recorded at the first step
 
-The radius is recorded once and re-imposed every step, so it cannot drift; weight decay has no
-first-order effect on the sphere and is not applied. ``newton_schulz`` is the quintic iteration
-with the coefficients (3.4445, −4.7750, 2.0315) the anchors use: it maps every singular value of
-the normalised input into a band around 1 (not exactly 1: tests/test_muon.py pins the band),
-working in fp32 on CPU and bf16 on GPU, on the wide orientation (tall inputs are transposed).
-Its two implementations (plain torch matmuls, and a Triton one that computes only half of the
-symmetric products) live in ``mupfast.kernels.newton_schulz``; ``optim.newton_schulz_backend`` picks.
+No weight decay: on the sphere it has no first-order effect. ``newton_schulz`` is the quintic
+iteration with coefficients (3.4445, −4.7750, 2.0315), in fp32 on CPU and bf16 on GPU; its two
+implementations (torch matmuls, and a Triton one that computes half of the symmetric products) are
+in ``mupfast.kernels.newton_schulz``.
 """
 
 from __future__ import annotations

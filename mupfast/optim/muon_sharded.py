@@ -1,20 +1,13 @@
-"""MuonH on a ZeRO partition: the update of ``mupfast.optim.muon.muon_sphere_update``, matrix by matrix.
+"""MuonH on a ZeRO partition: ``mupfast.optim.muon.muon_sphere_update`` for a flat slice of a group.
 
-Under ZeRO each rank holds a flat slice of a group that cuts through its matrices
+Each rank holds a flat slice that cuts through the group's matrices
 (``mupfast.distributed.zero_shards.GroupShards`` says where). Momentum and the Nesterov look-ahead are
-elementwise, so each rank keeps them for its own slice only. Newton–Schulz needs whole matrices:
-per group and step the look-ahead partitions are all-gathered, each matrix is orthogonalised once
-by one of the ranks holding a piece of it (``GroupShards.owned``: flops balanced greedily), and a
-reduce-scatter hands every rank its own slice of the results.
-
-We gather rather than assign whole matrices to ranks up front because DeepSpeed decides the
-partitioning (equal flat slices at stages 1/2, a slice of every matrix at stage 3), and
-re-partitioning by matrix would mean owning ZeRO's memory layout. The price is two transient
-buffers of the group's full size and two group-sized collectives per step, the same volume as
-ZeRO's own parameter all-gather; the Newton–Schulz work is not repeated across ranks.
-
-The relative step and the projection back onto the sphere are ``mupfast.optim.sphere.sphere_step``, which
-sums the Frobenius norms of ‖W‖ and ‖U‖ over the ranks' slices (two all-reduces).
+elementwise, so each rank keeps them for its own slice. Newton–Schulz needs whole matrices: the
+look-ahead slices are all-gathered, each matrix is orthogonalised once by one of the ranks holding
+a piece of it (``GroupShards.owned``), and a reduce-scatter hands every rank its slice of the
+results; ``mupfast.optim.sphere.sphere_step`` then takes the step with norms summed over the ranks.
+DeepSpeed decides the partitioning, so we gather rather than re-partition by matrix: two transient
+group-sized buffers and two group-sized collectives per step.
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
-"""The clip+AdamW optimizer over the μP parameter groups, and :func:`build_optimizer`.
+"""ClipAdamW, the optimizer DeepSpeed is given, and :func:`build_optimizer`.
 
-:class:`ClipAdamW` clips each group's gradient norm to its own ``max_grad_norm`` and applies
-AdamW in one fused pass (``mupfast.kernels.clip_adamw``). Under ZeRO 1–3 each rank holds a
-partition of every group, so the per-group squared norms are all-reduced first, all groups in one
-collective (``mupfast.distributed.zero_shards.attach`` computes them before DeepSpeed's per-group loop).
-Groups whose rule says ``optimizer = "muon_sphere"`` (hyperp's hidden matrices) take the
-Muon-on-the-sphere update of ``mupfast.optim.muon`` instead, with the same per-group clipping; under ZeRO
-their flat partitions go through ``mupfast.optim.muon_sharded``, which gathers whole matrices.
+Each step computes every group's gradient norm and clip coefficient on the device (under ZeRO 1–3,
+where each rank holds a partition of every group, the squared norms of all groups are all-reduced in
+one collective first), then hands each group's parameters to its update kind
+(``group["optimizer"]``: AdamW, MuonH or AdamH, in ``mupfast.optim.updates``).
 """
 
 from __future__ import annotations
@@ -20,27 +17,28 @@ from torch import nn
 from mupfast.config import Config
 from mupfast.kernels import clip_adamw as fused
 from mupfast.optim.groups import base_lr, build_param_groups
-from mupfast.optim.muon import muon_sphere_update
-from mupfast.optim.muon_sharded import muon_sphere_update_sharded
 from mupfast.optim.schedules import GroupLR, build_schedule
-from mupfast.optim.sphere import adam_sphere_update
+from mupfast.optim.updates import AdamWSphereUpdate, AdamWUpdate, MuonSphereUpdate, StepInputs, Update
 from mupfast.parametrization import SPHERE_OPTIMIZERS
 
 
 class ClipAdamW(torch.optim.Optimizer):
-    """AdamW with per-group gradient-norm clipping fused into the update.
+    """Per-group gradient-norm clipping, fused into each group's update (AdamW unless the group's
+    ``optimizer`` says ``muon_sphere`` or ``adamw_sphere``).
 
     ``reduce_norms`` all-reduces the per-group squared norms over ``process_group`` (ZeRO ≥ 1, where
     each rank holds a partition of every group); leave it off when gradients are replicated.
-    ``newton_schulz_backend`` (auto | torch | triton) is how Muon groups orthogonalise (mupfast.optim.muon).
-    After each step ``last_grad_norms`` and ``last_clip_coefs`` hold the pre-clip norm and the
-    coefficient of every group (device tensors, keyed by group name).
+    ``backend`` (auto | torch | triton) runs the norms and AdamW; ``newton_schulz_backend`` is how Muon
+    groups orthogonalise (mupfast.optim.muon). After each step ``last_grad_norms`` and
+    ``last_clip_coefs`` hold the pre-clip norm and the coefficient of every group (device tensors,
+    keyed by group name).
 
     Every group's ``lr`` is set by a :class:`~mupfast.optim.schedules.GroupLR` (``build_optimizer``
     attaches one); the optimizer has no lr of its own, and a group without one is an error.
     The other group hyperparameters (``betas``, ``eps``, ``weight_decay``, ``max_grad_norm``) are read
     from ``param_groups`` at every step, per group, as in torch's optimizers: a change made between
-    steps (PBT's explore) applies to the very next update.
+    steps (PBT's explore) applies to the very next update. ``configured`` keeps the values the
+    optimizer was built with; :meth:`load_state_dict` puts them back over a checkpoint's.
     """
 
     def __init__(
@@ -59,10 +57,14 @@ class ClipAdamW(torch.optim.Optimizer):
     ):
         defaults = dict(betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=0.0, optimizer="adamw")
         super().__init__(param_groups, defaults)
-        self.muon_momentum = muon_momentum
-        self.newton_schulz_backend = newton_schulz_backend
+        #: The update of each kind of group, by ``group["optimizer"]``.
+        self.updates: dict[str, Update] = {
+            "adamw": AdamWUpdate(backend),
+            "muon_sphere": MuonSphereUpdate(muon_momentum, newton_schulz_backend),
+            "adamw_sphere": AdamWSphereUpdate(),
+        }
+        self.configured = configured_hyperparameters(self)
         self.global_max_norm = global_max_norm
-        self.backend = backend
         self.reduce_norms = reduce_norms
         self.process_group = process_group
         self.last_grad_norms: dict[str, torch.Tensor] = {}
@@ -81,151 +83,85 @@ class ClipAdamW(torch.optim.Optimizer):
         # one-element device tensor is read by the update itself, so the host never waits for it.
         self.skip_step: bool | torch.Tensor = False
 
-    def kernels(self, device: torch.device):
+    # The update kinds' settings, read-only: they are fixed when the optimizer is built.
+    backend = property(lambda self: self.updates["adamw"].backend)
+    muon_momentum = property(lambda self: self.updates["muon_sphere"].momentum)
+    newton_schulz_backend = property(lambda self: self.updates["muon_sphere"].ns_backend)
+
+    def kernels(self, device: torch.device) -> tuple[Callable, Callable]:
         """(per-group squared norms, clipped AdamW update) for ``device``: Triton on CUDA, else torch."""
-        use_triton = self.backend == "triton" or (self.backend == "auto" and device.type == "cuda")
-        if use_triton:
-            return fused.group_sq_norms, fused.clip_adamw_step
-        return fused.group_sq_norms_reference, fused.clip_adamw_reference
+        return self.updates["adamw"].kernels(device)
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
         loss = closure() if closure is not None else None
         if self.skip_step is True:
             return loss
-        skip = self.skip_step if isinstance(self.skip_step, torch.Tensor) else None
-        # Every group keeps its slot (zero norm when it has no gradient here), so the norm vector
-        # has the same length on every rank and the all-reduce lines up.
-        params, grads, m, v, ids = [], [], [], [], []
-        sphere = []  # (param, group index): MuonH / AdamH groups, updated after the clip coefficients
-        all_grads, all_ids = [], []
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                if p.grad is None or p.numel() == 0:
-                    continue
-                if group["optimizer"] in SPHERE_OPTIMIZERS:
-                    if p.ndim != 2 and id(p) not in self.shards:
-                        raise ValueError(
-                            f"group {group['name']}: {group['optimizer']} needs whole matrices, got {tuple(p.shape)}"
-                        )
-                    sphere.append((p, gi))
-                    all_grads.append(p.grad)
-                    all_ids.append(gi)
-                    continue
-                all_grads.append(p.grad)
-                all_ids.append(gi)
-                st = self.state[p]
-                if not st:
-                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    st["exp_avg"] = torch.zeros_like(
-                        p, dtype=torch.float32, memory_format=torch.preserve_format
-                    )
-                    st["exp_avg_sq"] = torch.zeros_like(
-                        p, dtype=torch.float32, memory_format=torch.preserve_format
-                    )
-                elif st["step"].device != p.device:  # a checkpoint written when steps were on the CPU
-                    st["step"] = st["step"].to(p.device)
-                params.append(p)
-                grads.append(p.grad)
-                m.append(st["exp_avg"])
-                v.append(st["exp_avg_sq"])
-                ids.append(gi)
         groups = self.param_groups
-        device = all_grads[0].device if all_grads else self._device(groups)
-        sq_norms_fn, update_fn = self.kernels(device)
-        f32 = dict(dtype=torch.float32, device=device)
+        items = self._with_grads(groups)
+        device = items[0][0].grad.device if items else self._device(groups)
         # Host values reach the device through pinned memory: a blocking copy would sync the stream.
         slots = fused.host_to_device([self._slot[g["name"]] for g in groups], torch.long, device)
-        if self.pending_sq_norms is not None:  # ZeRO: all groups' norms, reduced in one collective
-            sq_all = self.pending_sq_norms.to(device)
-            logged = list(self._slot)
-        else:
-            sq = sq_norms_fn(all_grads, all_ids, len(groups), device=device)
-            if self.reduce_norms and dist.is_available() and dist.is_initialized():
-                dist.all_reduce(sq, group=self.process_group)
-            if len(groups) < len(self._slot) and self.global_max_norm > 0:
-                raise RuntimeError(
-                    "clip.global_max_norm needs every group's norm in one step (not under ZeRO offload)"
-                )
-            sq_all = torch.zeros(len(self._slot), **f32).index_copy_(0, slots, sq)
-            logged = [g["name"] for g in groups if g["params"]]
+        sq_all, logged = self._squared_norms(items, groups, slots, device)
         for g in groups:
             self._max_norms[self._slot[g["name"]]] = g["max_grad_norm"]
         max_norms = fused.host_to_device(self._max_norms, torch.float32, device)
         coef_all = fused.clip_coefficients(sq_all, max_norms, self.global_max_norm)
-        coef = coef_all[slots]
-        if params:
-            # Step counts stay on the device (the bias correction is computed there), and a skipped
-            # update does not advance them.
-            steps = [self.state[q]["step"] for q in params]
-            torch._foreach_add_(steps, 1.0 if skip is None else (~skip.bool()).float().reshape(()))
-            lrs = fused.host_to_device([self._lr(g) for g in groups], torch.float32, device)
-            wds = fused.host_to_device([g["weight_decay"] for g in groups], torch.float32, device)
-            # One fused launch per distinct (betas, eps): one launch in the usual case where all
-            # groups share them, and each group's own values when they differ.
-            for (beta1, beta2), eps, idx in _by_betas_eps(groups, ids):
-                update_fn(
-                    [params[i] for i in idx],
-                    [grads[i] for i in idx],
-                    [m[i] for i in idx],
-                    [v[i] for i in idx],
-                    [ids[i] for i in idx],
-                    coef=coef,
-                    lrs=lrs,
-                    weight_decays=wds,
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=eps,
-                    step=steps[idx[0]],  # all tensors advance together
-                    skip=skip,
-                )
-        for p, gi in sphere:
-            unless_skipped(
-                skip, p, self.state[p], lambda p=p, gi=gi: self._sphere_update(p, groups[gi], coef[gi])
-            )
+        skip = self.skip_step if isinstance(self.skip_step, torch.Tensor) else None
+        inputs = StepInputs(groups, coef_all[slots], skip, device, self.shards, self.process_group)
+        for kind, (params, ids) in _by_kind(items, groups).items():
+            self.updates[kind](params, ids, self.state, inputs)
         norms = sq_all.sqrt()
         for name in logged:
             self.last_grad_norms[name] = norms[self._slot[name]]
             self.last_clip_coefs[name] = coef_all[self._slot[name]]
         return loss
 
-    def _sphere_update(self, p: torch.Tensor, group: dict, coef: torch.Tensor) -> None:
-        """MuonH (hidden matrices) or AdamH (hyperp's readout): whole matrices, or a ZeRO partition."""
-        shards = self.shards[id(p)][1] if id(p) in self.shards else None
-        if group["optimizer"] == "muon_sphere":
-            kw = dict(
-                lr=self._lr(group), coef=coef, beta=self.muon_momentum, ns_backend=self.newton_schulz_backend
-            )
-            if shards is not None:
-                muon_sphere_update_sharded(
-                    p, p.grad, self.state[p], shards, process_group=self.process_group, **kw
+    def _with_grads(self, groups: list[dict]) -> list[tuple[torch.Tensor, int]]:
+        """(parameter, group index) of every parameter with a gradient, in group order."""
+        items = []
+        for gi, group in enumerate(groups):
+            kind = group["optimizer"]
+            if kind not in self.updates:
+                raise ValueError(
+                    f"group {group['name']}: unknown optimizer {kind!r} (known: {', '.join(self.updates)})"
                 )
-            else:
-                muon_sphere_update(p, p.grad, self.state[p], **kw)
-            return
-        where = {}
-        if shards is not None:
-            where = dict(
-                seg=shards.segment_ids(p.device), n=len(shards.shapes), process_group=self.process_group
-            )
-        adam_sphere_update(
-            p,
-            p.grad,
-            self.state[p],
-            lr=self._lr(group),
-            coef=coef,
-            betas=group["betas"],
-            eps=group["eps"],
-            **where,
-        )
+            for p in group["params"]:
+                if p.grad is None or p.numel() == 0:
+                    continue
+                if kind in SPHERE_OPTIMIZERS and p.ndim != 2 and id(p) not in self.shards:
+                    raise ValueError(
+                        f"group {group['name']}: {kind} needs whole matrices, got {tuple(p.shape)}"
+                    )
+                items.append((p, gi))
+        return items
 
-    @staticmethod
-    def _lr(group: dict) -> float:
-        if "lr" not in group:
+    def _squared_norms(
+        self, items: list[tuple[torch.Tensor, int]], groups: list[dict], slots: torch.Tensor, device
+    ) -> tuple[torch.Tensor, list[str]]:
+        """Every group's squared gradient norm by slot, and the names of the groups measured.
+
+        Every group keeps its slot (zero norm when it has no gradient here), so the norm vector has the
+        same length on every rank and the all-reduce lines up."""
+        if self.pending_sq_norms is not None:  # ZeRO: all groups' norms, reduced in one collective
+            return self.pending_sq_norms.to(device), list(self._slot)
+        sq_norms_fn = self.kernels(device)[0]
+        sq = sq_norms_fn([p.grad for p, _ in items], [gi for _, gi in items], len(groups), device=device)
+        if self.reduce_norms and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sq, group=self.process_group)
+        if len(groups) < len(self._slot) and self.global_max_norm > 0:
             raise RuntimeError(
-                f"group {group['name']} has no lr: a GroupLR (mupfast.optim.schedules) sets every group's lr"
+                "clip.global_max_norm needs every group's norm in one step (not under ZeRO offload)"
             )
-        return group["lr"]
+        sq_all = torch.zeros(len(self._slot), dtype=torch.float32, device=device).index_copy_(0, slots, sq)
+        return sq_all, [g["name"] for g in groups if g["params"]]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load (the saved state and groups), then the configured hyperparameters over the
+        saved ones, so a resumed run (a PBT member after explore) trains with the config it was given.
+        The lrs are the GroupLR's to recompute (``lr_schedule.load_state_dict``)."""
+        super().load_state_dict(state_dict)
+        apply_hyperparameters(self, self.configured)
 
     def _device(self, groups) -> torch.device:
         for g in groups:
@@ -234,13 +170,16 @@ class ClipAdamW(torch.optim.Optimizer):
         return torch.device("cpu")
 
 
-def _by_betas_eps(groups: list[dict], ids: list[int]) -> list[tuple[tuple[float, float], float, list[int]]]:
-    """The tensors (indices into ``ids``) of each distinct (betas, eps) among their groups."""
-    split: dict[tuple, list[int]] = {}
-    for i, gi in enumerate(ids):
-        g = groups[gi]
-        split.setdefault((tuple(g["betas"]), g["eps"]), []).append(i)
-    return [(betas, eps, idx) for (betas, eps), idx in split.items()]
+def _by_kind(
+    items: list[tuple[torch.Tensor, int]], groups: list[dict]
+) -> dict[str, tuple[list[torch.Tensor], list[int]]]:
+    """(parameters, group indices) of each update kind, AdamW first, in group order within a kind."""
+    split: dict[str, tuple[list, list]] = {"adamw": ([], [])}
+    for p, gi in items:
+        params, ids = split.setdefault(groups[gi]["optimizer"], ([], []))
+        params.append(p)
+        ids.append(gi)
+    return {kind: lists for kind, lists in split.items() if lists[0]}
 
 
 #: The group hyperparameters a config sets besides the lr (which GroupLR sets from optim.lr).
@@ -255,34 +194,12 @@ def configured_hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, di
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, values: dict[str, dict]) -> None:
     """Write group hyperparameters by group name into the optimizer's groups.
 
-    A checkpoint load restores the saved ``param_groups``; the trainer applies the config's values
-    after it, so a resumed run (a PBT member after explore) trains with the config it was given.
+    :meth:`ClipAdamW.load_state_dict` writes back ``configured`` this way after every load, so a
+    call after a checkpoint load (the trainer's) finds the values already in place.
     """
     for g in optimizer.param_groups:
         if g.get("name") in values:
             g.update(values[g["name"]])
-
-
-def unless_skipped(
-    skip: torch.Tensor | None, p: torch.Tensor, state: dict, update: Callable[[], None]
-) -> None:
-    """Run ``update`` of ``p`` and its ``state``; where ``skip`` is set, undo it on the device.
-
-    For the updates that are not one fused launch (Muon, AdamH): one copy of the matrix and its state
-    is kept through the update. State the update created starts at zero, as it would have
-    (the sphere radius excepted: it is ‖p‖, which a skipped update leaves unchanged).
-    """
-    if skip is None:
-        update()
-        return
-    before = {k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
-    p_before = p.detach().clone()
-    update()
-    keep = skip.bool().reshape(())
-    p.copy_(torch.where(keep, p_before, p))
-    for k, v in state.items():
-        if isinstance(v, torch.Tensor) and k != "radius":
-            v.copy_(torch.where(keep, before.get(k, torch.zeros_like(v)), v))
 
 
 def build_optimizer(
@@ -308,7 +225,6 @@ def build_optimizer(
         muon_momentum=o.muon_momentum,
         newton_schulz_backend=o.newton_schulz_backend,
     )
-    optimizer.configured = configured_hyperparameters(optimizer)
     optimizer.lr_schedule = GroupLR(
         optimizer, base_lr(cfg, world_size), build_schedule(cfg.schedule, cfg.train.steps)
     )

@@ -1,31 +1,12 @@
 """Learning-rate schedules: pure functions from the optimizer step to a multiplier.
 
 Schedules multiply, never overwrite: group ``g`` uses ``lr · schedule(t) · lr_mult[g]`` at step ``t``,
-so the μP ratios between groups survive every schedule, resume and DeepSpeed reload.
-
-Conventions shared by every schedule here (``t`` is the 0-based optimizer step; ``fn(t)`` is the
-multiplier used for the update of step ``t``; a run of ``total_steps`` steps uses ``t = 0 … total_steps-1``):
-
-* **Warmup.** With ``warmup_steps = W > 0`` the multiplier is ``peak · (t+1)/(W+1)`` for ``t < W``
-  (nanoGPT's convention): the first update already moves (``1/(W+1)``, never 0), it grows linearly
-  and reaches exactly ``peak`` at ``t = W``, the first post-warmup step. ``W = 0``: no warmup.
-* **End.** Decaying schedules reach their floor ``min_lr_ratio`` exactly at ``t = total_steps``
-  (the step after the last update, as in nanoGPT/Megatron); for ``t ≥ total_steps`` the value at
-  ``total_steps`` is held.
-* **WSD.** The decay lasts ``D = round(decay_fraction · N)`` steps of an ``N``-step run (or cycle) and
-  starts at ``S = N − D``: the multiplier is exactly 1 for ``W ≤ t ≤ S`` and
-  ``min + (1 − min) · shape((t − S)/D)`` after, with shape ``linear: 1−p``, ``cosine: ½(1+cos πp)``,
-  ``sqrt: 1−√p``. The value does not depend on ``total_steps`` before the decay starts, so a run
-  resumed from a stable-phase checkpoint with a larger ``total_steps`` simply trains longer.
-* **Cycles.** Cyclic schedules repeat an ``N = cycle_steps``-step cycle (0 means ``total_steps``);
-  cycle ``k`` starts at ``t = k·N`` with a fresh warmup from ~0, its peak is
-  ``max(cycle_peak_decay**k, min_lr_ratio)`` and it decays to the absolute floor ``min_lr_ratio``
-  (SGDR-style: peaks shrink towards the floor, the floor stays). A last partial cycle is cut
-  at ``total_steps`` and its value there is held.
-
-* **Piecewise.** ``piecewise = [[f0, c0], [f1, c1], …]`` (``f0 = 0``, fractions increasing) multiplies
-  any of the shapes above by ``c_i`` from step ``round(f_i · total_steps)`` (halves up) until the next
-  piece: a piecewise-constant multiplier sequence, as PBT finds, replayed over a run of any length.
+so the μP ratios between groups survive every schedule, resume and DeepSpeed reload. Kinds: constant,
+cosine, WSD (warmup-stable-decay), cyclic cosine and cyclic WSD, each times an optional piecewise
+multiplier (a PBT schedule, replayed). ``t`` is the 0-based optimizer step; warmup follows nanoGPT
+(``peak · (t+1)/(W+1)``), decays reach their floor at ``t = total_steps``, and a WSD run resumed in
+its stable phase with a larger ``total_steps`` simply trains longer. docs/mup.md ("Schedules, exactly")
+gives every convention.
 
 Use :func:`build_schedule` with a :class:`~mupfast.config.ScheduleConfig`; :class:`GroupLR`
 applies the result to an optimizer's groups through their ``lr_mult``.

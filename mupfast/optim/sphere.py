@@ -1,4 +1,5 @@
-"""Training on the Frobenius sphere (HyperP, research/mup-anchors.md §B): the step MuonH and AdamH share.
+"""Training on the Frobenius sphere, the step MuonH and AdamH share (HyperP, arXiv 2603.28743; its
+code: microsoft/ArchScale), and AdamH itself.
 
 Given an update direction U for a matrix W (Muon's orthogonalised momentum, or Adam's bias-corrected
 m̂/(√v̂+ε)), one step is
@@ -7,10 +8,8 @@ m̂/(√v̂+ε)), one step is
     W ← W·r/‖W‖_F                      back onto the sphere, r = ‖W₀‖_F recorded at the first step
 
 ``sphere_step`` does it for one whole matrix, or for the slices of several matrices in a flat ZeRO
-partition (``seg`` maps each element to its matrix, ``n`` marks padding); then the Frobenius norms
-are summed over the ranks that hold the other slices (two all-reduces per call).
-``adam_sphere_update`` is AdamH: HyperP's optimizer for the untied readout, whose direction is
-elementwise, so unlike Muon it needs no gathering under ZeRO. Weight decay is not applied: on the
+partition (``seg`` maps each element to its matrix), summing the norms over the ranks.
+``adam_sphere_update`` is AdamH, HyperP's optimizer for the untied readout. No weight decay: on the
 sphere it has no first-order effect.
 """
 
