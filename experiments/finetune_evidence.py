@@ -63,7 +63,7 @@ def val_loss(run_dir: Path, data_cfg, train_cfg, batches: int) -> float:
 
 def trainable(run_dir: Path) -> int:
     from mupfast.export.load import load_run
-    from mupfast.parametrization import ADAPTER_MARK
+    from mupfast.finetune.lora import ADAPTER_MARK
 
     run = load_run(run_dir)
     if run.cfg.finetune.method == "full":

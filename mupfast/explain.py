@@ -1,9 +1,11 @@
 """The rules table, shown: ``mupfast explain`` prints it for a config, as a table or JSON.
 
 :func:`rules_table` builds the model a config describes (on the meta device: no memory, no init)
-and matches its parameters against the rules of :mod:`mupfast.parametrization`; :func:`format_table`
-and :func:`table_json` render them with the multipliers that belong to no single parameter (the
-attention logits, the output logits, the residual branches) and, for hyperp, its lr rule.
+and matches its parameters against the rules of :mod:`mupfast.parametrization`; :func:`run_rules_table`
+does so after the features' changes to the model (a fine-tune's frozen base and adapters).
+:func:`format_table` and :func:`table_json` render them with the multipliers that belong to no
+single parameter (the attention logits, the output logits, the residual branches) and, for hyperp,
+its lr rule.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
 from mupfast.config import Config, ModelConfig, load_config
 from mupfast.model import Transformer
 from mupfast.parametrization import Rule, hyperp_transfer, multipliers, rules_for
+from mupfast.plugins import prepare_model
 
 
 def rules_table(cfg: ModelConfig) -> list[Rule]:
@@ -25,6 +28,19 @@ def rules_table(cfg: ModelConfig) -> list[Rule]:
     with torch.device("meta"):
         model = Transformer(cfg)
     return rules_for(model, cfg)
+
+
+def run_rules_table(cfg: Config) -> list[Rule]:
+    """The rules of the model a whole run trains: the features' changes made (a fine-tune's frozen
+    base and its adapters, on the meta device); a frozen parameter's row has lr and wd mult 0."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+        prepare_model(model, cfg, load_weights=False)
+    params = dict(model.named_parameters())
+    return [
+        r if params[r.name].requires_grad else replace(r, lr_mult=0.0, wd_mult=0.0)
+        for r in rules_for(model, cfg.model)
+    ]
 
 
 def _transfer_line(run: Config) -> str:
@@ -130,11 +146,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """The ``explain`` verb."""
     cfg = load_config(args.config, args.overrides)
-    rules = rules_table(cfg.model)
-    if cfg.finetune.method != "none":  # a fine-tune: frozen base rows (lr mult 0), then the adapters'
-        from mupfast.finetune.adapters import explain_rules
-
-        rules = explain_rules(cfg, rules)
+    rules = run_rules_table(cfg)  # a fine-tune: frozen base rows (lr mult 0), then the adapters'
     if args.json:
         print(json.dumps(table_json(cfg.model, rules, cfg), indent=2))
     else:

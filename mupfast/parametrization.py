@@ -2,45 +2,19 @@
 learning-rate and weight-decay multipliers, forward multiplier and optimizer. Everything else reads
 from here: the model its init and multipliers, the optimizer its groups, ``mupfast explain`` the table.
 
-The table itself is not written out here: ``mupfast explain --config FILE`` prints it for any config,
-from this code (the README shows one). Notation: m = hidden_size / mup_base_hidden_size,
-m_f = filter_size / mup_base_filter_size, L = num_layers, m_L = L / mup_base_num_layers. Under AdamW
-(the project's convention, DESIGN.md) a matrix whose fan-in and fan-out both grow with the width
-(q, k, v, o, ffn_in, ffn_out, the experts) gets init σ/√(its width multiplier) and Adam lr × 1/m
-(resp. 1/m_f, 1/m_e); k and v, when the kv heads stay fixed as the width grows
-(``mup_base_num_kv_heads`` = num_kv_heads: m_kv = 1), are output-like instead: init σ/m, lr × 1/m;
-the embedding (only its fan-out grows) a constant init and lr × 1 with the
-``embeddings_scale`` multiplier; the readout (only its fan-in grows) a constant init, lr × 1 and
-logits × α_out/m; the output projections of the residual branches carry an extra 1/√(2L) in their
-init; attention logits are × α_attn/d_head. Weight decay follows ``weight_decay_scaling``.
-
-MoE experts are the FFN matrices they replace, with the expert's own fan-in: m_e = (filter_size /
-moe_granularity) / mup_base_filter_size, so finer experts get a larger init and lr exactly as μP's
-1/fan_in asks, and every expert's output RMS is the same at any granularity (SqrtGate relies on it).
-The router maps width d to a fixed E logits that feed a softmax: like the readout it is an output
-layer (fan-out fixed, fan-in growing), so it gets the readout's treatment — constant init σ, Adam lr
-× 1, logits × 1/m — which keeps both the init logits and their per-step change width-invariant
-(ArchScale's μP++ scales router logits like the output logits). Hyperp trains router and experts by
-Muon on the sphere like every hidden matrix, router logits × 1 (as the anchor does).
-
-SP uses m = m_f = 1, every forward multiplier 1 and 1/√d_head attention. CompleteP drops the
-1/√(2L) init factor and multiplies the lr of everything inside the blocks by m_L^(α−1).
-
-HyperP (ArchScale's MuonH, research/mup-anchors.md §B): the hidden matrices (q, k, v, o, ffn_in,
-ffn_out) are trained by Muon on the Frobenius sphere of their init (``optimizer = "muon_sphere"``,
-mupfast/optim/muon.py), weight decay 0; the untied readout by AdamW on its sphere (``adamw_sphere``,
-mupfast/optim/sphere.py), weight decay 0; embedding and norms by AdamW. Every lr_mult is 1: one
-lr η = η0·√(B/B0)·√(d0/L)·(T/T0)^-0.32 (:func:`hyperp_transfer`) for every group. Init: hidden
-matrices N(0, 1/(3·fan_in)) (the std of the anchor's kaiming-uniform, which fixes the radius at
-√(fan_out/3)); embedding σ_emb or 1e-4 (0.02 tied); readout σ_out or 0.02. Forward: residual
-branches × 1/√(2L) (instead of the 2L init factor), embeddings × embeddings_scale, attention ×
-1/√d_head — the anchor's √128/d_head at its fixed d_head = 128; it never varies d_head. Logits ×
-α_out/m as under μP: × 1 (the anchor) when no mup_base_hidden_size is set. The anchor grows width
-with depth (n_embd = 128·L), so its √(d0/L) also absorbs the readout's growth with width; at a fixed
-depth the logits need the 1/m, or η's optimum falls with width (docs/hyperp.md).
+The table is not written out here: ``mupfast explain --config FILE`` prints it for any config, from
+this code, and docs/mup.md ("The rules, derived") says why each row is what it is. Notation:
+m = hidden_size / mup_base_hidden_size, m_f = filter_size / mup_base_filter_size, L = num_layers,
+m_L = L / mup_base_num_layers. In short, under AdamW: a matrix whose fan-in and fan-out both grow
+(q, k, v, o, ffn_in, ffn_out, the experts) gets init σ/√(its width multiplier) and lr × 1/m; an
+output-like one (only the fan-in grows: the readout, the MoE router, k and v with fixed kv heads) a
+constant init or σ/m with its forward or lr × 1/m; the embedding (only the fan-out grows) a constant
+init and lr × 1. CompleteP adds depth; HyperP trains the hidden matrices by Muon on their init sphere
+with one lr from its transfer rule (:func:`hyperp_transfer`).
 
 Rules are matched against the model's real parameter names: a parameter claimed by no rule, or by
 more than one, is an error that names it — μP that silently does not apply is the failure to avoid.
+A submodule may state the rules of its own parameters (:class:`StatesOwnRules`: fine-tuning's adapters).
 """
 
 from __future__ import annotations
@@ -48,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -249,18 +223,47 @@ def _rule(
     raise AssertionError(component)
 
 
-#: What names a fine-tuning adapter's parameters (their rules: :mod:`mupfast.finetune.rules`).
-ADAPTER_MARK = ".adapter."
+@runtime_checkable
+class StatesOwnRules(Protocol):
+    """A submodule that states the rules of its own parameters (a fine-tuning adapter, whose rank does
+    not grow with width), which the name patterns above do not know. ``prefix`` is its module path;
+    it returns one rule per parameter it holds, named ``prefix.<parameter>``."""
+
+    def mup_rules(self, prefix: str, cfg: ModelConfig) -> list[Rule]: ...
 
 
-def rules_for(model: nn.Module, cfg: ModelConfig, *, skip_adapters: bool = False) -> list[Rule]:
+def _own_rule_modules(model: nn.Module) -> dict[str, StatesOwnRules]:
+    """Module path → every outermost submodule of ``model`` that states its own rules."""
+    out: dict[str, StatesOwnRules] = {}
+    for path, module in model.named_modules():
+        if path and isinstance(module, StatesOwnRules) and not any(path.startswith(f"{o}.") for o in out):
+            out[path] = module
+    return out
+
+
+def _stated_rules(path: str, module: StatesOwnRules, cfg: ModelConfig) -> list[Rule]:
+    """The rules a module states, checked to name each of its parameters once."""
+    rules = module.mup_rules(path, cfg)
+    names = [r.name for r in rules]
+    expected = [f"{path}.{n}" for n, _ in module.named_parameters()]
+    if sorted(names) != sorted(expected):
+        raise ParametrizationError(
+            f"{path}: its rules name {sorted(set(names) ^ set(expected))[:3]} differently from its parameters"
+        )
+    return rules
+
+
+def rules_for(model: nn.Module, cfg: ModelConfig, *, own_rules: bool = True) -> list[Rule]:
     """Match every parameter of ``model`` to exactly one rule; raise naming any that isn't.
 
-    With ``skip_adapters`` only the base model's parameters: those of attached adapters are left out."""
+    The parameters of a submodule that states its own rules (:class:`StatesOwnRules`) follow the
+    matched ones, as it states them; with ``own_rules`` false they are left out (the base model only)."""
     mult = multipliers(cfg)
+    own = _own_rule_modules(model)
+    prefixes = tuple(f"{path}." for path in own)
     rules = []
     for name, p in model.named_parameters():
-        if skip_adapters and ADAPTER_MARK in name:
+        if prefixes and name.startswith(prefixes):
             continue
         hits = [(m, comp) for pat, comp in _PATTERNS if (m := re.fullmatch(pat, name))]
         if not hits:
@@ -274,6 +277,9 @@ def rules_for(model: nn.Module, cfg: ModelConfig, *, skip_adapters: bool = False
         layer = int(match.group(1)) if name.startswith("blocks.") else None
         shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the real shape in ds_shape
         rules.append(_rule(cfg, mult, name, shape, comp, layer))
+    if own_rules:
+        for path, module in own.items():
+            rules += _stated_rules(path, module, cfg)
     return rules
 
 
@@ -296,7 +302,7 @@ def init_parameters(model: nn.Module, rules: list[Rule], generator: torch.Genera
 #: 2: hyperp logits × α_out/m (were × 1); hyperp readout on its sphere by default.
 RULES_VERSION = 2
 
-#: HyperP's token-horizon exponent: η ∝ (T/T0)^-0.32 (ArchScale, research/mup-anchors.md §B).
+#: HyperP's token-horizon exponent: η ∝ (T/T0)^-0.32 (microsoft/ArchScale's HyperP).
 HYPERP_TOKEN_EXPONENT = -0.32
 
 

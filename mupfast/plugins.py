@@ -7,7 +7,11 @@ imports a feature's package (tests/test_architecture.py holds that). What a feat
 * a config section of its own, registered with its checks (``Feature.section``, ``Feature.check``);
 * a change to a freshly built model (``prepare_model``: fine-tuning loads the base run's weights and
   attaches adapters), returning the :class:`TrainerHooks` the training loop calls;
-* a step before export (``export_model``: adapters merged into the weights).
+* a step before export (``export_model``: adapters merged into the weights), and its own parts
+  written alone (``export_adapters``: ``mupfast export --adapters-only``).
+
+The rules table needs no hook: a module a feature adds states the μP rules of its own parameters
+(:class:`mupfast.parametrization.StatesOwnRules`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import functools
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    import torch
     from torch import nn
 
     from mupfast.config.schema import Config
@@ -66,14 +73,27 @@ class Feature:
         """The model to export (the same one, or one with the feature's parts folded in)."""
         return model
 
+    def export_adapters(
+        self, model: nn.Module, cfg: Config, *, layout: str, out_dir: Path, dtype: torch.dtype
+    ) -> dict[str, Any] | None:
+        """Write the feature's trained parts alone into ``out_dir`` (``export --adapters-only``, for
+        the ``layout`` of the base model's export); what to record of them, or None: nothing to write."""
+        return None
+
 
 @functools.cache
 def features() -> tuple[Feature, ...]:
     """Every installed feature, in entry-point name order (loaded once per process)."""
-    from importlib.metadata import entry_points
+    from importlib.metadata import distributions
 
-    found = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
-    return tuple(ep.load() for ep in found)
+    # Every distribution's, not importlib's one per name: a stale mupfast.egg-info in the working
+    # directory (an old build) comes first on sys.path and would hide the installed entry points.
+    found: dict[str, Any] = {}
+    for dist in distributions():
+        for ep in dist.entry_points:
+            if ep.group == ENTRY_POINT_GROUP:
+                found.setdefault(ep.name, ep)
+    return tuple(found[name].load() for name in sorted(found))
 
 
 class _AllHooks(TrainerHooks):
@@ -109,11 +129,31 @@ def prepare_model(model: nn.Module, cfg: Config, *, load_weights: bool = True) -
 
 
 def export_model(model: nn.Module, cfg: Config) -> nn.Module:
+    """The model ``mupfast export`` writes: every feature's parts folded in, in turn."""
     for f in features():
         model = f.export_model(model, cfg)
     return model
 
 
+def export_adapters(
+    model: nn.Module, cfg: Config, *, layout: str, out_dir: Path, dtype: torch.dtype
+) -> dict[str, Any] | None:
+    """The first feature's own parts written alone (``export --adapters-only``); None when no
+    feature has any in this run."""
+    for f in features():
+        record = f.export_adapters(model, cfg, layout=layout, out_dir=out_dir, dtype=dtype)
+        if record is not None:
+            return record
+    return None
+
+
 def feature_sections() -> dict[str, Any]:
     """Config section key → its dataclass, for every feature that has one."""
     return {f.name: f.section for f in features() if f.section is not None}
+
+
+def check_feature_sections(cfg: Config) -> None:
+    """Every feature's checks of its config section (those of a config that lacks it are skipped)."""
+    for f in features():
+        if f.section is None or f.name in cfg.sections:
+            f.check(cfg)

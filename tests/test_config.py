@@ -488,3 +488,25 @@ def test_defaults_and_repo_configs_are_valid():
     assert len(paths) >= 5 and NOT_RUN_CONFIGS <= {p.name for p in CONFIGS.glob("*.yaml")}
     for path in paths:
         assert isinstance(load_config(path), Config), path
+
+
+def test_a_features_section_is_read_checked_and_written_like_a_core_one():
+    """fine-tuning registers the ``finetune`` section (mupfast.plugins): dotted keys, did-you-mean,
+    its checks in validate, to_dict, with_overrides and dataclasses.replace all reach it."""
+    import dataclasses
+
+    from mupfast.config import config_from_dict, with_overrides
+
+    cfg = load_config(None, ["finetune.method=lora", "finetune.rank=4"])
+    assert cfg.finetune.method == "lora" and cfg.finetune.rank == 4
+    assert list(load_config(None).to_dict())[-1] == "finetune"  # every config.yaml has the section
+    assert config_from_dict(cfg.to_dict()) == cfg
+    assert with_overrides(cfg, {"finetune.rank": 2}).finetune.rank == 2 and cfg.finetune.rank == 4
+    changed = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, alpha=3.0))
+    assert changed.finetune.alpha == 3.0 and changed.model == cfg.model and cfg.finetune.alpha == 16.0
+    with pytest.raises(ConfigError, match=exact("finetune.rnak: unknown key (did you mean finetune.rank?)")):
+        load_config(None, ["finetune.rnak=4"])
+    with pytest.raises(ConfigError, match=exact("finetun: unknown key (did you mean finetune?)")):
+        load_config(None, ["finetun.rank=4"])
+    with pytest.raises(ConfigError, match=exact("finetune.rank: must be positive (got 0)")):
+        load_config(None, ["finetune.method=lora", "finetune.rank=0"])

@@ -16,10 +16,9 @@ from mupfast.export.load import read_checkpoint_weights
 from mupfast.finetune.adapters import attach_adapters
 from mupfast.finetune.attach import load_base_weights
 from mupfast.finetune.finetune import finetune_config
-from mupfast.finetune.lora import AdaptedLinear, LoraAdapter
+from mupfast.finetune.lora import ADAPTER_MARK, AdaptedLinear, LoraAdapter
 from mupfast.model import build_model
 from mupfast.optim import build_param_groups
-from mupfast.parametrization import ADAPTER_MARK
 from mupfast.rundir import read_metrics
 from tests.helpers import tiny_config
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import mupfast.train as trainer
-from mupfast.config import FinetuneConfig
 from mupfast.finetune.adalora import RankAllocator, SVDAdapter
 from mupfast.finetune.adamole import MoleAdapter
+from mupfast.finetune.config import FinetuneConfig
 from mupfast.finetune.lora import AdaptedLinear
 from mupfast.rundir import read_metrics
 from tests.test_finetune import adapted_by, data_dir, ft_config, make_base_run  # noqa: F401 (fixture)

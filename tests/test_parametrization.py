@@ -166,3 +166,41 @@ def test_unclaimed_and_doubly_claimed_parameters_are_named():
             rules_for(model, cfg)
     finally:
         parametrization._PATTERNS = patterns
+
+
+class _OwnRules(nn.Module):
+    """A module the name patterns know nothing of, stating its parameters' rules itself."""
+
+    def __init__(self, names=("a", "b")):
+        super().__init__()
+        self.a = nn.Parameter(torch.zeros(3, 2))
+        self.b = nn.Parameter(torch.zeros(3))
+        self.names = names
+
+    def mup_rules(self, prefix, cfg):
+        from mupfast.parametrization import Rule
+
+        return [
+            Rule(f"{prefix}.{n}", (3,), f"own.{n}", None, "zeros", 0.0, 2.0, 0.0, 1.0) for n in self.names
+        ]
+
+
+def test_a_module_that_states_its_own_rules_is_asked_and_listed_after_the_table():
+    from mupfast.model import build_model
+    from mupfast.parametrization import StatesOwnRules
+
+    cfg = tiny_config().model
+    model = build_model(cfg)
+    base = rules_for(model, cfg)
+    model.blocks[0].attn.extra = _OwnRules()
+    assert isinstance(model.blocks[0].attn.extra, StatesOwnRules)
+    rules = rules_for(model, cfg)
+    assert rules[: len(base)] == base
+    assert [(r.name, r.component) for r in rules[len(base) :]] == [
+        ("blocks.0.attn.extra.a", "own.a"),
+        ("blocks.0.attn.extra.b", "own.b"),
+    ]
+    assert rules_for(model, cfg, own_rules=False) == base
+    model.blocks[0].attn.extra = _OwnRules(names=("a",))  # a parameter its rules leave out
+    with pytest.raises(ParametrizationError, match=r"blocks\.0\.attn\.extra: its rules name"):
+        rules_for(model, cfg)

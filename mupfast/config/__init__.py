@@ -3,6 +3,8 @@
 * :mod:`~mupfast.config.schema`: the sections and their fields (imports nothing of mupfast).
 * :mod:`~mupfast.config.load`: ``load_config(path, overrides)``, overrides, types checked key by key.
 * :mod:`~mupfast.config.validate`: the cross-field rules, one section at a time.
+
+Features (fine-tuning) bring their own sections and checks, registered through :mod:`mupfast.plugins`.
 """
 
 from mupfast.config.load import (
@@ -17,7 +19,6 @@ from mupfast.config.schema import (
     ClipConfig,
     Config,
     DataConfig,
-    FinetuneConfig,
     ModelConfig,
     OptimConfig,
     Parametrization,
@@ -33,7 +34,6 @@ __all__ = [
     "ClipConfig",
     "Config",
     "DataConfig",
-    "FinetuneConfig",
     "ModelConfig",
     "OptimConfig",
     "Parametrization",

@@ -2,8 +2,10 @@
 
 ``load_config(path, overrides)`` reads a YAML file (``yaml.safe_load``), applies overrides such as
 ``optim.lr=3e-3``, checks every key and type (here) and the cross-field rules
-(:mod:`mupfast.config.validate`), and returns a :class:`~mupfast.config.schema.Config`. Every problem
-is a :class:`ConfigError` naming the key, which the CLI prints as one ``error: …`` line.
+(:mod:`mupfast.config.validate`), and returns a :class:`~mupfast.config.schema.Config`. The sections
+installed features register (``finetune``, :func:`mupfast.plugins.feature_sections`) are read like
+the core ones. Every problem is a :class:`ConfigError` naming the key, which the CLI prints as one
+``error: …`` line.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import yaml
 from mupfast.config.schema import Config
 from mupfast.config.validate import validate
 from mupfast.errors import ConfigError
+from mupfast.plugins import feature_sections
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -70,7 +73,15 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any, what: str) -> None:
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    return _build(Config, raw, prefix="")
+    """A :class:`Config` from its mapping: the core sections and every registered feature's, each
+    with its defaults where the mapping leaves it out (types checked, not the cross-field rules)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(Config)
+    kinds = {f.name: hints[f.name] for f in dataclasses.fields(Config) if f.name != "sections"}
+    kinds.update(feature_sections())
+    _check_keys(raw, list(kinds), prefix="")
+    return Config(**{key: _build(cls, raw.get(key) or {}, f"{key}.") for key, cls in kinds.items()})
 
 
 def with_overrides(cfg: Config, values: dict[str, Any], *, check: bool = True) -> Config:
@@ -92,19 +103,24 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    _check_keys(raw, [f.name for f in dataclasses.fields(cls)], prefix)
     kwargs = {}
     for key, value in raw.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (valid: {', '.join(names)})"
-            raise ConfigError(f"{prefix}{key}: unknown key{hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
     return cls(**kwargs)
+
+
+def _check_keys(raw: dict[str, Any], names: list[str], prefix: str) -> None:
+    """Every key of ``raw`` must be one of ``names``: the error for one that is not suggests the closest."""
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (valid: {', '.join(names)})"
+            raise ConfigError(f"{prefix}{key}: unknown key{hint}")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

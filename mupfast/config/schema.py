@@ -1,8 +1,9 @@
 """The run configuration's schema: one dataclass per section, a docstring on every field.
 
 This module imports nothing of mupfast: loading, overrides and checks are :mod:`mupfast.config.load`
-and :mod:`mupfast.config.validate`. The μP keys of the model section keep the Cerebras Model Zoo
-names so their configs port.
+and :mod:`mupfast.config.validate`; a feature's section is its own dataclass, registered through
+:mod:`mupfast.plugins`. The μP keys of the model section keep the Cerebras Model Zoo names so their
+configs port.
 """
 
 from __future__ import annotations
@@ -328,59 +329,14 @@ class ZeroConfig:
     """A DeepSpeed JSON merged over the config mupfast builds (e.g. launch/ds_zero2.json): ZeRO tuning, monitors, comms logging."""
 
 
-@dataclass
-class FinetuneConfig:
-    """Fine-tuning a trained run (``mupfast finetune``, mupfast/finetune/): the base is frozen and
-    adapters are attached to the named components; their μP rules are in docs/finetune.md."""
-
-    method: Literal["none", "full", "lora", "adalora", "adamole"] = "none"
-    """none: not a fine-tune (pretraining); full: every weight trains from the base run's; lora,
-    adalora, adamole: the base is frozen and only the adapters train."""
-    base_run: str = ""
-    """Run directory of the trained model (config.yaml + checkpoints/, any ZeRO stage)."""
-    target_components: list[str] = field(default_factory=lambda: ["q", "v"])
-    """Rules-table components whose matrices get adapters: q, k, v, o, ffn_in, ffn_out."""
-    rank: int = 8
-    """LoRA rank r (AdaMoLE: each expert's rank)."""
-    alpha: float = 16.0
-    """LoRA scale α: the adapter's output is × α/r (AdaLoRA: α/init_rank, as PEFT)."""
-    dropout: float = 0.0
-    """Dropout on the adapters' input."""
-    lora_plus_ratio: float = 1.0
-    """LoRA+ ratio lr_B/lr_A at the base width (the μP rule multiplies it by m_in at width m)."""
-    init_rank: int = 12
-    """AdaLoRA: the rank every adapted matrix starts with (PEFT's init_r)."""
-    target_rank: int = 8
-    """AdaLoRA: average final rank per adapted matrix; the total budget is this × matrices (PEFT's target_r)."""
-    tinit: int = 0
-    """AdaLoRA: warm-up steps before any rank is pruned."""
-    tfinal: int = 0
-    """AdaLoRA: final steps at the target budget with the rank pattern fixed."""
-    delta_t: int = 1
-    """AdaLoRA: steps between two rank reallocations (PEFT's deltaT)."""
-    beta1: float = 0.85
-    """AdaLoRA: EMA factor of the sensitivity |w·∂L/∂w|."""
-    beta2: float = 0.85
-    """AdaLoRA: EMA factor of its uncertainty."""
-    orth_reg_weight: float = 0.5
-    """AdaLoRA: weight of the orthogonality penalty on P and Q added to the training loss."""
-    experts: int = 4
-    """AdaMoLE: LoRA experts per adapted matrix."""
-    max_threshold: float | None = None
-    """AdaMoLE: τ_max of the learned threshold τ(x) = τ_max·σ(w·x + b); None means 1/experts."""
-    format: Literal["auto", "text", "prompt_completion"] = "auto"
-    """data.corpus as documents (text: as for pretraining) or as prompt/completion JSON Lines records
-    (the loss counts only completion tokens); auto: prompt_completion when the first record of a JSON
-    Lines corpus has both fields below."""
-    prompt_field: str = "prompt"
-    """Prompt/completion JSON Lines (data.corpus): the field of the prompt (no loss on its tokens)."""
-    completion_field: str = "completion"
-    """… and of the completion (the loss counts these tokens and the EOS after them)."""
-
-
-@dataclass
+@dataclass(init=False)
 class Config:
-    """A whole run."""
+    """A whole run: the core sections below, and the sections features register (``finetune``).
+
+    A feature's section is read like a core one (``cfg.finetune.method``) and passed by name to the
+    constructor and ``dataclasses.replace``; ``to_dict()`` lists it beside the core sections. The
+    loader (:func:`mupfast.config.load.config_from_dict`) gives every registered feature its section.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -389,7 +345,35 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    sections: dict[str, Any] = field(default_factory=dict)
+    """The features' sections by key (each a dataclass of the feature's own)."""
+
+    def __init__(self, sections: dict[str, Any] | None = None, **values: Any):
+        for f in dataclasses.fields(self):
+            if f.name != "sections":
+                setattr(self, f.name, values.pop(f.name) if f.name in values else f.default_factory())
+        # What is left are feature sections passed by name (dataclasses.replace(cfg, finetune=...)).
+        self.sections = {**(sections or {}), **values}
+
+    def __getattr__(self, name: str) -> Any:  # only reached when ordinary lookup fails
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            sections[name] = value
+        else:
+            object.__setattr__(self, name, value)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every section as plain data, core then features (the run's config.yaml)."""
+        out = {
+            f.name: dataclasses.asdict(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name != "sections"
+        }
+        out.update({key: dataclasses.asdict(section) for key, section in self.sections.items()})
+        return out

@@ -1,7 +1,8 @@
 """Cross-field checks of a run config: what each key's type alone cannot say.
 
 ``validate(cfg)`` raises :class:`~mupfast.config.ConfigError` naming the key and the problem, which the
-CLI prints as one ``error: …`` line; ``load_config`` calls it on every config it builds.
+CLI prints as one ``error: …`` line; ``load_config`` calls it on every config it builds. A feature's
+section is checked by the feature (``Feature.check``, :mod:`mupfast.plugins`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mupfast.errors import ConfigError
+from mupfast.plugins import check_feature_sections
 
 if TYPE_CHECKING:
     from mupfast.config.schema import Config
@@ -64,7 +66,7 @@ def validate(cfg: Config) -> None:
     _check_zero(cfg)
     _check_clip(cfg)
     _check_schedule(cfg)
-    _check_finetune(cfg)
+    check_feature_sections(cfg)  # each feature's own section (finetune.*), by the feature
 
 
 def _check_model(cfg: Config) -> None:
@@ -303,10 +305,3 @@ def _check_schedule(cfg: Config) -> None:
         build_schedule(s, cfg.train.steps)
     except ValueError as e:
         raise ConfigError(f"schedule: {e}") from None
-
-
-def _check_finetune(cfg: Config) -> None:
-    """finetune.*: the adapters' sizes and components, AdaLoRA's schedule (mupfast/finetune/)."""
-    from mupfast.finetune.config_check import check_finetune  # the section's rules live with it
-
-    check_finetune(cfg)

@@ -3,7 +3,9 @@
 :func:`export_run` loads the run (:mod:`mupfast.export.load`), folds the multipliers into the weights
 and checks the result against the model in SP form (:mod:`mupfast.export.fold`), then writes
 ``model.safetensors``, ``config.json``, the tokenizer and a record of what was folded in the Llama
-or GPT-2 layout (:mod:`mupfast.export.layouts`).
+or GPT-2 layout (:mod:`mupfast.export.layouts`). Features take part through
+:mod:`mupfast.plugins`: ``export_model`` before folding (a fine-tune's adapters merged into the
+weights) and ``export_adapters`` for ``--adapters-only`` (the adapters alone, as a PEFT folder).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from mupfast.errors import ConfigError
 from mupfast.export.fold import check_folding, fold_multipliers
 from mupfast.export.layouts import byte_level_tokenizer_json, hf_config, layout_for, layout_tensors
 from mupfast.export.load import load_run, run_tokenizer
-from mupfast.finetune.merge import merge_adapters, write_peft_adapter
+from mupfast.plugins import export_adapters, export_model
 
 
 @dataclass
@@ -60,7 +62,7 @@ def export_run(
     layout = layout_for(cfg.model)
     if adapters_only:  # a fine-tune's adapters as a PEFT LoRA folder, for the base run's export
         return _export_adapters(run, layout, out_dir, dtype)
-    run.model = merge_adapters(run.model)  # a fine-tune: adapters merged into the weights, logits checked
+    run.model = export_model(run.model, cfg)  # features: a fine-tune's adapters merged, logits checked
     tokenizer = run_tokenizer(cfg, run.run_dir)
     folded = fold_multipliers(run.model)
     err = check_folding(run.model, folded)
@@ -104,19 +106,17 @@ def export_run(
 
 
 def _export_adapters(run, layout: str, out_dir: Path, dtype: str) -> ExportResult:
-    """``--adapters-only``: adapter_config.json + adapter_model.safetensors (mupfast.finetune.merge)."""
-    if run.cfg.finetune.method in ("none", "full"):
-        raise ConfigError(f"--adapters-only: {run.run_dir} is not an adapter fine-tune (finetune.method)")
-    config = write_peft_adapter(run.model, layout, out_dir, _DTYPES[dtype], run.cfg.finetune.base_run)
+    """``--adapters-only``: the features' own parts alone (a fine-tune's adapters as a PEFT LoRA folder)."""
+    record = export_adapters(run.model, run.cfg, layout=layout, out_dir=out_dir, dtype=_DTYPES[dtype])
+    if record is None:
+        raise ConfigError(
+            f"--adapters-only: {run.run_dir} has no adapters to write (not an adapter fine-tune)"
+        )
     record = {
         "source_run": str(run.run_dir.resolve()),
         "checkpoint": str(run.checkpoint.resolve()),
         "step": run.step,
-        "method": run.cfg.finetune.method,
-        "base_run": run.cfg.finetune.base_run,
-        "layout": layout,
-        "ranks": config["rank_pattern"],
-        "how_to_load": "PeftModel.from_pretrained(<`mupfast export` of the base run>, this folder)",
+        **record,
     }
     _write_json(out_dir / "mupfast_export.json", record)
     files = sorted(p.name for p in out_dir.iterdir())

@@ -1,6 +1,7 @@
 """Loading a trained run: its resolved config, its latest checkpoint's weights and its tokenizer.
 
-:func:`load_run` rebuilds the model from ``RUN/config.yaml`` and loads the latest DeepSpeed
+:func:`load_run` rebuilds the model from ``RUN/config.yaml`` (with the structure its features add:
+a fine-tune's adapters, :func:`mupfast.plugins.prepare_model`) and loads the latest DeepSpeed
 checkpoint into it (ZeRO 0–2 from the one model-states file, ZeRO-3 consolidated with DeepSpeed's
 ``zero_to_fp32``), always with ``torch.load(weights_only=True)``. ``mupfast export`` and
 ``mupfast generate`` both start here; every problem is a :class:`~mupfast.errors.CheckpointError` or
@@ -24,6 +25,7 @@ from mupfast.config.validate import validate
 from mupfast.distributed.checkpoint import deepspeed_checkpoint_types
 from mupfast.errors import CheckpointError, ConfigError
 from mupfast.model import Transformer
+from mupfast.plugins import prepare_model
 from mupfast.rundir import checkpoint_dir, latest_tag
 
 
@@ -142,10 +144,8 @@ def load_run(
     model_cfg = replace(cfg.model, attention_backend="auto", readout_backend="auto")
     with torch.device("meta"):
         model = Transformer(model_cfg)
-        if cfg.finetune.method not in ("none", "full"):  # a fine-tune's checkpoint holds its adapters too
-            from mupfast.finetune.adapters import attach_adapters
-
-            attach_adapters(model, replace(cfg, model=model_cfg), init=False)
+        # The features' structure (a fine-tune's adapters): their weights are in the checkpoint too.
+        prepare_model(model, replace(cfg, model=model_cfg), load_weights=False)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:

@@ -43,7 +43,7 @@ class SVDAdapter(Adapter):
 
     def __init__(self, fan_in: int, fan_out: int, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__(fan_in, fan_out, dropout)
-        self.rank, self.scale, self.m_out = rank, alpha / rank, 1.0
+        self.rank, self.alpha, self.scale, self.m_out = rank, alpha, alpha / rank, 1.0
         self.lora_A = nn.Parameter(torch.empty(rank, fan_in))
         self.lora_E = nn.Parameter(torch.zeros(rank, 1))
         self.lora_B = nn.Parameter(torch.empty(fan_out, rank))

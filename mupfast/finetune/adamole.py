@@ -60,7 +60,8 @@ class MoleAdapter(Adapter):
         dropout: float = 0.0,
     ):
         super().__init__(fan_in, fan_out, dropout)
-        self.rank, self.experts, self.scale, self.gate_scale = rank, experts, alpha / rank, 1.0
+        self.rank, self.alpha, self.experts = rank, alpha, experts
+        self.scale, self.gate_scale = alpha / rank, 1.0
         self.max_threshold = 1.0 / experts if max_threshold is None else max_threshold
         self.experts_A = nn.Parameter(torch.empty(experts, rank, fan_in))
         self.experts_B = nn.Parameter(torch.zeros(experts, fan_out, rank))

@@ -2,14 +2,13 @@
 
 :func:`attach_adapters` freezes a model and replaces each target matrix (the rules-table components
 named in ``finetune.target_components``) by an :class:`~mupfast.finetune.lora.AdaptedLinear`
-holding the method's adapter, initialised and given its forward multipliers from the adapter rules
-(:mod:`mupfast.finetune.rules`). The trainer (through :mod:`~mupfast.finetune.attach`), ``load_run``
-(a fine-tune's checkpoint) and ``explain`` all build the same tree with it.
+holding the method's adapter, told where it sits (its matrix's component and layer: its μP rules
+depend on them), then initialised and given its forward multipliers from those rules
+(:mod:`mupfast.finetune.rules`). The trainer, ``load_run`` (a fine-tune's checkpoint) and ``explain``
+all build the same tree with it, through the feature's ``prepare_model`` (:mod:`~mupfast.finetune.attach`).
 """
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 import torch
 from torch import nn
@@ -17,8 +16,8 @@ from torch import nn
 from mupfast.config import Config
 from mupfast.errors import ConfigError
 from mupfast.finetune.lora import AdaptedLinear, Adapter, LoraAdapter, adapted_modules
-from mupfast.finetune.rules import adapter_rules, base_rules, width_multipliers
-from mupfast.parametrization import Rule
+from mupfast.finetune.rules import AdapterSite, width_multipliers
+from mupfast.parametrization import rules_for
 
 
 def _adapter(cfg: Config, fan_in: int, fan_out: int) -> Adapter:
@@ -36,17 +35,17 @@ def _adapter(cfg: Config, fan_in: int, fan_out: int) -> Adapter:
     raise AssertionError(f.method)
 
 
-def target_paths(model: nn.Module, cfg: Config) -> dict[str, str]:
-    """Module path → component of every matrix that gets an adapter, read off the rules table."""
+def target_paths(model: nn.Module, cfg: Config) -> dict[str, tuple[str, int | None]]:
+    """Module path → (component, layer) of every matrix that gets an adapter, read off the rules table."""
     wanted = set(cfg.finetune.target_components)
     out = {}
-    for r in base_rules(model, cfg):
+    for r in rules_for(model, cfg.model, own_rules=False):  # the base model's rows
         if r.component in wanted and r.name.endswith(".weight"):
             path = r.name[: -len(".weight")]
             if not isinstance(model.get_submodule(path), nn.Linear | AdaptedLinear):
                 raise ConfigError(f"finetune.target_components: {path} ({r.component}) is not a linear layer")
-            out[path] = r.component
-    missing = wanted - set(out.values())
+            out[path] = (r.component, r.layer)
+    missing = wanted - {component for component, _ in out.values()}
     if missing:
         raise ConfigError(
             f"finetune.target_components: this model has no {', '.join(sorted(missing))} matrices "
@@ -63,37 +62,23 @@ def attach_adapters(model: nn.Module, cfg: Config, *, init: bool = True) -> dict
     either way the adapters' forward multipliers are set from the rules, so the table is the model."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for path, component in target_paths(model, cfg).items():
+    for path, (component, layer) in target_paths(model, cfg).items():
         base = model.get_submodule(path)
         parent_path, _, leaf = path.rpartition(".")
         adapter = _adapter(cfg, base.in_features, base.out_features).to(base.weight.device)
+        adapter.site = AdapterSite(component, layer, cfg.finetune.lora_plus_ratio)
         if hasattr(adapter, "m_out"):  # AdaLoRA's orthogonality is measured at the proxy's width
-            adapter.m_out = width_multipliers(cfg, component)[1]
+            adapter.m_out = width_multipliers(cfg.model, component)[1]
         setattr(model.get_submodule(parent_path), leaf, AdaptedLinear(base, adapter))
-    params = dict(model.named_parameters())
     modules = adapted_modules(model)
-    for r in adapter_rules(model, cfg):
-        p = params[r.name]
-        if init and r.init == "normal":
-            p.normal_(0.0, r.init_std)
-        elif init:
-            p.zero_()
-        path, _, pname = r.name.rpartition(".")
-        modules[path.removesuffix(".adapter")].adapter.set_forward_mult(pname, r.forward_mult)
+    for path, module in modules.items():
+        adapter = module.adapter
+        for r in adapter.mup_rules(f"{path}.adapter", cfg.model):
+            pname = r.name.rpartition(".")[2]
+            p = adapter.get_parameter(pname)
+            if init and r.init == "normal":
+                p.normal_(0.0, r.init_std)
+            elif init:
+                p.zero_()
+            adapter.set_forward_mult(pname, r.forward_mult)
     return modules
-
-
-def explain_rules(cfg: Config, base: list[Rule]) -> list[Rule]:
-    """``mupfast explain`` of a fine-tuning config: the base rows with lr mult 0 (frozen) followed by
-    the adapters' rows, computed on a meta-device model with the adapters attached."""
-    import torch
-
-    from mupfast.model import Transformer
-
-    if cfg.finetune.method in ("none", "full"):
-        return base
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-        attach_adapters(model, cfg, init=False)
-    frozen = [replace(r, lr_mult=0.0, wd_mult=0.0) for r in base]
-    return frozen + adapter_rules(model, cfg)

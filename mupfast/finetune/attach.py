@@ -1,12 +1,13 @@
 """Turning a freshly built model into the one a fine-tune trains, and the trainer's hooks.
 
-:func:`prepare_finetune` (called by the trainer right after ``build_model``) loads the base run's
-weights (any ZeRO stage's checkpoint, as ``mupfast export`` reads them), and for an adapter method
-freezes every base parameter and replaces each target matrix (the rules-table components named in
+:func:`prepare_finetune` is the feature's ``prepare_model`` (:mod:`mupfast.finetune.plugin`; the
+trainer calls it right after ``build_model``): it loads the base run's weights (any ZeRO stage's
+checkpoint, as ``mupfast export`` reads them), and for an adapter method freezes every base
+parameter and replaces each target matrix (the rules-table components named in
 ``finetune.target_components``) by an :class:`~mupfast.finetune.lora.AdaptedLinear`. It returns a
-:class:`Tuner`: the few calls the training loop makes into the method (AdaLoRA's importance and
-rank allocation, the adapters' metrics). The adapters themselves are attached by
-:func:`mupfast.finetune.adapters.attach_adapters`, which ``load_run`` and ``explain`` use too.
+:class:`Tuner`, the :class:`~mupfast.plugins.TrainerHooks` of the method (AdaLoRA's importance and
+rank allocation, the adapters' metrics, prompt/completion batches). Without ``load_weights`` it
+builds only the structure (``explain``, and ``load_run`` before it reads a fine-tune's checkpoint).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from mupfast.config import Config
 from mupfast.errors import ConfigError
 from mupfast.finetune.adapters import attach_adapters
 from mupfast.finetune.lora import adapted_modules
+from mupfast.plugins import TrainerHooks
 
 #: Model keys a fine-tune may set differently from its base run (they do not change the function).
 FREE_MODEL_KEYS = ("attention_backend", "readout_backend")
@@ -57,16 +59,16 @@ def load_base_weights(model: nn.Module, cfg: Config) -> int | None:
     return step
 
 
-class Tuner:
+class Tuner(TrainerHooks):
     """The training loop's calls into a fine-tuning method; every one is a no-op unless the method
     needs it. ``before_step`` runs after the last backward of a step (full gradients, any ZeRO
     stage), ``after_step(step)`` after the optimizer step, ``metrics()`` on logging steps."""
 
-    def __init__(self, model: nn.Module | None = None, cfg: Config | None = None):
+    def __init__(self, model: nn.Module, cfg: Config):
         self.model, self.cfg = model, cfg
-        self.modules = adapted_modules(model) if model is not None else {}
+        self.modules = adapted_modules(model)
         self.allocator = None
-        if cfg is not None and cfg.finetune.method == "adalora":
+        if cfg.finetune.method == "adalora":
             from mupfast.finetune.adalora import RankAllocator, add_orthogonality_penalty
 
             self.allocator = RankAllocator(self.modules, cfg.finetune, cfg.train.steps)
@@ -83,8 +85,6 @@ class Tuner:
 
     def samplers(self, train_sampler, val_sampler):
         """Prompt/completion data: batches whose prompt tokens carry no loss (targets −100)."""
-        if self.cfg is None:
-            return train_sampler, val_sampler
         from mupfast.finetune.data import completion_only
 
         return completion_only(train_sampler), completion_only(val_sampler)
@@ -99,13 +99,15 @@ class Tuner:
         return out
 
 
-def prepare_finetune(model: nn.Module, cfg: Config) -> Tuner:
-    """The trainer's hook after ``build_model``: nothing when finetune.method is none; otherwise the
-    base run's weights, and for an adapter method the frozen base with adapters attached."""
+def prepare_finetune(model: nn.Module, cfg: Config, *, load_weights: bool = True) -> Tuner | None:
+    """Nothing when finetune.method is none; otherwise the base run's weights (``load_weights``), and
+    for an adapter method the frozen base with adapters attached (initialised only with the weights).
+    The trainer's hooks, or None when only the structure was built."""
     f = cfg.finetune
     if f.method == "none":
-        return Tuner()
-    load_base_weights(model, cfg)
+        return None
+    if load_weights:
+        load_base_weights(model, cfg)
     if f.method != "full":
-        attach_adapters(model, cfg)
-    return Tuner(model, cfg)
+        attach_adapters(model, cfg, init=load_weights)
+    return Tuner(model, cfg) if load_weights else None

@@ -8,14 +8,27 @@ output, so merging ``W + ΔW`` is exact.
 
 :class:`LoraAdapter` is ``ΔW = (α/r)·B·A`` with ``A`` (r × fan_in) and ``B`` (fan_out × r), ``B = 0``
 at the start (the identity), PEFT's ``lora_A`` / ``lora_B``. Init and learning rates come from the
-μP rules of :mod:`mupfast.finetune.rules`.
+μP rules of :mod:`mupfast.finetune.rules`, which every adapter states for the rules table itself
+(``mup_rules``: the table's name patterns know nothing of adapters).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mupfast.finetune.rules import AdapterSite, adapter_rule
+from mupfast.parametrization import ParametrizationError
+
+if TYPE_CHECKING:
+    from mupfast.config import ModelConfig
+    from mupfast.parametrization import Rule
+
+#: What names a fine-tuning adapter's parameters (``blocks.0.attn.q.adapter.lora_A``).
+ADAPTER_MARK = ".adapter."
 
 
 class Adapter(nn.Module):
@@ -26,10 +39,28 @@ class Adapter(nn.Module):
     mergeable = True
     """Whether the update is one matrix ΔW for every input (AdaMoLE's is not: it gates per token)."""
 
+    rank: int
+    alpha: float
+    site: AdapterSite | None = None
+    """Set when the adapter is attached (:func:`~mupfast.finetune.adapters.attach_adapters`)."""
+
     def __init__(self, fan_in: int, fan_out: int, dropout: float):
         super().__init__()
         self.fan_in, self.fan_out = fan_in, fan_out
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def mup_rules(self, prefix: str, cfg: ModelConfig) -> list[Rule]:
+        """The rules of this adapter's parameters, named ``prefix.<parameter>`` (the rules table asks:
+        :class:`mupfast.parametrization.StatesOwnRules`)."""
+        if self.site is None:
+            raise ParametrizationError(f"{prefix}: a {self.kind} adapter attached to no matrix has no rules")
+        scale = self.alpha / self.rank  # AdaLoRA's rank is its init_rank: α/r₀, as PEFT
+        return [
+            adapter_rule(
+                cfg, self.site, self.kind, scale, f"{prefix}.{pname}", tuple(getattr(p, "ds_shape", p.shape))
+            )
+            for pname, p in self.named_parameters()
+        ]
 
     def delta_weight(self) -> torch.Tensor:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
@@ -61,7 +92,7 @@ class LoraAdapter(Adapter):
 
     def __init__(self, fan_in: int, fan_out: int, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__(fan_in, fan_out, dropout)
-        self.rank, self.scale = rank, alpha / rank
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         self.lora_A = nn.Parameter(torch.empty(rank, fan_in))
         self.lora_B = nn.Parameter(torch.zeros(fan_out, rank))
 

@@ -17,28 +17,38 @@ fan-out, c CompleteP's depth factor, 1 otherwise):
   MoE router: constant init, lr × c, forward × 1/m_in.
 
 Weight decay follows model.weight_decay_scaling as for the base (independent: A's wd × m_in).
+
+Each adapter states these rules itself (:meth:`~mupfast.finetune.lora.Adapter.mup_rules`), so
+``rules_for`` lists them after the base model's rows without knowing what an adapter is.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
+from mupfast.parametrization import BLOCK_COMPONENTS, Rule, multipliers
 
-from mupfast.config import Config
-from mupfast.finetune.lora import adapted_modules
-from mupfast.parametrization import BLOCK_COMPONENTS, Rule, multipliers, rules_for
-
-
-def base_rules(model: nn.Module, cfg: Config) -> list[Rule]:
-    """The rules table of the base model's parameters (adapters or not)."""
-    return rules_for(model, cfg.model, skip_adapters=True)
+if TYPE_CHECKING:
+    from mupfast.config import ModelConfig
 
 
-def width_multipliers(cfg: Config, component: str) -> tuple[float, float]:
+@dataclass(frozen=True)
+class AdapterSite:
+    """Where an adapter sits, as its rules need it: the rules-table component and layer of the matrix
+    it adapts, and finetune.lora_plus_ratio (B's lr over A's at the base width). Set on the adapter
+    when it is attached (:func:`~mupfast.finetune.adapters.attach_adapters`)."""
+
+    component: str
+    layer: int | None
+    lora_plus_ratio: float = 1.0
+
+
+def width_multipliers(cfg: ModelConfig, component: str) -> tuple[float, float]:
     """(m_in, m_out): how the fan-in and fan-out of a component's matrix grow with width."""
-    mult = multipliers(cfg.model)
-    if cfg.model.parametrization == "sp":
+    mult = multipliers(cfg)
+    if cfg.parametrization == "sp":
         return 1.0, 1.0
     m, m_f, m_kv = mult.m, mult.m_f, mult.m_kv
     return {
@@ -51,22 +61,23 @@ def width_multipliers(cfg: Config, component: str) -> tuple[float, float]:
     }[component]
 
 
-def _depth_factor(cfg: Config, component: str) -> float:
-    mult = multipliers(cfg.model)
-    if cfg.model.parametrization == "completep" and component in BLOCK_COMPONENTS:
-        return mult.m_depth ** (cfg.model.depth_alpha - 1)
+def _depth_factor(cfg: ModelConfig, component: str) -> float:
+    mult = multipliers(cfg)
+    if cfg.parametrization == "completep" and component in BLOCK_COMPONENTS:
+        return mult.m_depth ** (cfg.depth_alpha - 1)
     return 1.0
 
 
-def _wd(cfg: Config, width_mult: float) -> float:
-    return {"independent": width_mult, "coupled": 1.0, "none": 0.0}[cfg.model.weight_decay_scaling]
+def _wd(cfg: ModelConfig, width_mult: float) -> float:
+    return {"independent": width_mult, "coupled": 1.0, "none": 0.0}[cfg.weight_decay_scaling]
 
 
 def adapter_rule(
-    cfg: Config, name: str, shape: tuple[int, ...], component: str, layer: int | None, kind: str
+    cfg: ModelConfig, site: AdapterSite, kind: str, scale: float, name: str, shape: tuple[int, ...]
 ) -> Rule:
-    """The rule of one adapter parameter (``name`` ends in its kind: lora_A, lora_B, …)."""
-    f = cfg.finetune
+    """The rule of one parameter of a ``kind`` adapter at ``site`` (``name`` ends in the parameter's:
+    lora_A, lora_B, …); ``scale`` is its α/r (AdaLoRA: α/init_rank, as PEFT), B's forward multiplier."""
+    component, layer = site.component, site.layer
     pname = name.rsplit(".", 1)[-1]
     m_in, m_out = width_multipliers(cfg, component)
     c = _depth_factor(cfg, component)
@@ -76,8 +87,7 @@ def adapter_rule(
         std = 1.0 / math.sqrt(fan_in if kind == "adalora" else 3 * fan_in)
         return Rule(name, shape, comp, layer, "normal", std, c / m_in, _wd(cfg, m_in), 1.0)
     if pname in ("lora_B", "experts_B"):
-        scale = f.alpha / (f.init_rank if kind == "adalora" else f.rank)
-        lr = c * f.lora_plus_ratio
+        lr = c * site.lora_plus_ratio
         if kind == "adalora":  # P: unit-norm columns at the base width
             std = 1.0 / math.sqrt(shape[0] / m_out)
             return Rule(name, shape, comp, layer, "normal", std, lr, _wd(cfg, 1.0), scale)
@@ -90,31 +100,3 @@ def adapter_rule(
     if pname == "threshold_bias":
         return Rule(name, shape, comp, layer, "zeros", 0.0, c, 0.0, 1.0)
     raise AssertionError(f"no adapter rule for {name}")
-
-
-def adapter_rules(model: nn.Module, cfg: Config) -> list[Rule]:
-    """The rules of every adapter parameter of ``model`` (empty when it has none)."""
-    modules = adapted_modules(model)
-    if not modules:
-        return []
-    base = {r.name: r for r in base_rules(model, cfg)}
-    rules = []
-    for path, module in modules.items():
-        owner = base[f"{path}.weight"]
-        for pname, p in module.adapter.named_parameters():
-            name = f"{path}.adapter.{pname}"
-            shape = tuple(getattr(p, "ds_shape", p.shape))
-            rules.append(adapter_rule(cfg, name, shape, owner.component, owner.layer, module.adapter.kind))
-    return rules
-
-
-def trainable_rules(model: nn.Module, cfg: Config) -> list[Rule]:
-    """The rules of the parameters that train: every one for a plain model; under fine-tuning the
-    adapters' (and, with finetune.method=full, the base's). Frozen parameters have no rule here, so
-    no optimizer group holds them."""
-    if not adapted_modules(model):
-        rules = rules_for(model, cfg.model)
-    else:
-        rules = base_rules(model, cfg) + adapter_rules(model, cfg)
-    params = dict(model.named_parameters())
-    return [r for r in rules if params[r.name].requires_grad]

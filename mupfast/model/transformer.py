@@ -304,7 +304,7 @@ class Transformer(nn.Module):
         for block in self.blocks:
             block.attn.scale = mult.attention_scale
         # The base model's sites only: an attached adapter keeps the multipliers it was built with.
-        set_forward_multipliers(self, rules_for(self, self.cfg, skip_adapters=True), mult)
+        set_forward_multipliers(self, rules_for(self, self.cfg, own_rules=False), mult)
 
     def record_indicators(self, enabled: bool) -> None:
         """Whether the next training forwards compute the blocks' stability indicators: branch RMS,

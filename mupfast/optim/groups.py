@@ -1,6 +1,7 @@
 """The optimizer's parameter groups, read from the rules table, and the base lr their multipliers scale.
 
-One group per component (or per layer × component). Each group carries ``name``, ``component``,
+One group per component (or per layer × component), of the parameters that train (frozen ones,
+such as a fine-tune's base, are in none). Each group carries ``name``, ``component``,
 ``lr_mult``, ``wd_mult``, ``optimizer`` (adamw, or hyperp's sphere optimizers) and
 ``max_grad_norm``; its ``weight_decay`` is optim.weight_decay × wd_mult. A group's ``lr`` is not
 written here: :class:`~mupfast.optim.schedules.GroupLR` alone sets it, to ``base_lr · schedule(t) · lr_mult``.
@@ -12,8 +13,7 @@ from torch import nn
 
 from mupfast.config import Config
 from mupfast.errors import ConfigError
-from mupfast.finetune.rules import trainable_rules
-from mupfast.parametrization import COMPONENTS, hyperp_transfer
+from mupfast.parametrization import COMPONENTS, hyperp_transfer, rules_for
 
 
 def base_lr(cfg: Config, world_size: int = 1) -> float:
@@ -33,8 +33,9 @@ def build_param_groups(model: nn.Module, cfg: Config) -> list[dict]:
         )
     params = dict(model.named_parameters())
     groups: dict[str, dict] = {}
-    # The rules table; under fine-tuning only what trains (adapters with their μP rules, no frozen weight).
-    for r in trainable_rules(model, cfg):
+    # The rules table (modules that state their own rules, such as adapters, included); a frozen
+    # parameter is in no group.
+    for r in (r for r in rules_for(model, cfg.model) if params[r.name].requires_grad):
         key = r.component
         if clip.granularity == "layer_component" and r.layer is not None:
             key = f"layer{r.layer}.{r.component}"
