@@ -2,20 +2,27 @@
 
 Reads a ``transfer-test`` result (JSON dict): at every size, every parametrization's optimum on its
 own lr grid (mean over seeds), with the per-seed val losses there, their spread, and the measured
-throughput of those runs (``tokens_per_s`` from each run's ``summary.json`` when the run directories
+throughput of those runs (``tokens_per_s`` from each run's summary when the run directories
 are at hand: hyperp's Muon step costs more than AdamW's, so equal tokens is not equal wall time).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
 from typing import Any
 
+from mupfast import rundir
 from mupfast.checks.results import LABELS
 from mupfast.tuning.launch import grid_run_dir
+
+
+def _speed(run_dirs: list[Path]) -> float | None:
+    """Mean tokens/s of the runs that finished (their summaries), None if none did."""
+    speeds = [(rundir.read_summary(d) or {}).get("tokens_per_s") for d in run_dirs]
+    speeds = [v for v in speeds if isinstance(v, (int, float))]
+    return statistics.mean(speeds) if speeds else None
 
 
 def best_per_size(result: dict, out: str | Path | None = None) -> dict[str, Any]:
@@ -44,14 +51,9 @@ def best_per_size(result: dict, out: str | Path | None = None) -> dict[str, Any]
                 "tokens_per_s": None,
             }
             if out is not None:
-                speeds = []
-                for s in range(len(per_seed)):
-                    summary = grid_run_dir(out, p, axis, size, entry["lr"], s) / "summary.json"
-                    try:
-                        speeds.append(json.loads(summary.read_text())["tokens_per_s"])
-                    except (OSError, ValueError, KeyError, TypeError):
-                        pass
-                entry["tokens_per_s"] = statistics.mean(speeds) if speeds else None
+                entry["tokens_per_s"] = _speed(
+                    [grid_run_dir(out, p, axis, size, entry["lr"], s) for s in range(len(per_seed))]
+                )
             row[p] = entry
         done = {p: e for p, e in row.items() if e is not None}
         if done:

@@ -15,7 +15,7 @@ import json
 import statistics
 from pathlib import Path
 
-import yaml
+from mupfast import rundir
 
 METHODS = ("random", "tpe", "pbt")
 
@@ -26,8 +26,8 @@ def _target_val(out: Path, method: str) -> float | None:
 
 
 def _summary_val(run_dir: Path) -> float | None:
-    path = run_dir / "summary.json"
-    return json.loads(path.read_text())["final_val_loss"] if path.is_file() else None
+    summary = rundir.read_summary(run_dir)
+    return summary["final_val_loss"] if summary is not None else None
 
 
 def _sweep_best(out: Path, method: str) -> dict | None:
@@ -42,8 +42,7 @@ def _sweep_best(out: Path, method: str) -> dict | None:
     if not ranked:
         return None
     best = ranked[0]
-    cfg = yaml.safe_load((Path(best.run_dir) / "trial.yaml").read_text())
-    return {"proxy_val": best.value, "params": best.params, "trials": len(study.trials), "config": cfg}
+    return {"proxy_val": best.value, "params": best.params, "trials": len(study.trials)}
 
 
 def _pbt_best(out: Path) -> dict | None:
@@ -68,7 +67,6 @@ def collect_runs(root: Path) -> list[dict]:
             best = _pbt_best(out) if method == "pbt" else _sweep_best(out, method)
             if best is None:
                 continue
-            best.pop("config", None)
             best["target_val"] = _target_val(out, method)
             if method == "pbt":  # the ablation: the lineage's values at the target without its lr schedule
                 best["target_val_without_schedule"] = _summary_val(out / "target-pbt-nopiecewise" / "run")

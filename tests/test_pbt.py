@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import mupfast.tuning.pbt.member as member_module
+import mupfast.tuning.launch as launch_module
 import mupfast.tuning.pbt.pbt as pbt_module
 from mupfast.cli import main
 from mupfast.config import load_config
@@ -71,7 +71,7 @@ finally:
 DRIVER = r"""
 import sys
 sys.path.insert(0, {root!r})
-import mupfast.tuning.pbt.member as m
+import mupfast.tuning.launch as m
 m.train_command = lambda config_path, launcher, gpus: [sys.executable, {fake!r}, str(config_path)]
 from mupfast.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -101,7 +101,7 @@ def fake(tmp_path, monkeypatch):
     script = tmp_path / "fake_train.py"
     script.write_text(FAKE_TRAINER)
     monkeypatch.setattr(
-        member_module, "train_command", lambda cfg, launcher, gpus: [sys.executable, str(script), str(cfg)]
+        launch_module, "train_command", lambda cfg, launcher, gpus: [sys.executable, str(script), str(cfg)]
     )
     return script
 
@@ -115,7 +115,7 @@ def space_file(tmp_path):
 
 def run_pbt(tmp_path, *, study="s", population=4, interval=2, steps=6, lines=None, **kw):
     cfg = load_config(PROXY, tiny(tmp_path))
-    return pbt_module.pbt(
+    spec = pbt_module.PbtSpec(
         cfg,
         study=study,
         storage=f"sqlite:///{tmp_path}/pbt.db",
@@ -129,6 +129,7 @@ def run_pbt(tmp_path, *, study="s", population=4, interval=2, steps=6, lines=Non
         say=(lines.append if lines is not None else lambda s: None),
         **kw,
     )
+    return pbt_module.pbt(spec)
 
 
 def seg(member, val, status="ok", generation=0, lr=0.01):
@@ -233,7 +234,9 @@ def test_a_second_worker_with_other_settings_is_refused(tmp_path, fake):
     with pytest.raises(ConfigError, match="different proxy config; it differs at model.hidden_size"):
         cfg = load_config(PROXY, [*tiny(tmp_path), "model.hidden_size=64"])
         pbt_module.pbt(
-            cfg, study="s", storage=f"sqlite:///{tmp_path}/pbt.db", population=2, interval=2, steps=4
+            pbt_module.PbtSpec(
+                cfg, study="s", storage=f"sqlite:///{tmp_path}/pbt.db", population=2, interval=2, steps=4
+            )
         )
     with pytest.raises(ConfigError, match="--seed: the study s was started with seed 7"):
         run_pbt(tmp_path, population=2, interval=2, steps=4, seed=8)

@@ -28,7 +28,7 @@ def last_of(recs: list[dict], kind: str, step: int, key: str) -> float:
 def test_exploit_copies_weights_optimizer_state_and_hyperparameters_exactly(tmp_path):
     k = 2
     cfg = load_config(PROXY, tiny(tmp_path))
-    store = pbt_module.pbt(
+    spec = pbt_module.PbtSpec(
         cfg,
         study="exact",
         storage=f"sqlite:///{tmp_path}/pbt.db",
@@ -45,6 +45,7 @@ def test_exploit_copies_weights_optimizer_state_and_hyperparameters_exactly(tmp_
         threads=1,
         say=lambda s: None,
     )
+    store = pbt_module.pbt(spec)
     segs = store.segments()
     assert [s.status for s in segs] == ["ok"] * 4
     first = {s.member: s for s in segs if s.generation == 0}

@@ -11,6 +11,7 @@ import optuna
 import pytest
 import yaml
 
+import mupfast.tuning.launch as launch_module
 import mupfast.tuning.sweep.sweep as sweep_module
 import mupfast.tuning.trial as trial_module
 from mupfast.cli import main
@@ -178,7 +179,7 @@ def _crash_or_train(config_path, launcher, gpus):
     return REAL_COMMAND(config_path, launcher, gpus)
 
 
-REAL_COMMAND = trial_module.trial_command
+REAL_COMMAND = launch_module.train_command
 
 
 class PruneTrialOne(optuna.pruners.BasePruner):
@@ -189,9 +190,9 @@ class PruneTrialOne(optuna.pruners.BasePruner):
 def test_a_crashing_trial_fails_a_pruned_one_stops_and_the_study_goes_on(
     tmp_path, data_dir, space_file, monkeypatch
 ):
-    monkeypatch.setattr(trial_module, "trial_command", _crash_or_train)
+    monkeypatch.setattr(launch_module, "train_command", _crash_or_train)
     steps = 60  # long enough that the driver sees the first eval before the run ends
-    study = sweep_module.sweep(
+    spec = sweep_module.SweepSpec(
         load_config(PROXY, [*tiny(data_dir), f"train.steps={steps}"]),
         study_name="crash",
         storage=f"sqlite:///{tmp_path}/crash.db",
@@ -203,6 +204,7 @@ def test_a_crashing_trial_fails_a_pruned_one_stops_and_the_study_goes_on(
         threads=1,
         progress=False,
     )
+    study = sweep_module.sweep(spec)
     states = [t.state.name for t in study.trials]
     assert states == ["FAIL", "PRUNED", "COMPLETE"]
     crashed, pruned, done = study.trials

@@ -14,8 +14,9 @@ from mupfast.cli import main
 from mupfast.config import config_from_dict
 from mupfast.errors import ConfigError
 from mupfast.model.flops import flops_per_token
+from mupfast.tuning.transfer_compare.proxy import trial_steps
 from mupfast.tuning.transfer_compare.result import MAX_FLOPS_RATIO, MAX_TRANSFER_GAP_PCT, derive, verdicts
-from mupfast.tuning.transfer_compare.transfer_compare import parse_mup_lr_grid, trial_steps
+from mupfast.tuning.transfer_compare.spec import parse_mup_lr_grid
 
 STEPS, TRIALS, TOP = 12, 4, 2
 SP_LRS = [2**-9, 2**-8, 2**-7, 2**-6]

@@ -1,29 +1,14 @@
 """Coordinate check: does every layer's output keep its size as the model gets wider?
 
-For each parametrization (SP, μP) and each width, build the model the config describes at that
-width, take a few steps of the real optimizer (ClipAdamW with the μP groups, clipping off, a
-constant lr that is the same for every width) on fixed batches of the corpus, and record the size
-of every layer's output — the embedding, each block's attention and MLP branch outputs, the final
-norm and the logits — at every step: mean |x| and RMS, geometric mean over seeds (one seed's
-SwiGLU spike at a large lr must not decide a slope). Under μP these sizes do not depend on the
-width. Under SP the hidden branches grow like width^2–3 after a few steps (Adam moves every entry
-by ~lr whatever the fan-in, so ΔW·x ∝ width, compounded through the layers) and the logits like
-width^0.5–0.6 (√width from the width-constant readout init, plus updates that grow with width).
-
-This is a measurement of the parametrization, not of the trainer: it runs in-process on the plain
-model and optimizer, without DeepSpeed. Width scaling follows the μP convention of the anchors:
-``mup_base_hidden_size`` is the smallest width, ``filter_size`` keeps its ratio to the width, and
-the number of heads grows with the width so the head dim (the config's) stays fixed.
-
-Steps are counted as updates: ``t = 0`` is the forward pass at initialisation, ``t = k`` the forward
-after k updates. The verdict of a layer is the least-squares slope of log2(mean |x|) against
-log2(width): μP passes where |slope| ≤ ``MUP_TOLERANCE`` at every t from ``JUDGED_FROM`` (2) to
-``steps``. Earlier steps are reported and plotted, not judged: at t = 0 μP's logits shrink like
-width^-½ by design (the readout's init is width-constant and the logits carry the 1/m multiplier,
-so only their learned part is Θ(1); ``readout_zero_init`` removes that term), and after the first
-Adam step (t = 1) that init term still outweighs the learned part at the smallest widths, where
-the hidden branches also still carry an O(1/√width) term of the first update. Both are finite-width
-transients that have faded by t = 2 (see ``docs/results/coord-check.json``: every step's slopes).
+For each parametrization and width, build the model the config describes at that width
+(:func:`~mupfast.checks.scaling.scaled_config`), take a few steps of the real optimizer (the μP
+groups, clipping off, one constant lr at every width) on the same fixed batches, and record mean
+|x| and RMS of every layer's output — the embedding, each block's attention and MLP branch, the
+final norm and the logits — at every step, as a geometric mean over seeds. The verdict of a layer
+is the least-squares slope of log2(mean |x|) against log2(width): μP passes where |slope| ≤
+``MUP_TOLERANCE`` at every t from ``JUDGED_FROM`` to ``steps`` (t counts updates). It measures the
+parametrization, not the trainer: in-process, on the plain model and optimizer, without DeepSpeed.
+What SP and μP show, and why the first steps are not judged: docs/seeing-mup-work.md.
 """
 
 from __future__ import annotations
@@ -141,6 +126,92 @@ def log2_slope(widths: Sequence[float], sizes: Sequence[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
 
 
+def scaled_configs(
+    cfg: Config, widths: Sequence[int], parametrizations: Sequence[str], hyperp_lr: float
+) -> dict[tuple[str, int], Config]:
+    """(parametrization, width) → the config measured there: clipping off, one constant lr."""
+    from mupfast.parametrization import hyperp_own_bases
+
+    # clipping off and one constant lr (the optimizer's schedule at t = 0 is its own base lr)
+    off = {"clip.max_norm": 0.0, "clip.global_max_norm": 0.0, "clip.component_max_norm": {}}
+    base = with_overrides(cfg, {**off, "schedule.kind": "constant", "schedule.warmup_steps": 0})
+    # hyperp's η comes from its rule: with the model's own bases it is hyperp_lr at every width.
+    bases = {
+        p: with_overrides(base, hyperp_own_bases(base, hyperp_lr)) if p == "hyperp" else base
+        for p in parametrizations
+    }
+    return {
+        (p, w): scaled_config(bases[p], parametrization=p, width=w, base_width=widths[0])
+        for p in parametrizations
+        for w in widths
+    }
+
+
+def fixed_batches(cfg: Config, steps: int, seeds: int, progress: bool) -> dict[int, list]:
+    """seed → the batches of t = 0..steps, the same at every width."""
+    from mupfast.data import BatchSampler, prepare_sources
+
+    sources = prepare_sources(cfg.data, progress=progress)
+    train_sets = [p.train_set() for p in sources]
+    weights = [s.weight for s in cfg.data.sources] or None
+    t = cfg.train
+    return {
+        s: [
+            BatchSampler(
+                train_sets,
+                weights=weights,
+                seq_len=t.seq_len,
+                micro_batch_size=t.micro_batch_size,
+                seed=t.seed + s,
+            ).batch(k)
+            for k in range(steps + 1)
+        ]
+        for s in range(seeds)
+    }
+
+
+def layer_entry(
+    runs: dict[int, list[dict]], name: str, widths: list[int], steps: int, tolerance: float
+) -> dict:
+    """One layer of one parametrization: sizes and slopes per step, per-seed sizes, the verdict."""
+    entry: dict[str, Any] = {}
+    for metric in ("mean_abs", "rms"):
+        # sizes[t][i]: geometric mean over seeds at step t, width widths[i]
+        sizes = [
+            [_geomean([run[name][metric][k] for run in runs[w]]) for w in widths] for k in range(steps + 1)
+        ]
+        entry[metric] = sizes
+        entry[f"slope_{metric}"] = [log2_slope(widths, row) for row in sizes]
+    # per_seed[s][t][i]: mean |x| of seed s, to see the spread behind the averages
+    seeds = len(runs[widths[0]])
+    entry["per_seed_mean_abs"] = [
+        [[runs[w][s][name]["mean_abs"][k] for w in widths] for k in range(steps + 1)] for s in range(seeds)
+    ]
+    judged = [abs(s) for s in entry["slope_mean_abs"][min(JUDGED_FROM, steps) :]]
+    entry["max_abs_slope"] = max(judged) if all(math.isfinite(s) for s in judged) else float("nan")
+    entry["flat"] = bool(entry["max_abs_slope"] <= tolerance)
+    return entry
+
+
+def _verdicts(
+    raw: dict, names: list[str], widths: list[int], steps: int, seeds: int, tolerance: float
+) -> dict:
+    """parametrization → its mean loss per step and width, every layer's entry, and whether all are flat."""
+    out = {}
+    for p, runs in raw.items():
+        layers = {n: layer_entry(runs, n, widths, steps, tolerance) for n in names}
+        out[p] = {
+            # loss[t][i]: training loss of the forward at step t, width widths[i], mean over seeds
+            "loss": [
+                [sum(run["loss"]["value"][k] for run in runs[w]) / seeds for w in widths]
+                for k in range(steps + 1)
+            ],
+            "layers": layers,
+            "all_flat": all(e["flat"] for e in layers.values()),
+        }
+    return out
+
+
 def coord_check(
     cfg: Config,
     widths: Sequence[int],
@@ -158,43 +229,12 @@ def coord_check(
     """
     from tqdm.auto import tqdm
 
-    from mupfast.data import BatchSampler, prepare_sources
-    from mupfast.parametrization import hyperp_own_bases
-
     if steps < 1 or seeds < 1:
         raise ConfigError(f"--steps and --seeds must be positive (got {steps}, {seeds})")
     widths = sorted(widths)
-    # clipping off and one constant lr (the optimizer's schedule at t = 0 is its own base lr)
-    off = {"clip.max_norm": 0.0, "clip.global_max_norm": 0.0, "clip.component_max_norm": {}}
-    base = with_overrides(cfg, {**off, "schedule.kind": "constant", "schedule.warmup_steps": 0})
-    # hyperp's η comes from its rule: with the model's own bases it is hyperp_lr at every width.
-    bases = {
-        p: with_overrides(base, hyperp_own_bases(base, hyperp_lr)) if p == "hyperp" else base
-        for p in parametrizations
-    }
-    configs = {
-        (p, w): scaled_config(bases[p], parametrization=p, width=w, base_width=widths[0])
-        for p in parametrizations
-        for w in widths
-    }
-    sources = prepare_sources(cfg.data, progress=progress)
-    train_sets = [p.train_set() for p in sources]
-    weights = [s.weight for s in cfg.data.sources] or None
+    configs = scaled_configs(cfg, widths, parametrizations, hyperp_lr)
+    batches = fixed_batches(cfg, steps, seeds, progress)
     t = cfg.train
-    batches = {
-        s: [
-            BatchSampler(
-                train_sets,
-                weights=weights,
-                seq_len=t.seq_len,
-                micro_batch_size=t.micro_batch_size,
-                seed=t.seed + s,
-            ).batch(k)
-            for k in range(steps + 1)
-        ]
-        for s in range(seeds)
-    }
-    names = layer_names(cfg.model.num_layers)
     start = time.perf_counter()
     raw: dict[str, dict[int, list[dict]]] = {p: {w: [] for w in widths} for p in parametrizations}
     jobs = [(p, w, s) for p in parametrizations for w in widths for s in range(seeds)]
@@ -203,8 +243,8 @@ def coord_check(
             bar.set_postfix_str(f"{p} width {w} seed {s}")
             raw[p][w].append(measure_run(configs[p, w], steps, t.seed + s, batches[s]))
             bar.update(1)
-
-    result: dict[str, Any] = {
+    names = layer_names(cfg.model.num_layers)
+    return {
         "widths": widths,
         "base_width": widths[0],
         "steps": steps,
@@ -221,41 +261,9 @@ def coord_check(
             f"every t = {min(JUDGED_FROM, steps)}..steps (t counts updates; earlier steps are reported, not judged)"
         ),
         "layers": names,
-        "parametrizations": {},
-        "elapsed_s": 0.0,
+        "parametrizations": _verdicts(raw, names, widths, steps, seeds, tolerance),
+        "elapsed_s": round(time.perf_counter() - start, 1),
     }
-    for p in parametrizations:
-        layers = {}
-        for n in names:
-            entry: dict[str, Any] = {}
-            for metric in ("mean_abs", "rms"):
-                # sizes[t][i]: geometric mean over seeds at step t, width widths[i]
-                sizes = [
-                    [_geomean([run[n][metric][k] for run in raw[p][w]]) for w in widths]
-                    for k in range(steps + 1)
-                ]
-                entry[metric] = sizes
-                entry[f"slope_{metric}"] = [log2_slope(widths, row) for row in sizes]
-            # per_seed[s][t][i]: mean |x| of seed s, to see the spread behind the averages
-            entry["per_seed_mean_abs"] = [
-                [[raw[p][w][s][n]["mean_abs"][k] for w in widths] for k in range(steps + 1)]
-                for s in range(seeds)
-            ]
-            judged = [abs(s) for s in entry["slope_mean_abs"][min(JUDGED_FROM, steps) :]]
-            entry["max_abs_slope"] = max(judged) if all(math.isfinite(s) for s in judged) else float("nan")
-            entry["flat"] = bool(entry["max_abs_slope"] <= tolerance)
-            layers[n] = entry
-        result["parametrizations"][p] = {
-            # loss[t][i]: training loss of the forward at step t, width widths[i], mean over seeds
-            "loss": [
-                [sum(run["loss"]["value"][k] for run in raw[p][w]) / seeds for w in widths]
-                for k in range(steps + 1)
-            ],
-            "layers": layers,
-            "all_flat": all(e["flat"] for e in layers.values()),
-        }
-    result["elapsed_s"] = round(time.perf_counter() - start, 1)
-    return result
 
 
 # ----------------------------------------------------------------------------------------------

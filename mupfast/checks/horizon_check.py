@@ -1,30 +1,14 @@
 """Token-horizon check: how does the best learning rate move with the number of training tokens T?
 
-HyperP's transfer rule says η* ∝ T^-0.32 (ArchScale; research/mup-anchors.md §B). For a fixed model
-this module trains an lr grid at several horizons (``train.steps``; T = steps · tokens per step),
-finds the optimum at each horizon and fits
+HyperP's transfer rule says η* ∝ T^-0.32 (microsoft/ArchScale's HyperP recipe). For a fixed model
+this module trains an lr grid at several horizons (``train.steps``; T = steps · tokens per step)
+through :func:`mupfast.tuning.launch.run_points`, finds the optimum at each horizon (a parabola in
+log2 lr near the best grid point) and fits
 
     log2 η*(T) = c − α · log2 T
 
-to report α with its uncertainty next to 0.32.
-
-**The runs.** Every point is a real training run through :func:`mupfast.tuning.launch.run_points` (the
-trainer, a run directory per point, finished points reused, diverged ones +inf). The schedule keeps
-its shape: ``warmup_steps`` is the same fraction of every horizon. Under hyperp the grid value *is*
-the lr: the base values of its rule are the model's own batch, depth and horizon (B0 = B, d0 = L,
-T0 = T at each horizon), so every factor of the rule is 1 and η = η0 = the grid value; without
-that, the rule's own (T/T0)^-0.32 would already move the lr and the fit would measure α − 0.32.
-
-**The optimum per horizon** is the vertex of a least-squares parabola in log2 lr through the
-finite points within ``window`` grid steps of the best one (mean over seeds), clamped to the grid
-and flagged ``at_edge`` when the best point is the grid's first or last (the true optimum may lie
-outside). **The fit** is a weighted straight line, weights 1/σ_h² from a bootstrap over seeds
-(each horizon's seeds resampled independently, the curve's optimum found again; σ floored at
-``min_sigma`` octaves so one lucky horizon cannot take all the weight). **α's uncertainty** is the
-larger of the bootstrap spread of α (the same fit on every bootstrap replicate) and the fit's
-standard error scaled by √(χ²/dof) when the optima scatter about the line more than their
-bootstrap σ says they should. Resampling horizons independently ignores the correlation between
-horizons that share a seed (the same init and first batches), which makes σ larger, not smaller.
+weighted by each optimum's bootstrap σ over seeds, to report α with its uncertainty next to 0.32.
+How the runs are set up and how σ is found: docs/hyperp.md.
 """
 
 from __future__ import annotations

@@ -14,11 +14,9 @@ and filter ratio stay fixed and ``mup_base_hidden_size`` is the smallest width. 
 sweeps ``num_layers`` at the config's width with ``mup_base_num_layers`` the smallest depth
 (typically ``mup`` against ``completep``).
 
-HyperP (``hyperp``) has one lr from its transfer rule η = η0·√(B/B0)·√(d0/L)·(T/T0)^-0.32, so its
-grid (``hyperp_lrs``, default the common one) is over the base η0, with the smallest model's own
-batch, depth and horizon as the base values: η = η0 at every width (the rule has no width term;
-the logits' α_out/m, as under μP, carries the width), η = η0·√(d0/L) across depths. The test then
-asks whether η0's optimum stays put, i.e. whether the rule's width and depth parts hold. The table and the picture are in :mod:`mupfast.checks.transfer_plot`.
+HyperP (``hyperp``) has one lr from its transfer rule, so its grid (``hyperp_lrs``) is over the
+base η0, with the smallest model's own batch, depth and horizon as the base values (docs/hyperp.md).
+The table and the picture are in :mod:`mupfast.checks.transfer_plot`.
 
 Runs go to ``<out>/runs/<parametrization>/<axis><size>/lr<lr>/seed<s>`` and are trained by
 :mod:`mupfast.tuning.launch` (finished runs reused, diverged ones counted as +inf and drawn as such).

@@ -1,6 +1,6 @@
 """The μTransfer workflow: tune a proxy, keep what trains stably, carry it to the target, show it pays.
 
-* :mod:`~mupfast.tuning.launch`: the one way to launch training runs, alone or as a grid.
+* :mod:`~mupfast.tuning.launch`: the one way to launch training runs: one as a child process, or a grid.
 * :mod:`~mupfast.tuning.sweep` (``sweep``): an Optuna study whose trials are training runs.
 * :mod:`~mupfast.tuning.pbt` (``pbt``): population-based training on the proxy.
 * :mod:`~mupfast.tuning.transfer` (``transfer``): target configs from the best stable trials or lineage.

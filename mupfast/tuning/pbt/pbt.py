@@ -1,22 +1,12 @@
-"""Population-based training on the proxy: ``mupfast pbt``.
+"""``mupfast pbt``: population-based training on the proxy (exploit and explore between generations).
 
 ``mupfast pbt --config proxy.yaml --population N --interval K --steps S`` trains N members of the
-proxy for S steps in generations of K steps. After each generation the members are ranked by the
-val loss at its last step (all members see the same batches and the same eval batches: one
-``train.seed``), the bottom ``--quantile`` (and every member that crashed or went non-finite)
-copies the checkpoint and hyperparameters of a random top-quantile member (exploit), then perturbs
-them (explore: × or ÷ ``--perturb``, or with ``--resample-p`` drawn afresh from the space). The
-result is the best member's lineage: a hyperparameter schedule that ``mupfast transfer --pbt``
-carries to a target.
-
-Generations are synchronous: a member's segment g runs only when the decision after g-1 has been
-applied, so exploit copies a checkpoint of exactly the step it ranked. The population lives in the
-study database (:mod:`~mupfast.tuning.pbt.store`); every ``mupfast pbt`` process on the same
-``--study`` and ``--storage`` is a worker (``--jobs`` of them in one process: one per GPU with
-CUDA), claims members to train, and whichever worker sees a generation complete makes its
-decision (:mod:`~mupfast.tuning.pbt.plan`). A killed PBT is continued by running the same
-command again. Segments are child training runs (:mod:`~mupfast.tuning.pbt.member`); the report
-is :mod:`~mupfast.tuning.pbt.report`.
+proxy for S steps in synchronous generations of K steps; after each one the bottom ``--quantile``
+(and every failed member) copies a top member's checkpoint and hyperparameters (exploit) and
+perturbs them (explore). The result is the best member's lineage, a hyperparameter schedule that
+``mupfast transfer --pbt`` carries to a target. Every ``mupfast pbt`` process on the same study is
+a worker (:mod:`~mupfast.tuning.pbt.worker`), so a killed PBT continues when run again; the
+algorithm and the study database are described in docs/pbt.md.
 """
 
 from __future__ import annotations
@@ -24,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,47 +87,50 @@ def open_study(
     return row["settings"]
 
 
-def pbt(
-    base: Config,
-    *,
-    study: str,
-    storage: str | None = None,
-    population: int,
-    interval: int,
-    steps: int | None = None,
-    space: dict[str, Range] | None = None,
-    quantile: float = 0.25,
-    perturb: float = 1.2,
-    resample_p: float = 0.25,
-    seed: int | None = None,
-    jobs: int | None = None,
-    pbt_dir: str | Path | None = None,
-    launcher: str = "auto",
-    threads: int | None = None,
-    timeout_s: float | None = None,
-    grace_s: float = GRACE_S,
-    say=None,
-) -> PbtStore:
-    """Run (or continue, or help) the study until its last generation is decided; return its store."""
-    from mupfast.tuning.trial import resolve_launcher
+@dataclass
+class PbtSpec:
+    """One PBT study as ``mupfast pbt``'s flags describe it."""
 
-    say = say or (lambda s: print(s, file=sys.stderr, flush=True))
-    steps = steps if steps is not None else base.train.steps
+    base: Config  # the proxy config
+    study: str
+    population: int
+    interval: int  # K: steps per generation
+    storage: str | None = None  # default sqlite:///runs/pbt/<study>.db
+    steps: int | None = None  # S: each member's steps (default train.steps)
+    space: dict[str, Range] | None = None  # default the sweep's built-in ranges without init_std
+    quantile: float = 0.25
+    perturb: float = 1.2
+    resample_p: float = 0.25
+    seed: int | None = None  # default the study's (a new study: drawn)
+    jobs: int | None = None  # default 1 on CPU, one per GPU with the deepspeed launcher
+    pbt_dir: str | Path | None = None  # default runs/pbt/<study>
+    launcher: str = "auto"
+    threads: int | None = None
+    timeout_s: float | None = None
+    grace_s: float = GRACE_S
+    say: Callable[[str], None] | None = None  # default: a line on stderr
+
+
+def _settings(spec: PbtSpec, steps: int) -> dict[str, Any]:
+    """The study's settings from the flags (checked), with the number of generations."""
     settings = {
-        "population": population,
-        "interval": interval,
+        "population": spec.population,
+        "interval": spec.interval,
         "steps": steps,
-        "quantile": float(quantile),
-        "perturb": float(perturb),
-        "resample_p": float(resample_p),
-        "seed": seed,
+        "quantile": float(spec.quantile),
+        "perturb": float(spec.perturb),
+        "resample_p": float(spec.resample_p),
+        "seed": spec.seed,
     }
     check_settings(settings)
-    settings["generations"] = steps // interval
-    base = with_overrides(base, {"train.steps": steps})
-    space = space if space is not None else pbt_space(None, base, say)
-    launcher = resolve_launcher(launcher)
-    if jobs is None:  # one member at a time on CPU, one per GPU with CUDA
+    settings["generations"] = steps // spec.interval
+    return settings
+
+
+def _jobs(spec: PbtSpec, launcher: str) -> int:
+    """Members trained at once here: ``--jobs``, else one on CPU and one per GPU with CUDA."""
+    jobs = spec.jobs
+    if jobs is None:
         jobs = 1
         if launcher == "deepspeed":
             import torch
@@ -143,22 +138,35 @@ def pbt(
             jobs = max(torch.cuda.device_count(), 1)
     if jobs < 1:
         raise ConfigError(f"--jobs: must be positive (got {jobs})")
-    if not grace_s > 0:
-        raise ConfigError(f"--claim-grace: must be positive seconds (got {grace_s:g})")
-    if timeout_s is not None and not timeout_s > 0:
-        raise ConfigError(f"--segment-timeout: must be positive seconds (got {timeout_s:g})")
-    storage = storage or default_pbt_storage(study)
-    store = PbtStore(storage, study)
-    settings = open_study(store, base, space, settings)
-    space = parse_space(store.study_row()["space"])
-    pbt_dir = Path(pbt_dir) if pbt_dir is not None else Path("runs/pbt") / study
+    if not spec.grace_s > 0:
+        raise ConfigError(f"--claim-grace: must be positive seconds (got {spec.grace_s:g})")
+    if spec.timeout_s is not None and not spec.timeout_s > 0:
+        raise ConfigError(f"--segment-timeout: must be positive seconds (got {spec.timeout_s:g})")
+    return jobs
+
+
+def pbt(spec: PbtSpec) -> PbtStore:
+    """Run (or continue, or help) the study until its last generation is decided; return its store."""
+    from mupfast.tuning.launch import Launch, job_gpus, resolve_launcher
     from mupfast.tuning.storage import redact
 
+    say = spec.say or (lambda s: print(s, file=sys.stderr, flush=True))
+    steps = spec.steps if spec.steps is not None else spec.base.train.steps
+    settings = _settings(spec, steps)
+    base = with_overrides(spec.base, {"train.steps": steps})
+    space = spec.space if spec.space is not None else pbt_space(None, base, say)
+    launcher = resolve_launcher(spec.launcher)
+    jobs = _jobs(spec, launcher)
+    storage = spec.storage or default_pbt_storage(spec.study)
+    store = PbtStore(storage, spec.study)
+    settings = open_study(store, base, space, settings)
+    space = parse_space(store.study_row()["space"])
+    pbt_dir = Path(spec.pbt_dir) if spec.pbt_dir is not None else Path("runs/pbt") / spec.study
     g = store.generation()
     say(
-        f"pbt {study} in {redact(storage)}: {settings['population']} members, {settings['generations']} generations "
-        f"of {interval} steps (at generation {min(g, settings['generations'])}); {jobs} job(s), {launcher} launcher, "
-        f"members under {pbt_dir}/"
+        f"pbt {spec.study} in {redact(storage)}: {settings['population']} members, {settings['generations']} "
+        f"generations of {spec.interval} steps (at generation {min(g, settings['generations'])}); {jobs} job(s), "
+        f"{launcher} launcher, members under {pbt_dir}/"
     )
     workers = [
         Worker(
@@ -167,13 +175,11 @@ def pbt(
             space,
             settings,
             pbt_dir,
-            launcher=launcher,
-            gpus=str(j) if launcher == "deepspeed" and jobs > 1 else None,
-            threads=threads,
+            launch=Launch(launcher, job_gpus(j, jobs), spec.threads),
             job=j,
-            grace_s=grace_s,
-            heartbeat_s=min(HEARTBEAT_S, grace_s / 4),
-            timeout_s=timeout_s,
+            grace_s=spec.grace_s,
+            heartbeat_s=min(HEARTBEAT_S, spec.grace_s / 4),
+            timeout_s=spec.timeout_s,
             say=say,
         )
         for j in range(jobs)
@@ -248,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
     if args.interval is None:
         raise ConfigError("pbt: --interval K (steps per generation) is required")
     cfg = load_config(args.config, args.overrides)
-    store = pbt(
+    spec = PbtSpec(
         cfg,
         study=study,
         storage=storage,
@@ -267,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
         timeout_s=args.segment_timeout,
         grace_s=args.claim_grace,
     )
+    store = pbt(spec)
     print(write_report(store, report_dir))
     from mupfast.tuning.storage import redact
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mupfast.config import Config
+from mupfast.tuning.launch import Launch
 from mupfast.tuning.pbt import member as pbt_member
 from mupfast.tuning.pbt.plan import make_plan, ranked_lines
 from mupfast.tuning.pbt.schema import GRACE_S, HEARTBEAT_S, pid_alive, worker_id
@@ -35,9 +36,7 @@ class Worker:
     space: dict[str, Range]
     settings: dict[str, Any]
     pbt_dir: Path
-    launcher: str = "python"
-    gpus: str | None = None
-    threads: int | None = None
+    launch: Launch = field(default_factory=Launch)
     job: int = 0
     grace_s: float = GRACE_S
     heartbeat_s: float = HEARTBEAT_S
@@ -89,9 +88,7 @@ class Worker:
                 generation=g,
                 hparams=m.hparams,
                 weights_from=m.weights_from,
-                launcher=self.launcher,
-                gpus=self.gpus,
-                threads=self.threads,
+                launch=self.launch,
                 heartbeat=lambda pid: self.store.heartbeat(m.member, self.me, pid),
                 stop_event=self.stop,
                 heartbeat_s=self.heartbeat_s,
@@ -108,7 +105,7 @@ class Worker:
             return
         if self.store.finish_segment(seg, self.me):
             if seg.status == "ok":
-                pbt_member.keep_latest(run_dir / "checkpoints")
+                pbt_member.keep_latest(run_dir)
             self.say(segment_line(seg, self.settings["steps"]))
 
     def _decide(self, g: int) -> bool:

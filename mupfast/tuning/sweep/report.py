@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mupfast.errors import ConfigError
-from mupfast.rundir import read_metrics
+from mupfast.rundir import metrics_path, read_metrics
 from mupfast.tuning.stability import DEFAULT_THRESHOLDS, Thresholds, judge, run_stability
 
 #: Short column names of the swept hyperparameters.
@@ -48,7 +48,7 @@ def collect(study, th: Thresholds = DEFAULT_THRESHOLDS) -> list[TrialRow]:
     for t in study.get_trials(deepcopy=False):
         run_dir = t.user_attrs.get("run_dir")
         stab = t.user_attrs.get("stability")
-        if run_dir and Path(run_dir, "metrics.jsonl").is_file():
+        if run_dir and metrics_path(run_dir).is_file():
             stab = run_stability(read_metrics(run_dir), th)
         if t.state.name == "FAIL":
             stable, why = False, "failed: " + str(t.user_attrs.get("error", "unknown error"))

@@ -6,7 +6,8 @@ attention_logits_alpha — log-uniform ranges from a space file, or the built-in
 proxy once per trial and minimises the final validation loss. This module is the driver: the
 sampler, the pruner and the loop that takes trials until the study is full. The pieces:
 :mod:`~mupfast.tuning.space` (the ranges), :mod:`~mupfast.tuning.storage` (the database and
-the shared study) and :mod:`~mupfast.tuning.trial` (one trial as a child training process).
+the shared study) and :mod:`~mupfast.tuning.trial` (one trial, a child run started by
+:mod:`~mupfast.tuning.launch`).
 
 A failed trial is marked FAIL with the reason in its ``error`` user attribute; the study goes on
 (``optimize(catch=TrialFailed)``). The study stores the proxy config and the space, so
@@ -30,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,7 @@ from mupfast.errors import ConfigError
 from mupfast.tuning.space import Range, load_space, space_dict
 from mupfast.tuning.storage import claim_study_attr, default_storage, load_study, open_storage, redact
 from mupfast.tuning.sweep.report import add_study_arguments, thresholds_from
-from mupfast.tuning.trial import TrialFailed, Worker, resolve_launcher
+from mupfast.tuning.trial import TrialFailed, Worker
 
 
 def hash_name(text: str) -> int:
@@ -118,88 +120,84 @@ def trial_line(t) -> str:
     return f"trial {t.number:>4} {t.state.name:<8} {head}  [{params}]"
 
 
-def sweep(
-    base: Config,
-    *,
-    study_name: str,
-    storage: str | None = None,
-    n_trials: int,
-    space: dict[str, Range] | None = None,
-    sampler: str = "random",
-    startup_trials: int = 10,
-    seed: int | None = None,
-    pruner: str | Any = "median",
-    sweep_dir: str | Path | None = None,
-    launcher: str = "auto",
-    gpus: str | None = None,
-    threads: int | None = None,
-    trial_timeout_s: float | None = None,
-    keep_checkpoints: bool = False,
-    progress: bool = True,
-    top: int = 5,
-):
-    """Run trials until the study holds ``n_trials``; return the study."""
+@dataclass
+class SweepSpec:
+    """One sweep worker's study as ``mupfast sweep``'s flags describe it."""
+
+    base: Config  # the proxy config
+    study_name: str
+    n_trials: int  # the study's budget, not this worker's
+    storage: str | None = None  # default sqlite:///runs/sweeps/<study>.db
+    space: dict[str, Range] | None = None  # default the built-in ranges
+    sampler: str = "random"
+    startup_trials: int = 10
+    seed: int | None = None  # default the study's (a new study: drawn)
+    pruner: str | Any = "median"  # a name, or an Optuna pruner
+    sweep_dir: str | Path | None = None  # default runs/sweeps/<study>
+    launcher: str = "auto"
+    gpus: str | None = None
+    threads: int | None = None
+    trial_timeout_s: float | None = None
+    keep_checkpoints: bool = False
+    progress: bool = True
+    top: int = 5
+
+
+def open_study(spec: SweepSpec, space: dict[str, Range], storage: str, pruner):
+    """Create the study or join it (refused if its proxy config or space differ), its sampler set."""
     import optuna
 
-    from mupfast.tuning.sweep.report import format_best
-
-    if n_trials <= 0:
-        raise ConfigError(f"--trials: must be positive (got {n_trials})")
-    space = space if space is not None else load_space(None, base)
-    storage = storage or default_storage(study_name)
-    sweep_dir = Path(sweep_dir) if sweep_dir is not None else Path("runs/sweeps") / study_name
-    launcher = resolve_launcher(launcher)
-    pruner_obj = make_pruner(pruner) if isinstance(pruner, str) else pruner
-
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines, under the progress bar
-    rdb = open_storage(storage, heartbeat=True)
     study = optuna.create_study(
-        study_name=study_name, storage=rdb, direction="minimize", load_if_exists=True, pruner=pruner_obj
+        study_name=spec.study_name,
+        storage=open_storage(storage, heartbeat=True),
+        direction="minimize",
+        load_if_exists=True,
+        pruner=pruner,
     )
-    claim_study_attr(study, "proxy_config", base.to_dict(), "proxy config")
+    claim_study_attr(study, "proxy_config", spec.base.to_dict(), "proxy config")
     claim_study_attr(study, "space", space_dict(space), "space")
+    seed = spec.seed
     study_seed = claim_study_attr(
         study, "seed", seed if seed is not None else hash_name(str(time.time_ns())), ""
     )
-    study.sampler = make_sampler(sampler, int(seed if seed is not None else study_seed), startup_trials)
-
-    worker = Worker(
-        base=base,
-        space=space,
-        sweep_dir=sweep_dir,
-        launcher=launcher,
-        gpus=gpus,
-        threads=threads,
-        trial_timeout_s=trial_timeout_s,
-        keep_checkpoints=keep_checkpoints,
+    study.sampler = make_sampler(
+        spec.sampler, int(seed if seed is not None else study_seed), spec.startup_trials
     )
-    bar = None
-    counts = study_counts(study)
-    if progress:
-        from tqdm import tqdm
+    return study
 
-        bar = tqdm(
-            total=n_trials, initial=min(_finished(counts), n_trials), desc=f"sweep {study_name}", unit="trial"
-        )
-        worker.on_progress = lambda text: bar.set_postfix_str(text)
 
-    def say(text: str) -> None:
-        (bar.write if bar is not None else lambda s: print(s, file=sys.stderr, flush=True))(text)
+class _Lines:
+    """The sweep's terminal: a progress bar of finished trials (when ``progress``), lines above it."""
 
-    say(
-        f"study {study_name} in {redact(storage)}: {_finished(counts)} of {n_trials} trials done; "
-        f"{sampler} sampler, {launcher} launcher, runs under {sweep_dir}/"
-    )
-    if not base.train.eval_every:
-        say("note: train.eval_every is 0, so only the final val loss is reported and nothing is pruned")
+    def __init__(self, study, spec: SweepSpec, worker: Worker):
+        self.bar, self.n = None, spec.n_trials
+        if spec.progress:
+            from tqdm import tqdm
 
-    def after_trial(study, frozen) -> None:
-        say(trial_line(frozen))
-        say(format_best(study, top))
-        if bar is not None:
-            bar.n = min(_finished(study_counts(study)), n_trials)
-            bar.set_postfix_str("")
-            bar.refresh()
+            done = min(_finished(study_counts(study)), self.n)
+            self.bar = tqdm(total=self.n, initial=done, desc=f"sweep {spec.study_name}", unit="trial")
+            worker.on_progress = self.bar.set_postfix_str
+
+    def say(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def finished(self, study) -> None:
+        if self.bar is not None:
+            self.bar.n = min(_finished(study_counts(study)), self.n)
+            self.bar.set_postfix_str("")
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _take_trials(study, worker: Worker, n_trials: int, after_trial) -> None:
+    """Take trials until the study holds ``n_trials``; a SIGTERM stops the running one (marked FAIL)."""
 
     def on_sigterm(signum, frame):  # a batch system's SIGTERM: stop the trial's run, mark it FAIL
         raise KeyboardInterrupt
@@ -214,8 +212,46 @@ def sweep(
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
-        if bar is not None:
-            bar.close()
+
+
+def sweep(spec: SweepSpec):
+    """Run trials until the study holds ``spec.n_trials``; return the study."""
+    from mupfast.tuning.launch import Launch, resolve_launcher
+    from mupfast.tuning.sweep.report import format_best
+
+    if spec.n_trials <= 0:
+        raise ConfigError(f"--trials: must be positive (got {spec.n_trials})")
+    space = spec.space if spec.space is not None else load_space(None, spec.base)
+    storage = spec.storage or default_storage(spec.study_name)
+    sweep_dir = Path(spec.sweep_dir) if spec.sweep_dir is not None else Path("runs/sweeps") / spec.study_name
+    launcher = resolve_launcher(spec.launcher)
+    pruner = make_pruner(spec.pruner) if isinstance(spec.pruner, str) else spec.pruner
+    study = open_study(spec, space, storage, pruner)
+    worker = Worker(
+        base=spec.base,
+        space=space,
+        sweep_dir=sweep_dir,
+        launch=Launch(launcher, spec.gpus, spec.threads),
+        trial_timeout_s=spec.trial_timeout_s,
+        keep_checkpoints=spec.keep_checkpoints,
+    )
+    lines = _Lines(study, spec, worker)
+    lines.say(
+        f"study {spec.study_name} in {redact(storage)}: {_finished(study_counts(study))} of {spec.n_trials} "
+        f"trials done; {spec.sampler} sampler, {launcher} launcher, runs under {sweep_dir}/"
+    )
+    if not spec.base.train.eval_every:
+        lines.say("note: train.eval_every is 0, so only the final val loss is reported and nothing is pruned")
+
+    def after_trial(study, frozen) -> None:
+        lines.say(trial_line(frozen))
+        lines.say(format_best(study, spec.top))
+        lines.finished(study)
+
+    try:
+        _take_trials(study, worker, spec.n_trials, after_trial)
+    finally:
+        lines.close()
     return study
 
 
@@ -271,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.config:
         raise ConfigError("sweep: --config FILE (the proxy model's config) is required")
-    st = sweep(
+    spec = SweepSpec(
         cfg,
         study_name=study,
         storage=storage,
@@ -289,6 +325,7 @@ def run(args: argparse.Namespace) -> int:
         keep_checkpoints=args.keep_checkpoints,
         progress=sys.stderr.isatty(),
     )
+    st = sweep(spec)
     print(format_best(st, args.top_k or 5))
     print(f"next: mupfast sweep --report --study {study} --storage {redact(storage)}")
     return 0

@@ -1,43 +1,12 @@
-"""μTransfer: carry the best stable proxy configurations of a sweep to a target model's config.
+"""``mupfast transfer``: carry the best stable proxy configurations of a sweep to a target config.
 
 ``mupfast transfer --storage URL --study NAME --top-k K --target target.yaml --out DIR`` writes one
 target config per selected trial (the top K stable trials by val loss, as ``mupfast sweep
---report`` ranks them) and prints the target's μP rules table.
-
-What each written config gets (the Cerebras guide's table of what is μTransferable):
-
-- ``model.mup_base_hidden_size`` / ``mup_base_filter_size`` (/ ``mup_base_num_kv_heads`` with
-  grouped-query attention) ← the proxy's *base* dimensions
-  (its ``mup_base_*``, which default to its own hidden/filter size). The proxy was tuned at
-  m = d_proxy / base; keeping the base makes every μP multiplier continue from there, so the
-  target's hidden lr multiplier is the proxy's × d_proxy / d_target exactly. With ``completep``
-  in both, ``mup_base_num_layers`` ← the proxy's base depth likewise.
-- the swept hyperparameters — ``optim.lr``, ``model.init_std``, ``embeddings_scale``,
-  ``output_logits_alpha``, ``attention_logits_alpha`` — at the trial's values, and the proxy's
-  other optimisation and init settings they were tuned with: Adam β1, β2, ε, the constant init
-  stds (``embedding_init_std``, ``output_init_std``, ``readout_zero_init``) and the μP conventions
-  that give the alphas their meaning (``scale_qk_dot_by_d``, ``scale_output_logits_by_d``);
-- the schedule's shape: its kind, floor and decay settings, with ``warmup_steps`` and
-  ``cycle_steps`` rescaled to the same fraction of the target's ``train.steps``.
-
-HyperP (``parametrization: hyperp`` in proxy and target): its one lr comes from the transfer rule
-η = η0·√(B/B0)·√(d0/L)·(T/T0)^-0.32, so the target is *rebased on the proxy*:
-``optim.hyperp_base_lr`` ← the η the proxy trained with, ``hyperp_base_batch_tokens`` ← the proxy's
-tokens per step, ``model.hyperp_base_depth`` ← its depth and ``hyperp_base_tokens`` ← its training
-tokens. The target's η then follows from the rule at its own B, L and T:
-η_target = η_proxy·√(B_t/B_p)·√(L_p/L_t)·(T_t/T_p)^-0.32. The sweep's ``lr`` is hyperp's tuned η0
-(``optim.hyperp_base_lr``; optim.lr is unused under hyperp), which the proxy's own base values turn
-into η_proxy; because the rule is a product of powers, rebasing gives the target the same η as
-keeping the proxy's base values would, and its base values now name the scale η0 was tuned at.
-``optim.muon_momentum`` travels with the other optimizer settings. B counts every rank's tokens:
-``proxy_world_size`` / ``target_world_size`` (1: a CPU sweep trial is one process) say how many.
-
-Not transferred — the target keeps its own: regularisation (``optim.weight_decay``,
-``model.weight_decay_scaling``), clipping thresholds, and everything that defines the scale
-(width, depth, heads, batch, steps, sequence length, data).
-
-With K > 1 the K configs are the guide's intermediate-scale validation step: train each at a mid
-size, and carry the best (again looking at its stability, not only its loss) to the full target.
+--report`` ranks them), each with a header saying what it carries, and prints the target's μP rules
+table; ``--pbt STUDY`` replays a PBT lineage instead (:mod:`~mupfast.tuning.transfer.lineage`). What is
+carried and how is decided in one place, :func:`~mupfast.tuning.transfer.values.transferred_values`;
+docs/mutransfer.md says what and why (the Cerebras guide's table of what is μTransferable, and
+HyperP's rule, under which the target is rebased on the proxy).
 """
 
 from __future__ import annotations
@@ -215,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
 
     target = args.target or args.config
     if args.pbt:
-        from mupfast.tuning.pbt.transfer import run_pbt_transfer
+        from mupfast.tuning.transfer.lineage import run_pbt_transfer
 
         if args.study:
             raise ConfigError("transfer: --pbt STUDY and --study NAME exclude each other (a PBT or a sweep)")

@@ -1,8 +1,7 @@
 """What μTransfer carries from a proxy to a target config, and the values it gives them.
 
 :func:`transferred_values` is the one place that decides it (``mupfast transfer``, ``transfer --pbt``
-and ``transfer-compare`` all use it); :mod:`~mupfast.tuning.transfer.transfer`'s docstring says what is
-carried and why.
+and ``transfer-compare`` all use it); docs/mutransfer.md says what is carried and why.
 """
 
 from __future__ import annotations

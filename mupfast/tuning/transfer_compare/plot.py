@@ -98,28 +98,22 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_compare(r: dict, path: str | Path) -> None:
-    """Target val loss vs log2 lr (SP and μP grids, transferred and hand-set markers) and FLOPs bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    max_ratio, max_gap = r["targets"]["max_flops_ratio"], r["targets"]["max_transfer_gap_pct"]
-    grid = r["mup_lr_grid"]["grid"]
-    every = r["sp"]["grid"] + grid + r["mutransfer"]["configs"] + [r["mup_hand_set"]]
+def _y_range(r: dict) -> tuple[float, float, float]:
+    """(lowest, top of the chart, padding): a diverged or awful point does not squash the rest."""
+    every = r["sp"]["grid"] + r["mup_lr_grid"]["grid"] + r["mutransfer"]["configs"] + [r["mup_hand_set"]]
     finite = [v for e in every for v in e["per_seed"] if v is not None and math.isfinite(v)]
     lo = min(finite) if finite else 0.0
-    hi = min(max(finite) if finite else 1.0, lo + 1.5)  # a diverged or awful point does not squash the rest
+    hi = min(max(finite) if finite else 1.0, lo + 1.5)
     pad = 0.05 * max(hi - lo, 1e-3)
-    top = hi + pad
+    return lo, hi + pad, pad
+
+
+def _loss_panel(ax, r: dict, plt) -> None:
+    """Target val loss vs log2 lr: SP's and μP's grids as curves, transferred and hand-set as markers."""
+    lo, top, pad = _y_range(r)
 
     def clip(v):
         return top if v is None or not math.isfinite(v) or v > top else v
-
-    fig, (ax, bx) = plt.subplots(
-        1, 2, figsize=(10.5, 4.4), gridspec_kw={"width_ratios": [3, 1]}, layout="constrained"
-    )
 
     def curve(entries, color, label):
         entries = sorted(entries, key=lambda e: e["lr"])
@@ -140,26 +134,12 @@ def plot_compare(r: dict, path: str | Path) -> None:
             plt.get_cmap("Reds")(0.5 + 0.4 * i / max(1, len(stds) - 1)),
             label,
         )
-    curve(grid, "tab:blue", "μP lr at the target (transferred config, lr × 2^k)")
+    curve(r["mup_lr_grid"]["grid"], "tab:blue", "μP lr at the target (transferred config, lr × 2^k)")
     for i, e in enumerate(r["mutransfer"]["configs"]):
-        ax.plot(
-            math.log2(e["lr"]),
-            clip(e["val_loss"]),
-            "*",
-            color="tab:green",
-            ms=15,
-            mec="k",
-            mew=0.6,
-            zorder=5,
-            label="μTransferred (top k of the proxy)" if i == 0 else None,
-        )
-        ax.annotate(
-            e["key"].split("-")[0],
-            (math.log2(e["lr"]), clip(e["val_loss"])),
-            textcoords="offset points",
-            xytext=(6, 4),
-            fontsize=7,
-        )
+        x, y = math.log2(e["lr"]), clip(e["val_loss"])
+        label = "μTransferred (top k of the proxy)" if i == 0 else None
+        ax.plot(x, y, "*", color="tab:green", ms=15, mec="k", mew=0.6, zorder=5, label=label)
+        ax.annotate(e["key"].split("-")[0], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7)
     h = r["mup_hand_set"]
     ax.plot(
         math.log2(h["lr"]), clip(h["val_loss"]), "D", color="k", ms=7, zorder=5, label="μP hand-set values"
@@ -175,6 +155,9 @@ def plot_compare(r: dict, path: str | Path) -> None:
         fontsize=9,
     )
 
+
+def _flops_panel(bx, r: dict) -> None:
+    """Tuning FLOPs of μTransfer (proxy sweep + target runs) and of SP's grid, as stacked bars."""
     f = r["flops"]
     exp = math.floor(math.log10(max(f["mutransfer"], f["sp"])))  # one scale in the label, no offset text
     u = 10.0**exp
@@ -187,9 +170,26 @@ def plot_compare(r: dict, path: str | Path) -> None:
         label="target runs",
     )
     bx.set_ylabel(f"tuning FLOPs (× 1e{exp})")
-    bx.set_title(f"μTransfer / SP = {f['ratio']:.3f}\n(target ≤ {max_ratio:g})", fontsize=9)
+    bx.set_title(
+        f"μTransfer / SP = {f['ratio']:.3f}\n(target ≤ {r['targets']['max_flops_ratio']:g})", fontsize=9
+    )
     bx.legend(fontsize=7)
     bx.grid(axis="y", alpha=0.3, lw=0.5)
+
+
+def plot_compare(r: dict, path: str | Path) -> None:
+    """Target val loss vs log2 lr (SP and μP grids, transferred and hand-set markers) and FLOPs bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(
+        1, 2, figsize=(10.5, 4.4), gridspec_kw={"width_ratios": [3, 1]}, layout="constrained"
+    )
+    _loss_panel(ax, r, plt)
+    _flops_panel(bx, r)
+    max_ratio, max_gap = r["targets"]["max_flops_ratio"], r["targets"]["max_transfer_gap_pct"]
     loss_flops, gap = r["verdicts"]
     word = {True: "PASS", False: "FAIL"}
     fig.suptitle(

@@ -6,12 +6,12 @@ Shared by the study (:mod:`mupfast.tuning.transfer_compare.transfer_compare`) an
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
 from typing import Any
 
+from mupfast import rundir
 from mupfast.config import Config, with_overrides
 from mupfast.model.flops import flops_per_token
 from mupfast.tuning.launch import Point, grid_run_overrides, lr_tag, mean_loss
@@ -60,8 +60,8 @@ def _speed(points: list[Point]) -> float | None:
     speeds = []
     for pt in points:
         try:
-            speeds.append(float(json.loads(Path(pt.run_dir, "summary.json").read_text())["tokens_per_s"]))
-        except (OSError, ValueError, KeyError, TypeError):
+            speeds.append(float((rundir.read_summary(pt.run_dir) or {})["tokens_per_s"]))
+        except (ValueError, KeyError, TypeError):
             pass
     return statistics.fmean(speeds) if speeds else None
 

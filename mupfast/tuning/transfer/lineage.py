@@ -1,19 +1,10 @@
 """``mupfast transfer --pbt STUDY --target CONFIG``: a target config that replays a PBT lineage.
 
-The best member's lineage (:func:`~mupfast.tuning.pbt.report.lineage`) is a hyperparameter per
-generation. What the target gets:
-
-* ``optim.lr`` ← the lineage's *first* lr, carried exactly as ``mupfast transfer`` carries a sweep's
-  lr (:func:`~mupfast.tuning.transfer.values.transferred_values`: the proxy's μP base dimensions, so
-  the width rules scale it through each group's lr_mult; under hyperp it is η0, rebased on the proxy);
-* ``schedule.piecewise`` ← ``[[g·K/S, lr_g / lr_0], …]``: the lineage's lr in generation g relative to
-  the first, from the same *fraction* of training (so the steps are rescaled to the target's
-  ``train.steps``), multiplying the proxy's own schedule shape (kind, warmup, decay), which is
-  carried with its step counts rescaled likewise;
-* every other explored hyperparameter (embeddings_scale, the logit alphas) ← its value at the end
-  of the lineage. Those are forward multipliers: a schedule of them is not replayed (the target
-  would need the same mid-run switches), so the final values — the ones the best member finished
-  with — stand for them. The written config says so in its header.
+The best member's lineage (:func:`~mupfast.tuning.pbt.report.lineage`) gives the target its first
+lr (carried as a sweep's lr is, :func:`~mupfast.tuning.transfer.values.transferred_values`), a
+``schedule.piecewise`` of its lr per generation relative to the first, from the same fraction of
+training, and the final values of the other explored hyperparameters (forward multipliers are not
+replayed as schedules); the written config says so in its header. docs/pbt.md has the details.
 """
 
 from __future__ import annotations
