@@ -1,6 +1,6 @@
 """Fused μP readout: ``mean CE(softmax(logit_scale · h Wᵀ)) + z_loss · lse²`` without N×V logits.
 
-Design (Liger-style chunking, see research/kernel-anchors.md §c2): the tokens are processed in
+Design (the chunking of Liger-Kernel's fused linear cross-entropy): the tokens are processed in
 chunks. Per chunk, one GEMM writes the raw logits ``h_c Wᵀ`` into a reusable (chunk, V) buffer;
 a Triton row kernel scales them by ``logit_scale`` in fp32, computes an online log-sum-exp, the
 per-row loss and monitoring statistics, and overwrites the buffer in place with

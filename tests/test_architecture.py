@@ -1,5 +1,6 @@
-"""The shape of the package: no import circles, kernels reached only from the model and the
-optimizer, and every verb of the CLI a module with ``add_arguments`` and ``run``."""
+"""The shape of the package: no import circles, a core that imports no feature, kernels reached only
+through ops/ and the optimizer, a root that shows the architecture, short functions, and every verb
+of the CLI a module named after it with ``add_arguments`` and ``run``."""
 
 from __future__ import annotations
 
@@ -23,23 +24,14 @@ def _modules() -> dict[str, object]:
     return out
 
 
-def _runtime_nodes(tree: ast.AST):
-    """Every node of ``tree`` except those under ``if TYPE_CHECKING:`` (imports for annotations only)."""
-    for node in ast.iter_child_nodes(tree):
-        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
-            yield from (n for child in node.orelse for n in [child, *_runtime_nodes(child)])
-            continue
-        yield node
-        yield from _runtime_nodes(node)
-
-
 def _imports(modules: dict) -> dict[str, set[str]]:
-    """Every mupfast module each module imports when it runs, at any depth (function bodies too)."""
+    """Every mupfast module each module imports, at any depth: function bodies and ``if TYPE_CHECKING:``
+    blocks too (an import for annotations only is still a dependency between the two files)."""
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         deps = set()
-        for node in _runtime_nodes(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -113,3 +105,93 @@ def test_every_verb_is_a_module_with_add_arguments_and_run(verb, capsys):
 def test_an_unknown_flag_is_a_one_line_error(capsys):
     assert main(["explain", "--no-such-flag"]) == 2
     assert capsys.readouterr().err.strip() == "error: unrecognised argument '--no-such-flag'"
+
+
+#: The features: they plug into the core through mupfast.plugins and are never imported by it.
+FEATURES = ("mupfast.finetune", "mupfast.tuning", "mupfast.checks")
+#: The entry layer: the CLI maps every verb, features' too, to its module.
+ENTRY = ("mupfast.cli",)
+
+
+def _in(module: str, packages: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def test_no_core_module_imports_a_feature():
+    graph = _imports(_modules())
+    core = [m for m in graph if not _in(m, FEATURES + ENTRY)]
+    assert len(core) > 30
+    offenders = {m: sorted(d for d in graph[m] if _in(d, FEATURES)) for m in core}
+    assert not {m: d for m, d in offenders.items() if d}
+
+
+def test_no_core_module_names_a_feature_module_to_import():
+    """Nor by a string (importlib.import_module, a subprocess's ``-m``): features are found as plugins."""
+    for name, path in _modules().items():
+        if _in(name, FEATURES + ENTRY):
+            continue
+        strings = [n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant)]
+        named = [s for s in strings if isinstance(s, str) and s.startswith(tuple(f + "." for f in FEATURES))]
+        assert not named, (name, named)
+
+
+def test_fine_tuning_is_a_registered_feature():
+    from mupfast.plugins import features
+
+    assert "finetune" in {f.name for f in features()}
+
+
+def test_the_root_holds_at_most_12_modules():
+    root = sorted(p.name for p in (ROOT / "mupfast").glob("*.py"))
+    assert len(root) <= 12, root
+
+
+def test_every_function_is_at_most_80_lines():
+    long = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 80:
+                    long.append(f"{name}.{node.name}: {lines} lines")
+    assert not long, long
+
+
+def test_module_docstrings_say_what_the_module_is_not_essays():
+    """The why of a design belongs on a docs/ page; a module's docstring stays at most 25 lines."""
+    long = {}
+    for name, path in _modules().items():
+        doc = ast.get_docstring(ast.parse(path.read_text()), clean=False) or ""
+        if doc.count("\n") + 1 > 25:
+            long[name] = doc.count("\n") + 1
+    assert not long, long
+
+
+def test_docstrings_cite_no_file_outside_the_repository():
+    """The project's research notes are not in the repository: cite the papers and projects themselves."""
+    cites = {name for name, path in _modules().items() if "research/" in path.read_text()}
+    assert not cites, cites
+
+
+def test_no_file_outside_the_tests_reads_as_a_test():
+    """pytest's own patterns (test_*.py, *_test.py) name test files only; benchmarks/suite is the
+    pytest-benchmark suite that ``make bench`` runs."""
+    files = [p.relative_to(ROOT) for p in ROOT.rglob("*.py") if ".venv" not in p.parts]
+    looks = [
+        f
+        for f in files
+        if (f.name.startswith("test_") or f.stem.endswith("_test"))
+        and f.parts[0] != "tests"
+        and f.parts[:2] != ("benchmarks", "suite")
+    ]
+    assert not looks, looks
+
+
+@pytest.mark.parametrize("verb", sorted(VERBS))
+def test_every_verb_lives_in_a_module_named_after_it(verb):
+    """``transfer-compare`` in ``…transfer_compare``; a ``-test`` verb in ``checks/<what>_check``."""
+    module = VERBS[verb][0].rpartition(".")[2]
+    expected = verb.replace("-", "_")
+    if verb.endswith("-test"):
+        expected = verb.removesuffix("-test").replace("-", "_") + "_check"
+    assert module == expected, (verb, VERBS[verb][0])

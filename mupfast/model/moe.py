@@ -1,4 +1,4 @@
-"""SqrtGate mixture of experts (HyperP's MoE, research/mup-anchors.md §B) in place of a block's MLP.
+"""SqrtGate mixture of experts (HyperP's MoE, from microsoft/ArchScale) in place of a block's MLP.
 
 For a token x with router logits z = router_scale · W_r x (E experts):
 
@@ -6,27 +6,15 @@ For a token x with router logits z = router_scale · W_r x (E experts):
     routed(x) = Σ_{i∈S} √g_i · expert_i(x)
     out(x)    = √(1−p) · routed(x) + √p · shared(x)      (with a shared expert; p = moe_shared_p)
 
-Why √g, renormalised over the top k: at init the experts are independent random maps with equal output
-RMS r, so E‖Σ w_i y_i‖² = r² Σ w_i². With w_i = √g_i and Σ_S g_i = 1 that is r² for every k, E and
-granularity; plain weights w_i = g_i give r²·Σ g_i² ≈ r²/k, so the output shrinks as experts get finer.
-Without renormalisation Σ_S g_i < 1 would depend on E and k again. The same argument gives the √(1−p),
-√p mix of routed and shared outputs. Expert hidden size is filter_size / moe_granularity; its down
-projection's init follows its own fan-in (parametrization.py), so each expert's r is the same at any
-granularity — together the output RMS stays constant across granularities (tests/test_moe.py).
-
-Training also records, per forward, on device:
-  aux_loss = E · Σ_i f_i · P_i  (Switch-style balance loss; f_i = share of the N·k assignments that
-             went to expert i, counted over every data-parallel rank's micro-batch (moe_balance_scope),
-             P_i = this rank's mean full-softmax prob. DeepSpeed averages gradients over ranks, so
-             the update is that of E·Σ f_i·P_i over the global micro-step: a global-batch balance
-             loss, which lets each rank's sample be unbalanced as long as the whole batch is not)
-  router_z = mean over tokens of logsumexp(z)²  (stability indicator; a loss only if its coef > 0)
-The Transformer adds coef·aux_loss (+ coef_z·router_z) to the LM loss.
+The √g weights keep the output RMS one expert's at any k, E and granularity (docs/moe.md says why).
+Training also records, per forward and on the device, the global-batch balance loss
+E · Σ_i f_i · P_i (f_i counted over every data-parallel rank's micro-batch unless
+moe_balance_scope is micro_batch) and router_z = mean logsumexp(z)²; the Transformer adds
+coef·aux_loss (+ coef_z·router_z) to the LM loss.
 
 Experts are separate 2-D nn.Linear layers (not a 3-D bank) so Muon can orthogonalise each matrix.
-``moe_dispatch: grouped`` stacks them per forward for torch's grouped_mm: one matmul per weight kind
-over all experts, with the group boundaries as a device tensor, so no host sync; ``loop`` (default)
-runs one matmul chain per expert.
+``moe_dispatch: grouped`` stacks them per forward for torch's grouped_mm (one matmul per weight kind,
+the group boundaries a device tensor: no host sync); ``loop`` (default) runs one chain per expert.
 """
 
 from __future__ import annotations
