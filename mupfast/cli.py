@@ -154,5 +154,21 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(e, "exit_code", UserError.exit_code)
 
 
+def program(argv: list[str] | None = None) -> None:
+    """``mupfast`` as a program (the console script, ``python -m mupfast.train`` under a launcher):
+    run the verb, leave the process group, exit with the verb's status.
+
+    Leaving the process group before the interpreter exits matters on CPU: gloo's threads would
+    otherwise outlive it, and a rank that has finished its work can abort at exit ("terminate called
+    without an active exception"), which the launcher reports as a failed run.
+    """
+    code = main(argv)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    program()

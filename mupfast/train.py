@@ -465,6 +465,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # what the deepspeed launcher runs (it appends --local_rank=N)
-    from mupfast.cli import main
+    from mupfast.cli import program
 
-    sys.exit(main(["train", *sys.argv[1:]]))
+    program(["train", *sys.argv[1:]])

@@ -86,6 +86,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # under the deepspeed launcher (it appends --local_rank=N)
-    from mupfast.cli import main
+    from mupfast.cli import program
 
-    sys.exit(main(["finetune", *sys.argv[1:]]))
+    program(["finetune", *sys.argv[1:]])
