@@ -39,7 +39,11 @@ VERBS: dict[str, tuple[str, str]] = {
     ),
     "horizon-test": (
         "mupfast.checks.horizon_check",
-        "token-horizon check: optimal lr vs training tokens, fitted exponent (JSON + PNG)",
+        "token-horizon check: optimal lr (or weight decay) vs training tokens, fitted exponent (JSON + PNG)",
+    ),
+    "batch-test": (
+        "mupfast.checks.batch_check",
+        "batch-size check: optimal lr vs tokens per step at a fixed token budget, fitted exponent (JSON + PNG)",
     ),
     "sweep": (
         "mupfast.tuning.sweep.sweep",

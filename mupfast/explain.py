@@ -19,7 +19,7 @@ import torch
 
 from mupfast.config import Config, ModelConfig, load_config
 from mupfast.model import Transformer
-from mupfast.parametrization import Rule, hyperp_transfer, multipliers, rules_for
+from mupfast.parametrization import Rule, adamw_transfer, hyperp_transfer, multipliers, rules_for
 from mupfast.plugins import prepare_model
 
 
@@ -50,6 +50,21 @@ def _transfer_line(run: Config) -> str:
         f"   (η0={h['base_lr']:g}, B={h['batch_tokens']:g} tokens/step at world size 1, B0={h['base_batch_tokens']:g},"
         f" d0={h['base_depth']}, L={h['num_layers']}, T={h['tokens']:g}, T0={h['base_tokens']:g}); optim.lr unused"
     )
+
+
+def adamw_rule_lines(h: dict) -> list[str]:
+    """The AdamW rule across batch and horizon (:func:`~mupfast.parametrization.adamw_transfer`'s
+    report) in two lines: the lr and the weight decay, with their inputs and factors."""
+    f = h["factors"]
+    return [
+        f"lr η = lr·(B/B0)^β·(T/T0)^-α = {h['lr']:.6g}   (lr={h['base_lr']:g} tuned at B0={h['base_batch_tokens']:g}"
+        f" tokens/step over T0={h['base_tokens']:g} tokens; B={h['batch_tokens']:g} at world size"
+        f" {h['world_size']}, T={h['tokens']:g}: (B/B0)^{h['batch_exponent']:g} = {f['batch']:.4g},"
+        f" (T/T0)^-{h['horizon_exponent']:g} = {f['tokens']:.4g})",
+        f"weight decay λ = wd·(lr/η)·(S0/S) = {h['weight_decay']:.6g}   (wd={h['base_weight_decay']:g},"
+        f" S0={h['base_steps']:g} steps, S={h['steps']} steps: × {f['weight_decay']:.4g}; AdamW's decay"
+        " timescale 1/(η·λ) the same fraction of the run)",
+    ]
 
 
 def _index_set(indices: list[int]) -> str:
@@ -123,6 +138,8 @@ def format_table(cfg: ModelConfig, rules: list[Rule], run: Config | None = None)
             if run is not None
             else "lr η = η0·√(B/B0)·√(d0/L)·(T/T0)^-0.32 from the run config (see `mupfast explain`)"
         )
+    elif run is not None and (rule := adamw_transfer(run))["active"]:
+        lines += adamw_rule_lines(rule)
     return "\n".join(lines)
 
 
@@ -136,6 +153,8 @@ def table_json(cfg: ModelConfig, rules: list[Rule], run: Config | None = None) -
     }
     if cfg.parametrization == "hyperp" and run is not None:
         out["transfer_rule"] = hyperp_transfer(run)
+    elif run is not None and (rule := adamw_transfer(run))["active"]:
+        out["transfer_rule"] = rule
     return out
 
 

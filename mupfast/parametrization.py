@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -333,6 +333,55 @@ def hyperp_transfer(cfg: Config, world_size: int = 1) -> dict[str, float]:
         "tokens": tokens,
         "base_tokens": o.hyperp_base_tokens,
         "token_exponent": HYPERP_TOKEN_EXPONENT,
+        "world_size": world_size,
+    }
+
+
+def adamw_transfer(cfg: Config, world_size: int = 1) -> dict[str, Any]:
+    """The AdamW parametrizations' rule across batch and horizon, with its inputs and factors.
+
+    optim.lr and optim.weight_decay were tuned at B0 tokens per step over T0 training tokens
+    (optim.base_batch_tokens, optim.base_tokens; 0: this run's own B and T). At this run's B and T:
+
+        η = lr · (B/B0)^β · (T/T0)^-α
+        λ = weight_decay · (lr/η) · (S0/S),   S = T/B = train.steps, S0 = T0/B0
+
+    so AdamW's decay timescale 1/(η·λ) in steps stays the same fraction of the run (Wang & Aitchison,
+    2024). Each group decays by its lr × λ × wd_mult: under weight_decay_scaling independent every
+    group's timescale is 1/(η·λ); under coupled the hidden matrices' is m times that, as the
+    convention wants, and the rule moves it by the same factor. At B = B0 and T = T0 both values are
+    the configured ones exactly.
+    """
+    t, o = cfg.train, cfg.optim
+    batch = t.tokens_per_step(world_size)
+    tokens = t.steps * batch
+    base_batch = o.base_batch_tokens or batch
+    base_tokens = o.base_tokens or tokens
+    batch_factor = (batch / base_batch) ** o.batch_lr_exponent
+    tokens_factor = (tokens / base_tokens) ** -o.horizon_lr_exponent
+    lr = o.lr * batch_factor * tokens_factor
+    base_steps = base_tokens / base_batch
+    wd_factor = (o.lr / lr) * (base_steps / t.steps)
+    return {
+        "lr": lr,
+        "base_lr": o.lr,
+        "weight_decay": o.weight_decay * wd_factor,
+        "base_weight_decay": o.weight_decay,
+        "batch_tokens": batch,
+        "base_batch_tokens": base_batch,
+        "tokens": tokens,
+        "base_tokens": base_tokens,
+        "steps": t.steps,
+        "base_steps": base_steps,
+        "batch_exponent": o.batch_lr_exponent,
+        "horizon_exponent": o.horizon_lr_exponent,
+        "factors": {
+            "batch": batch_factor,
+            "tokens": tokens_factor,
+            "lr": batch_factor * tokens_factor,
+            "weight_decay": wd_factor,
+        },
+        "active": bool(o.base_batch_tokens or o.base_tokens),
         "world_size": world_size,
     }
 

@@ -36,6 +36,7 @@ from mupfast.model.flops import flops_per_token, throughput_metrics
 from mupfast.optim import build_optimizer
 from mupfast.parametrization import RULES_VERSION
 from mupfast.plugins import TrainerHooks, prepare_model
+from mupfast.progress import progress_bar
 
 
 @dataclass
@@ -288,16 +289,12 @@ def train_step(tr: Trainer, step: int, *, record: bool) -> tuple[torch.Tensor, t
 
 
 class _Progress:
-    """Rank 0's progress bar (``train.progress``), or nothing."""
+    """Rank 0's progress (``train.progress``): a bar on a terminal, log lines in a file; or nothing."""
 
     def __init__(self, tr: Trainer, end: int):
         self.bar = None
         if tr.rank == 0 and tr.cfg.train.progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=end, initial=tr.start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
-            )
+            self.bar = progress_bar(end, initial=tr.start, desc="train", unit="step")
             if tr.resumed_from is not None:
                 self.bar.write(f"resumed from {tr.resumed_from} at step {tr.start}")
 

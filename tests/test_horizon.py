@@ -10,7 +10,6 @@ import pytest
 import mupfast.checks.horizon_check as horizon
 from mupfast.cli import main as cli_main
 from mupfast.errors import ConfigError
-from mupfast.parametrization import hyperp_transfer
 from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -94,17 +93,20 @@ def test_fewer_than_three_horizons_cannot_fit_an_exponent():
         horizon.fit_horizon(synthetic(0.3)[:2], LOG2_LRS, LOG2_T[:2])
 
 
-def test_hyperp_horizon_points_train_at_the_grid_lr_with_the_warmup_a_fixed_fraction(tmp_path):
-    cfg = tiny_config("train.steps=20", "schedule.warmup_steps=4", tmp_path=tmp_path)
-    pts = horizon.make_points(
-        cfg, horizons=[10, 40], lrs=[2**-5, 2**-4.5], seeds=2, parametrization="hyperp", out=tmp_path
-    )
-    assert len(pts) == 8
-    for pt in pts:
-        assert pt.cfg.train.steps == pt.size and pt.cfg.schedule.warmup_steps == pt.size // 5
-        assert hyperp_transfer(pt.cfg)["lr"] == pytest.approx(
-            pt.lr, rel=1e-12
-        )  # every factor of the rule is 1
+@pytest.mark.parametrize("parametrization", ["hyperp", "mup"])
+def test_horizon_points_train_at_the_grid_lr_with_the_warmup_a_fixed_fraction(tmp_path, parametrization):
+    """Whatever base values the config names, a grid point trains at the lr it is named for."""
+    from mupfast.checks.scale_grid import ScaleGrid, point_config
+    from mupfast.optim import base_lr
+
+    base = ["optim.base_tokens=123456"] if parametrization == "mup" else []
+    cfg = tiny_config("train.steps=20", "schedule.warmup_steps=4", *base, tmp_path=tmp_path)
+    g = ScaleGrid("steps", [10, 40], "lr", [2**-5, 2**-4.5], 2, parametrization)
+    for steps in g.scales:
+        for lr in g.values:
+            c = point_config(horizon.horizon_config(cfg, steps), g, lr, None)
+            assert c.train.steps == steps and c.schedule.warmup_steps == steps // 5
+            assert base_lr(c) == pytest.approx(lr, rel=1e-12)  # every factor of the rule is 1
 
 
 def test_cli_smoke_run_writes_json_and_png_and_bad_flags_are_one_line_errors(tmp_path, capsys):

@@ -227,7 +227,7 @@ def coord_check(
 
     Every parametrization trains at ``optim.lr`` except hyperp, whose η is ``hyperp_lr`` at every width.
     """
-    from tqdm.auto import tqdm
+    from mupfast.progress import progress_bar
 
     if steps < 1 or seeds < 1:
         raise ConfigError(f"--steps and --seeds must be positive (got {steps}, {seeds})")
@@ -238,7 +238,7 @@ def coord_check(
     start = time.perf_counter()
     raw: dict[str, dict[int, list[dict]]] = {p: {w: [] for w in widths} for p in parametrizations}
     jobs = [(p, w, s) for p in parametrizations for w in widths for s in range(seeds)]
-    with tqdm(total=len(jobs), desc="coord-check", unit="run", disable=not progress) as bar:
+    with progress_bar(len(jobs), desc="coord-check", unit="run", disable=not progress) as bar:
         for p, w, s in jobs:
             bar.set_postfix_str(f"{p} width {w} seed {s}")
             raw[p][w].append(measure_run(configs[p, w], steps, t.seed + s, batches[s]))

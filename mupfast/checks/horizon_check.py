@@ -1,14 +1,15 @@
 """Token-horizon check: how does the best learning rate move with the number of training tokens T?
 
-HyperP's transfer rule says η* ∝ T^-0.32 (microsoft/ArchScale's HyperP recipe). For a fixed model
-this module trains an lr grid at several horizons (``train.steps``; T = steps · tokens per step)
-through :func:`mupfast.tuning.launch.run_points`, finds the optimum at each horizon (a parabola in
+For a fixed model this module trains an lr grid at several horizons (``train.steps``; T = steps ·
+tokens per step; :mod:`mupfast.checks.scale_grid`), finds the optimum at each horizon (a parabola in
 log2 lr near the best grid point) and fits
 
     log2 η*(T) = c − α · log2 T
 
-weighted by each optimum's bootstrap σ over seeds, to report α with its uncertainty next to 0.32.
-How the runs are set up and how σ is found: docs/hyperp.md.
+weighted by each optimum's bootstrap σ over seeds (:mod:`mupfast.checks.optimum_fit`), to report α
+with its uncertainty next to 0.32 (HyperP's exponent, which mupfast's AdamW rule takes by default).
+``--grid weight_decay`` grids the weight decay at a fixed lr instead: AdamW's timescale rule says
+its optimum falls as 1/T there. How the runs are set up and how σ is found: docs/hyperp.md.
 """
 
 from __future__ import annotations
@@ -20,79 +21,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from mupfast.checks.horizon_plot import plot_horizon, summary_lines
+from mupfast.checks.optimum_fit import exponent_fit, fit_slope, parabola_optimum, weighted_line  # noqa: F401
+from mupfast.checks.optimum_plot import plot_optimum, summary_lines
 from mupfast.checks.results import write_result_files
-from mupfast.config import PARAMETRIZATIONS, Config, load_config, with_overrides
-from mupfast.errors import ConfigError
-from mupfast.flags import parse_int_list, parse_lrs, parse_positive_int
-from mupfast.parametrization import hyperp_own_bases
-from mupfast.tuning.launch import Point, grid_run_dir, grid_run_overrides, mean_loss, run_points
+from mupfast.checks.scale_grid import ScaleGrid, check_grid, grid_record, run_grid
+from mupfast.config import Config, load_config, with_overrides
+from mupfast.flags import parse_int_list, parse_lr, parse_lrs, parse_positive_int
 
 #: HyperP's token-horizon exponent, as a positive α in η* ∝ T^-α.
 REFERENCE_ALPHA = 0.32
+#: At a fixed lr and batch the timescale rule keeps η·λ·S constant: λ* ∝ 1/S ∝ T^-1.
+TIMESCALE_EXPONENT = 1.0
 
 
 # ----------------------------------------------------------------------------------------------
 # Fitting (pure functions, tested on synthetic curves with a known exponent)
-
-
-def parabola_optimum(log2_lrs: Sequence[float], losses: Sequence[float], window: int = 2) -> dict[str, Any]:
-    """The optimum of one loss curve: vertex of a least-squares parabola near the best grid point.
-
-    Returns ``log2_lr`` (the vertex, clamped to the fitted span; the grid point where no parabola
-    opening upwards fits), ``grid_log2_lr``, ``loss`` (the best grid loss), ``at_edge`` and
-    ``fitted`` (False: the grid point was used).
-    """
-    x = np.asarray(log2_lrs, dtype=float)
-    y = np.asarray(losses, dtype=float)
-    finite = np.isfinite(y)
-    if not finite.any():
-        return {"log2_lr": None, "grid_log2_lr": None, "loss": None, "at_edge": False, "fitted": False}
-    i = int(np.argmin(np.where(finite, y, np.inf)))
-    out = {
-        "log2_lr": float(x[i]),
-        "grid_log2_lr": float(x[i]),
-        "loss": float(y[i]),
-        "at_edge": i in (0, len(x) - 1),
-        "fitted": False,
-    }
-    near = [j for j in range(max(0, i - window), min(len(x), i + window + 1)) if finite[j]]
-    if len(near) >= 3:
-        a, b, _ = np.polyfit(x[near], y[near], 2)
-        if a > 0:
-            out["log2_lr"] = float(min(max(-b / (2 * a), x[near].min()), x[near].max()))
-            out["fitted"] = True
-    return out
-
-
-def weighted_line(x: Sequence[float], y: Sequence[float], sigma: Sequence[float]) -> dict[str, float]:
-    """Weighted least squares y = c + slope·x with weights 1/σ²: slope, c, their standard errors, χ²."""
-    x, y, s = (np.asarray(v, dtype=float) for v in (x, y, sigma))
-    w = 1.0 / s**2
-    W, Wx, Wy = w.sum(), (w * x).sum(), (w * y).sum()
-    Wxx, Wxy = (w * x * x).sum(), (w * x * y).sum()
-    det = W * Wxx - Wx * Wx
-    slope = (W * Wxy - Wx * Wy) / det
-    c = (Wxx * Wy - Wx * Wxy) / det
-    chi2 = float((w * (y - c - slope * x) ** 2).sum())
-    return {
-        "slope": float(slope),
-        "c": float(c),
-        "slope_se": float(math.sqrt(W / det)),
-        "c_se": float(math.sqrt(Wxx / det)),
-        "chi2": chi2,
-        "dof": len(x) - 2,
-    }
-
-
-def _optima(losses: np.ndarray, log2_lrs: Sequence[float], window: int) -> list[dict]:
-    """Per horizon, the optimum of the seed-mean curve (``losses``: horizon × lr × seed)."""
-    return [
-        parabola_optimum(log2_lrs, [mean_loss(list(losses[h, j])) for j in range(losses.shape[1])], window)
-        for h in range(losses.shape[0])
-    ]
 
 
 def fit_horizon(
@@ -106,54 +49,23 @@ def fit_horizon(
     seed: int = 0,
     reference: float = REFERENCE_ALPHA,
 ) -> dict[str, Any]:
-    """α of log2 η* = c − α·log2 T from val losses ``losses[horizon][lr][seed]`` (inf: diverged).
-
-    Returns the optima per horizon (with their bootstrap σ in octaves), ``alpha`` and its
-    uncertainties (``sigma_boot``, ``sigma_fit``, ``sigma`` = the larger), χ²/dof, the bootstrap
-    replicates' α percentiles, and ``z`` = (α − reference)/σ.
-    """
-    L = np.asarray(losses, dtype=float)
-    H, _, S = L.shape
-    if H < 3:
-        raise ConfigError(f"horizon fit: needs at least 3 horizons (got {H})")
-    optima = _optima(L, log2_lrs, window)
-    if any(o["log2_lr"] is None for o in optima):
-        raise ConfigError("horizon fit: a horizon where every lr diverged has no optimum; widen --lrs")
-    est = np.array([o["log2_lr"] for o in optima])
-    rng = np.random.default_rng(seed)
-    boot = np.empty((n_boot, H))
-    for b in range(n_boot):
-        idx = rng.integers(0, S, size=(H, S))  # each horizon's seeds, resampled independently
-        resampled = np.stack([L[h][:, idx[h]] for h in range(H)])
-        boot[b] = [
-            o["log2_lr"] if o["log2_lr"] is not None else np.nan for o in _optima(resampled, log2_lrs, window)
-        ]
-    sigma_h = np.maximum(np.nanstd(boot, axis=0), min_sigma)
-    x = np.asarray(log2_tokens, dtype=float)
-    line = weighted_line(x, est, sigma_h)
-    alphas = np.array([-weighted_line(x, row, sigma_h)["slope"] for row in boot if np.isfinite(row).all()])
-    alpha = -line["slope"]
-    sigma_boot = float(alphas.std(ddof=1)) if len(alphas) > 1 else math.nan
-    sigma_fit = (
-        line["slope_se"] * math.sqrt(max(1.0, line["chi2"] / line["dof"])) if line["dof"] > 0 else math.nan
+    """α of log2 v* = c − α·log2 T from val losses ``losses[horizon][grid value][seed]`` (inf:
+    diverged); v is the lr (or, gridded instead, the weight decay). :func:`fit_slope`'s report read
+    as an exponent (``alpha``), with ``z`` = (α − reference)/σ."""
+    fit = fit_slope(
+        losses,
+        log2_lrs,
+        log2_tokens,
+        n_boot=n_boot,
+        window=window,
+        min_sigma=min_sigma,
+        seed=seed,
+        what="horizon fit",
+        scales="horizons",
     )
-    sigma = max(sigma_boot, sigma_fit)
     return {
-        "log2_tokens": list(map(float, x)),
-        "optima": [{**o, "sigma_log2": float(s)} for o, s in zip(optima, sigma_h)],
-        "alpha": alpha,
-        "c": line["c"],
-        "sigma_boot": sigma_boot,
-        "sigma_fit": sigma_fit,
-        "sigma": sigma,
-        "chi2_per_dof": line["chi2"] / line["dof"] if line["dof"] > 0 else math.nan,
-        "alpha_boot_percentiles": {str(q): float(np.percentile(alphas, q)) for q in (2.5, 16, 50, 84, 97.5)}
-        if len(alphas)
-        else {},
-        "n_boot": int(len(alphas)),
-        "any_at_edge": any(o["at_edge"] for o in optima),
-        "reference": reference,
-        "z": (alpha - reference) / sigma if sigma > 0 else math.inf,
+        "log2_tokens": fit["log2_axis"],
+        **exponent_fit(fit, sign=-1.0, reference=reference, name="alpha"),
     }
 
 
@@ -161,42 +73,11 @@ def fit_horizon(
 # The runs
 
 
-def horizon_config(cfg: Config, *, parametrization: str, steps: int, lr: float) -> Config:
-    """``cfg`` trained for ``steps`` at lr ``lr``; the warmup the same fraction of training.
-
-    Under hyperp the base values are the model's own B, L and this T, so η = η0 = ``lr``.
-    """
+def horizon_config(cfg: Config, steps: int) -> Config:
+    """``cfg`` trained for ``steps``, the warmup the same fraction of training."""
     t, sch = cfg.train, cfg.schedule
-    values: dict[str, Any] = {
-        "model.parametrization": parametrization,
-        "train.steps": steps,
-        "schedule.warmup_steps": round(sch.warmup_steps * steps / t.steps),
-        "optim.lr": lr,
-    }
-    if parametrization == "hyperp":
-        values.update(hyperp_own_bases(cfg, lr, steps=steps))
+    values = {"train.steps": steps, "schedule.warmup_steps": round(sch.warmup_steps * steps / t.steps)}
     return with_overrides(cfg, values)
-
-
-def make_points(
-    cfg: Config,
-    *,
-    horizons: Sequence[int],
-    lrs: Sequence[float],
-    seeds: int,
-    parametrization: str,
-    out: Path,
-) -> list[Point]:
-    """One point per (horizon, lr, seed) under ``out/runs/<parametrization>/steps<S>/lr<lr>/seed<s>``."""
-    points = []
-    for steps in horizons:
-        for lr in lrs:
-            base = horizon_config(cfg, parametrization=parametrization, steps=steps, lr=lr)
-            for s in range(seeds):
-                run_dir = grid_run_dir(out, parametrization, "steps", steps, lr, s)
-                point_cfg = with_overrides(base, grid_run_overrides(cfg.train.seed + s, run_dir))
-                points.append(Point(parametrization, steps, lr, s, str(run_dir), point_cfg))
-    return points
 
 
 def horizon_test(
@@ -206,69 +87,49 @@ def horizon_test(
     lrs: Sequence[float],
     seeds: int = 3,
     parametrization: str = "hyperp",
+    grid: str = "lr",
+    fixed_lr: float | None = None,
     out: str | Path = "runs/horizon-test",
     jobs: int = 1,
     progress: bool = True,
     n_boot: int = 2000,
 ) -> dict[str, Any]:
-    """Run (or finish) the grid and fit α; returns the dict ``horizon-test`` writes as JSON."""
+    """Run (or finish) the grid and fit α; returns the dict ``horizon-test`` writes as JSON.
+
+    ``lrs`` are the grid's values: lrs, or with ``grid="weight_decay"`` weight decays at the lr
+    ``fixed_lr`` (default the config's), whose optimum the timescale rule says falls as 1/T."""
     from mupfast.data import prepare_sources
 
-    horizons = sorted(horizons)
-    if len(horizons) < 3:
-        raise ConfigError(f"--steps: needs at least 3 horizons to fit an exponent (got {len(horizons)})")
-    if seeds < 1:
-        raise ConfigError(f"--seeds: must be positive (got {seeds})")
-    if parametrization not in PARAMETRIZATIONS:
-        raise ConfigError(
-            f"--parametrization: {parametrization!r} — choose from {', '.join(PARAMETRIZATIONS)}"
-        )
-    out = Path(out)
-    points = make_points(
-        cfg, horizons=horizons, lrs=lrs, seeds=seeds, parametrization=parametrization, out=out
-    )
+    g = ScaleGrid("steps", sorted(horizons), grid, list(lrs), seeds, parametrization)
+    check_grid(g, "--steps", "horizons")
     prepare_sources(cfg.data, progress=progress)
     t0 = time.perf_counter()
-    values = run_points(points, jobs=jobs, progress=progress, desc="horizon-test")
-    by_key = {(pt.size, pt.lr, pt.seed): values[pt.run_dir] for pt in points}
-    losses = [[[by_key[h, lr, s] for s in range(seeds)] for lr in lrs] for h in horizons]
-    t = cfg.train
-    batch = t.tokens_per_step()
-    tokens = [h * batch for h in horizons]
-    log2_lrs = [math.log2(lr) for lr in lrs]
-    fit = fit_horizon(losses, log2_lrs, [math.log2(x) for x in tokens], n_boot=n_boot)
-    best = []
-    for h, curve in zip(horizons, losses):
-        means = [mean_loss(v) for v in curve]
-        j = min(range(len(lrs)), key=lambda k: means[k])
-        per_seed = curve[j]
-        best.append(
-            {
-                "steps": h,
-                "lr": lrs[j],
-                "val_loss": means[j],
-                "val_loss_per_seed": per_seed,
-                "seed_std": float(np.std(per_seed, ddof=1)) if seeds > 1 else None,
-            }
-        )
-    m = cfg.model
+    losses = run_grid(
+        g,
+        lambda steps: horizon_config(cfg, steps),
+        out=Path(out),
+        fixed_lr=fixed_lr,
+        jobs=jobs,
+        progress=progress,
+        desc="horizon-test",
+    )
+    batch = cfg.train.tokens_per_step()
+    tokens = [h * batch for h in g.scales]
+    reference = REFERENCE_ALPHA if grid == "lr" else TIMESCALE_EXPONENT
+    log2_values = [math.log2(v) for v in g.values]
+    fit = fit_horizon(losses, log2_values, [math.log2(x) for x in tokens], n_boot=n_boot, reference=reference)
+    record = grid_record(g, cfg, losses)
     return {
-        "parametrization": parametrization,
-        "horizons_steps": horizons,
+        "check": "horizon-test",
+        **record,
+        "horizons_steps": list(g.scales),
         "tokens": tokens,
         "tokens_per_step": batch,
-        "lrs": list(lrs),
-        "log2_lrs": log2_lrs,
-        "seeds": seeds,
-        "model": {"hidden_size": m.hidden_size, "num_layers": m.num_layers, "head_dim": m.head_dim},
-        "warmup_fraction": cfg.schedule.warmup_steps / t.steps,
-        "schedule": cfg.schedule.kind,
-        "val_loss": losses,
+        "fixed_lr": None if grid == "lr" else (fixed_lr if fixed_lr is not None else cfg.optim.lr),
+        **({"lrs": list(g.values), "log2_lrs": log2_values} if grid == "lr" else {}),
         "fit": fit,
-        "best": best,
         "elapsed_s": round(time.perf_counter() - t0, 1),
         "jobs": jobs,
-        "base_config": cfg.to_dict(),  # what the grid scaled from, overrides included
     }
 
 
@@ -278,7 +139,7 @@ def horizon_test(
 
 def write_outputs(result: dict, out: str | Path, name: str = "horizon_test") -> tuple[Path, Path]:
     """Write ``<name>.json`` and ``<name>.png`` into ``out``; return their paths."""
-    return write_result_files(result, out, name, plot_horizon)
+    return write_result_files(result, out, name, plot_optimum)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,6 +153,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="2^-6,2^-5.5,2^-5,2^-4.5,2^-4,2^-3.5,2^-3",
         help="lr grid; under hyperp η0 = η (default %(default)s)",
     )
+    parser.add_argument(
+        "--grid",
+        default="lr",
+        help="what is gridded at each horizon: lr, or weight_decay at a fixed lr (default %(default)s)",
+    )
+    parser.add_argument(
+        "--wds",
+        default="2^-4,2^-3,2^-2,2^-1,2^0,2^1,2^2",
+        help="with --grid weight_decay: the weight-decay grid (default %(default)s)",
+    )
+    parser.add_argument("--lr", default=None, help="with --grid weight_decay: the lr (default the config's)")
     parser.add_argument("--seeds", default="3", help="seeds per point (default %(default)s)")
     parser.add_argument("--parametrization", default="hyperp", help="default %(default)s")
     parser.add_argument(
@@ -306,9 +178,11 @@ def run(args: argparse.Namespace) -> int:
     result = horizon_test(
         load_config(args.config, args.overrides),
         horizons=parse_int_list(args.steps, "--steps"),
-        lrs=parse_lrs(args.lrs),
+        lrs=parse_lrs(args.wds, "--wds") if args.grid == "weight_decay" else parse_lrs(args.lrs),
         seeds=parse_positive_int(args.seeds, "--seeds"),
         parametrization=args.parametrization,
+        grid=args.grid,
+        fixed_lr=None if args.lr is None else parse_lr(args.lr, "--lr"),
         out=args.out,
         jobs=parse_positive_int(args.jobs, "--jobs"),
         n_boot=parse_positive_int(args.bootstrap, "--bootstrap"),

@@ -147,6 +147,20 @@ class OptimConfig:
     """Adam ε."""
     weight_decay: float = 0.0
     """Base weight decay (each group uses it × wd_mult; norms and biases get 0)."""
+    base_batch_tokens: int = 0
+    """B0: tokens per optimizer step (every rank's) at which optim.lr and optim.weight_decay were tuned.
+    With optim.base_tokens they carry to this run's batch and horizon: lr × (B/B0)^β × (T/T0)^-α, and
+    the weight decay so that AdamW's decay timescale stays the same fraction of the run
+    (docs/mutransfer.md, "Across tokens and batch"). 0: this run's own (no change). `mupfast transfer`
+    sets both to the proxy's. Not under hyperp (its rule has optim.hyperp_base_*)."""
+    base_tokens: float = 0.0
+    """T0: training tokens at which optim.lr and optim.weight_decay were tuned; 0: this run's own."""
+    batch_lr_exponent: float = 0.5
+    """β of lr ∝ (B/B0)^β: 0.5, square-root scaling for Adam below the critical batch
+    (`mupfast batch-test` measures it on a proxy)."""
+    horizon_lr_exponent: float = 0.32
+    """α of lr ∝ (T/T0)^-α: 0.32, the token-horizon exponent HyperP uses
+    (`mupfast horizon-test` measures it on a proxy)."""
     backend: Literal["auto", "torch", "triton"] = "auto"
     """Clip+AdamW implementation: auto means the fused Triton kernel on CUDA, torch elsewhere."""
     hyperp_base_lr: float = 1.5e-2

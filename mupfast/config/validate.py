@@ -218,6 +218,7 @@ def _check_optim(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be in [0, 1) (got {value})")
     if o.weight_decay < 0:
         raise ConfigError(f"optim.weight_decay: must be non-negative (got {o.weight_decay})")
+    _check_batch_horizon_rule(cfg)
     if cfg.model.parametrization == "hyperp":
         _require_positive(
             [
@@ -233,6 +234,28 @@ def _check_optim(cfg: Config) -> None:
 
             if find_spec("triton") is None:
                 raise ConfigError("optim.newton_schulz_backend: triton is not installed (use auto or torch)")
+
+
+def _check_batch_horizon_rule(cfg: Config) -> None:
+    """optim.base_batch_tokens, base_tokens and their exponents (the AdamW rule across batch and horizon)."""
+    o = cfg.optim
+    for key, value in [
+        ("optim.base_batch_tokens", o.base_batch_tokens),
+        ("optim.base_tokens", o.base_tokens),
+    ]:
+        if not 0 <= value < float("inf"):
+            raise ConfigError(f"{key}: must be non-negative, 0 for this run's own (got {value})")
+    for key, value in [
+        ("optim.batch_lr_exponent", o.batch_lr_exponent),
+        ("optim.horizon_lr_exponent", o.horizon_lr_exponent),
+    ]:
+        if not -2 <= value <= 2:
+            raise ConfigError(f"{key}: must be a finite exponent in [-2, 2] (got {value})")
+    if cfg.model.parametrization == "hyperp" and (o.base_batch_tokens or o.base_tokens):
+        raise ConfigError(
+            "optim.base_batch_tokens: hyperp has its own batch and horizon rule; set "
+            "optim.hyperp_base_batch_tokens and optim.hyperp_base_tokens instead"
+        )
 
 
 def _check_data(cfg: Config) -> None:

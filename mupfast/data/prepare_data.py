@@ -110,13 +110,13 @@ def _worker_unit(unit: Unit, files, work: str, settings: dict) -> dict:
 
 
 class _Progress:
-    """Documents, tokens and tokens/s of the units as they finish (tqdm over units on stderr)."""
+    """Documents, tokens and tokens/s of the units as they finish (a bar on a terminal, log lines in a file)."""
 
     def __init__(self, total: int, done: list[dict], name: str, enabled: bool):
-        from tqdm.auto import tqdm
+        from mupfast.progress import progress_bar
 
-        self.bar = tqdm(
-            total=total, initial=len(done), desc=f"preparing {name}", unit="unit", disable=not enabled
+        self.bar = progress_bar(
+            total, initial=len(done), desc=f"preparing {name}", unit="unit", disable=not enabled
         )
         self.docs = sum(c["train_documents"] + c["val_documents"] for c in done)
         self.tokens = sum(c["train_tokens"] + c["val_tokens"] for c in done)

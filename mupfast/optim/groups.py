@@ -3,7 +3,7 @@
 One group per component (or per layer × component), of the parameters that train (frozen ones,
 such as a fine-tune's base, are in none). Each group carries ``name``, ``component``,
 ``lr_mult``, ``wd_mult``, ``optimizer`` (adamw, or hyperp's sphere optimizers) and
-``max_grad_norm``; its ``weight_decay`` is optim.weight_decay × wd_mult. A group's ``lr`` is not
+``max_grad_norm``; its ``weight_decay`` is :func:`base_weight_decay` × wd_mult. A group's ``lr`` is not
 written here: :class:`~mupfast.optim.schedules.GroupLR` alone sets it, to ``base_lr · schedule(t) · lr_mult``.
 """
 
@@ -13,19 +13,30 @@ from torch import nn
 
 from mupfast.config import Config
 from mupfast.errors import ConfigError
-from mupfast.parametrization import COMPONENTS, hyperp_transfer, rules_for
+from mupfast.parametrization import COMPONENTS, adamw_transfer, hyperp_transfer, rules_for
 
 
 def base_lr(cfg: Config, world_size: int = 1) -> float:
-    """The lr every group's ``lr_mult`` multiplies: optim.lr, or under hyperp its transfer-rule η."""
+    """The lr every group's ``lr_mult`` multiplies: under hyperp its transfer-rule η, otherwise optim.lr
+    carried to this run's batch and horizon (:func:`~mupfast.parametrization.adamw_transfer`; optim.lr
+    itself when no base values are set)."""
     if cfg.model.parametrization == "hyperp":
         return hyperp_transfer(cfg, world_size)["lr"]
-    return cfg.optim.lr
+    return adamw_transfer(cfg, world_size)["lr"]
 
 
-def build_param_groups(model: nn.Module, cfg: Config) -> list[dict]:
+def base_weight_decay(cfg: Config, world_size: int = 1) -> float:
+    """The weight decay every group's ``wd_mult`` multiplies: optim.weight_decay, under the AdamW
+    parametrizations carried to this run's batch and horizon by the timescale rule."""
+    if cfg.model.parametrization == "hyperp":
+        return cfg.optim.weight_decay
+    return adamw_transfer(cfg, world_size)["weight_decay"]
+
+
+def build_param_groups(model: nn.Module, cfg: Config, world_size: int = 1) -> list[dict]:
     """Group parameters by component (or layer × component) with their multipliers and clip norm."""
     clip = cfg.clip
+    weight_decay = base_weight_decay(cfg, world_size)
     unknown = set(clip.component_max_norm) - set(COMPONENTS)
     if unknown:
         raise ConfigError(
@@ -49,7 +60,7 @@ def build_param_groups(model: nn.Module, cfg: Config) -> list[dict]:
                 "wd_mult": r.wd_mult,
                 "optimizer": r.optimizer,
                 "max_grad_norm": clip.component_max_norm.get(r.component, clip.max_norm),
-                "weight_decay": cfg.optim.weight_decay * r.wd_mult,
+                "weight_decay": weight_decay * r.wd_mult,
             },
         )
         if (g["lr_mult"], g["wd_mult"], g["optimizer"]) != (r.lr_mult, r.wd_mult, r.optimizer):

@@ -214,7 +214,7 @@ def build_optimizer(
     """
     o = cfg.optim
     optimizer = ClipAdamW(
-        build_param_groups(model, cfg),
+        build_param_groups(model, cfg, world_size),
         betas=(o.beta1, o.beta2),
         eps=o.eps,
         weight_decay=o.weight_decay,

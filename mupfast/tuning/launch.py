@@ -303,12 +303,15 @@ def lr_tag(lr: float) -> str:
     return f"2^{e:g}" if abs(e - round(e)) < 1e-9 else f"{lr:.4g}"
 
 
-def grid_run_dir(out: str | Path, parametrization: str, axis: str, size: int, lr: float, seed: int) -> Path:
+def grid_run_dir(
+    out: str | Path, parametrization: str, axis: str, size: int, lr: float, seed: int, *, value: str = "lr"
+) -> Path:
     """Where a grid point trains: ``<out>/runs/<parametrization>/<axis><size>/lr<lr>/seed<seed>``.
 
-    ``axis`` is what the grid varies besides the lr: ``width``, ``depth`` or ``steps`` (a horizon).
+    ``axis`` is what the grid varies besides the lr: ``width``, ``depth``, ``steps`` (a horizon) or
+    ``batch``; ``value`` names what is gridded at each size (``lr``, or ``wd`` for a weight-decay grid).
     """
-    return Path(out, "runs", parametrization, f"{axis}{size}", f"lr{lr_tag(lr)}", f"seed{seed}")
+    return Path(out, "runs", parametrization, f"{axis}{size}", f"{value}{lr_tag(lr)}", f"seed{seed}")
 
 
 def grid_run_overrides(seed: int, run_dir: Path) -> dict[str, Any]:
@@ -428,7 +431,7 @@ def run_points(
     points: list[Point], *, jobs: int, progress: bool = True, desc: str = "transfer-test"
 ) -> dict[str, float]:
     """Val loss of every point (by run_dir), skipping finished ones; runs the rest on ``jobs`` processes."""
-    from tqdm.auto import tqdm
+    from mupfast.progress import progress_bar
 
     values: dict[str, float] = {}
     todo = []
@@ -440,7 +443,7 @@ def run_points(
             values[pt.run_dir] = done
     # Largest models first, so the last runs to finish are short ones.
     todo.sort(key=lambda pt: -(pt.cfg.model.hidden_size**2 * pt.cfg.model.num_layers))
-    bar = tqdm(total=len(points), initial=len(values), desc=desc, unit="run", disable=not progress)
+    bar = progress_bar(len(points), initial=len(values), desc=desc, unit="run", disable=not progress)
     try:
         if jobs <= 1:
             for pt in todo:

@@ -173,10 +173,10 @@ class _Lines:
     def __init__(self, study, spec: SweepSpec, worker: Worker):
         self.bar, self.n = None, spec.n_trials
         if spec.progress:
-            from tqdm import tqdm
+            from mupfast.progress import progress_bar
 
             done = min(_finished(study_counts(study)), self.n)
-            self.bar = tqdm(total=self.n, initial=done, desc=f"sweep {spec.study_name}", unit="trial")
+            self.bar = progress_bar(self.n, initial=done, desc=f"sweep {spec.study_name}", unit="trial")
             worker.on_progress = self.bar.set_postfix_str
 
     def say(self, text: str) -> None:

@@ -1,7 +1,7 @@
 """``mupfast transfer --pbt STUDY --target CONFIG``: a target config that replays a PBT lineage.
 
 The best member's lineage (:func:`~mupfast.tuning.pbt.report.lineage`) gives the target its first
-lr (carried as a sweep's lr is, :func:`~mupfast.tuning.transfer.values.transferred_values`), a
+lr (carried as a sweep's lr is, :func:`~mupfast.tuning.transfer.values.transfer_to`), a
 ``schedule.piecewise`` of its lr per generation relative to the first, from the same fraction of
 training, and the final values of the other explored hyperparameters (forward multipliers are not
 replayed as schedules); the written config says so in its header. docs/pbt.md has the details.
@@ -21,16 +21,23 @@ from mupfast.errors import ConfigError
 
 
 def pbt_target_config(
-    store, target: str | Path, out: str | Path | None = None, overrides: list[str] | None = None
+    store,
+    target: str | Path,
+    out: str | Path | None = None,
+    overrides: list[str] | None = None,
+    fits: tuple[str | None, str | None] = (None, None),
 ) -> tuple[Path, Any, dict[str, Any], dict[str, Any]]:
-    """Write the target config; return (path, config, the transferred values, the lineage)."""
+    """Write the target config; return (path, config, the transferred values, the lineage).
+
+    ``fits``: a horizon-test and a batch-test result whose exponents the AdamW rule uses."""
     from mupfast.tuning.pbt.report import lineage
+    from mupfast.tuning.transfer.fits import exponents_from
     from mupfast.tuning.transfer.values import (
         NOT_TRANSFERRED,
-        hyperp_lines,
         short_value,
-        transferred_values,
+        transfer_to,
         wrap_items,
+        write_values,
     )
 
     row = store.study_row()
@@ -52,15 +59,11 @@ def pbt_target_config(
     target_raw = read_raw_config(target, list(overrides or []), what="--target: config file")
     target_cfg = config_from_dict(target_raw)
     validate(target_cfg)
-    values = transferred_values(proxy, params, target_cfg)
-    hyperp = values.pop("hyperp", None)
+    exponents, used = exponents_from(*fits, proxy)
+    t = transfer_to(proxy, params, target_cfg, exponents=exponents)
+    values, rule = t.values, [*used, *t.lines()]
     values["schedule.piecewise"] = [[float(f), float(m)] for f, m in lin.get("piecewise", [])]
-    raw = copy.deepcopy(target_raw)
-    for key, value in values.items():
-        section, name = key.split(".")
-        if value is None and getattr(getattr(target_cfg, section), name) is None:
-            continue
-        raw.setdefault(section, {})[name] = value
+    raw = write_values(copy.deepcopy(target_raw), values, target_cfg)
     raw.setdefault("train", {})["run_dir"] = f"{target_cfg.train.run_dir.rstrip('/')}-pbt-{store.study}"
     cfg = config_from_dict(raw)
     validate(cfg)
@@ -86,7 +89,7 @@ def pbt_target_config(
     header += [
         "# Transferred:",
         *wrap_items([f"{k}={short_value(v)}" for k, v in values.items() if k != "schedule.piecewise"]),
-        *(["# " + line for line in hyperp_lines(hyperp)] if hyperp else []),
+        *("# " + line for line in rule),
         f"# Kept from the target: {NOT_TRANSFERRED}.",
     ]
     path.write_text("\n".join(header) + "\n" + yaml.safe_dump(raw, sort_keys=False))
@@ -100,7 +103,8 @@ def run_pbt_transfer(args, target: str) -> int:
     from mupfast.tuning.pbt.store import PbtStore
 
     store = PbtStore(args.storage or default_pbt_storage(args.pbt), args.pbt, must_exist=True)
-    path, cfg, values, lin = pbt_target_config(store, target, args.out, args.overrides)
+    fits = (args.horizon_fit, args.batch_fit)
+    path, cfg, values, lin = pbt_target_config(store, target, args.out, args.overrides, fits)
     pieces = (
         "  ".join(f"{f:.3g}:×{m:.3g}" for f, m in values["schedule.piecewise"]) or "none (lr not explored)"
     )

@@ -4,7 +4,7 @@
 target config per selected trial (the top K stable trials by val loss, as ``mupfast sweep
 --report`` ranks them), each with a header saying what it carries, and prints the target's μP rules
 table; ``--pbt STUDY`` replays a PBT lineage instead (:mod:`~mupfast.tuning.transfer.lineage`). What is
-carried and how is decided in one place, :func:`~mupfast.tuning.transfer.values.transferred_values`;
+carried and how is decided in one place, :func:`~mupfast.tuning.transfer.values.transfer_to`;
 docs/mutransfer.md says what and why (the Cerebras guide's table of what is μTransferable, and
 HyperP's rule, under which the target is rebased on the proxy).
 """
@@ -32,12 +32,13 @@ from mupfast.tuning.sweep.report import (
     space_names,
     thresholds_from,
 )
+from mupfast.tuning.transfer.fits import exponents_from
 from mupfast.tuning.transfer.values import (
     NOT_TRANSFERRED,
-    hyperp_lines,
     short_value,
-    transferred_values,
+    transfer_to,
     wrap_items,
+    write_values,
 )
 
 
@@ -47,7 +48,7 @@ class Transferred:
     trial: TrialRow
     config: Config
     values: dict[str, Any]
-    hyperp: dict[str, Any] | None = None  # hyperp: proxy η, target η and the rule's factors
+    rule: list[str]  # how the lr got to the target's batch and horizon (HyperP's rule, or AdamW's)
 
 
 def write_target_configs(
@@ -60,10 +61,13 @@ def write_target_configs(
     th: Thresholds | None = None,
     proxy_world_size: int = 1,
     target_world_size: int = 1,
+    horizon_fit: str | None = None,
+    batch_fit: str | None = None,
 ) -> list[Transferred]:
     """Write one target config per selected trial under ``out``; return what was written.
 
-    The world sizes matter under hyperp only (its B counts every rank's tokens).
+    The world sizes give B, every rank's tokens per step; ``horizon_fit`` / ``batch_fit`` are
+    horizon-test / batch-test result files whose fitted α / β the AdamW parametrizations' rule uses.
     """
     if top_k <= 0:
         raise ConfigError(f"--top-k: must be positive (got {top_k})")
@@ -71,6 +75,7 @@ def write_target_configs(
     if not proxy_raw:
         raise ConfigError(f"--study {study.study_name}: no proxy config stored (not a mupfast sweep?)")
     proxy = config_from_dict(proxy_raw)
+    exponents, used = exponents_from(horizon_fit, batch_fit, proxy)
     target_raw = read_raw_config(target, list(overrides or []), what="--target: config file")
     target_cfg = config_from_dict(target_raw)
     validate(target_cfg)
@@ -86,20 +91,16 @@ def write_target_configs(
     base_run_dir = target_cfg.train.run_dir.rstrip("/")
     written = []
     for i, row in enumerate(top, 1):
-        values = transferred_values(
+        t = transfer_to(
             proxy,
             row.params,
             target_cfg,
             proxy_world_size=proxy_world_size,
             target_world_size=target_world_size,
+            exponents=exponents,
         )
-        hyperp = values.pop("hyperp", None)
-        raw = copy.deepcopy(target_raw)
-        for key, value in values.items():
-            section, field = key.split(".")
-            if value is None and getattr(getattr(target_cfg, section), field) is None:
-                continue  # both at the default: nothing to write
-            raw.setdefault(section, {})[field] = value
+        values, rule = t.values, [*used, *t.lines()]
+        raw = write_values(copy.deepcopy(target_raw), values, target_cfg)
         raw.setdefault("train", {})["run_dir"] = f"{base_run_dir}-trial{row.number:04d}"
         cfg = config_from_dict(raw)
         validate(cfg)
@@ -110,11 +111,11 @@ def write_target_configs(
             f" → target d={cfg.model.hidden_size} d_ff={cfg.model.filter_size}).",
             "# Transferred:",
             *wrap_items([f"{k}={short_value(v)}" for k, v in values.items()]),
-            *(["# " + line for line in hyperp_lines(hyperp)] if hyperp else []),
+            *("# " + line for line in rule),
             f"# Kept from the target: {NOT_TRANSFERRED}.",
         ]
         path.write_text("\n".join(header) + "\n" + yaml.safe_dump(raw, sort_keys=False))
-        written.append(Transferred(path, row, cfg, values, hyperp))
+        written.append(Transferred(path, row, cfg, values, rule))
     return written
 
 
@@ -136,8 +137,8 @@ def summary(study, written: list[Transferred]) -> str:
             + f"  {w.path}"
         )
     best = written[0].config
-    if written[0].hyperp:
-        lines += ["", *hyperp_lines(written[0].hyperp)]
+    if written[0].rule:
+        lines += ["", *written[0].rule]
     lines += [
         "",
         f"target rules table ({written[0].path.name}):",
@@ -171,10 +172,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="replay a PBT study's best lineage instead (lr schedule; --storage: its database)",
     )
     parser.add_argument(
-        "--proxy-world-size", default="1", help="hyperp: ranks of each proxy trial (default %(default)s)"
+        "--proxy-world-size",
+        default="1",
+        help="ranks of each proxy trial: B counts theirs (default %(default)s)",
     )
     parser.add_argument(
-        "--target-world-size", default="1", help="hyperp: ranks the target trains on (default %(default)s)"
+        "--target-world-size",
+        default="1",
+        help="ranks the target trains on, for the printed lr (default %(default)s)",
+    )
+    parser.add_argument(
+        "--horizon-fit",
+        metavar="RESULT.json",
+        help="a `horizon-test` result: its fitted α carries the lr to T",
+    )
+    parser.add_argument(
+        "--batch-fit", metavar="RESULT.json", help="a `batch-test` result: its fitted β carries the lr to B"
     )
 
 
@@ -205,6 +218,8 @@ def run(args: argparse.Namespace) -> int:
         th=thresholds_from(args),
         proxy_world_size=parse_positive_int(args.proxy_world_size, "--proxy-world-size"),
         target_world_size=parse_positive_int(args.target_world_size, "--target-world-size"),
+        horizon_fit=args.horizon_fit,
+        batch_fit=args.batch_fit,
     )
     print(summary(study, written))
     return 0

@@ -1,12 +1,13 @@
 """What μTransfer carries from a proxy to a target config, and the values it gives them.
 
-:func:`transferred_values` is the one place that decides it (``mupfast transfer``, ``transfer --pbt``
+:func:`transfer_to` is the one place that decides it (``mupfast transfer``, ``transfer --pbt``
 and ``transfer-compare`` all use it); docs/mutransfer.md says what is carried and why.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from mupfast.config import Config, with_overrides
@@ -61,18 +62,78 @@ def hyperp_rebase(
     return {"values": values, "proxy": p, "target": t, "factors": factors}
 
 
-def transferred_values(
+def adamw_rebase(
+    proxy: Config,
+    target: Config,
+    *,
+    proxy_world_size: int = 1,
+    target_world_size: int = 1,
+    exponents: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """The AdamW rule across batch and horizon from a (trial-valued) proxy to a target.
+
+    The target gets the lr the proxy trained with as optim.lr, the proxy's tokens per step and
+    training tokens as optim.base_batch_tokens / base_tokens, and the exponents (``exponents``
+    ``{"batch": β, "horizon": α}`` from fits, else the target config's own); its optim.weight_decay,
+    its own, is then read as tuned at the proxy's scale. Returns ``values``, ``proxy`` and ``target``
+    (:func:`~mupfast.parametrization.adamw_transfer` of each run, the target's after rebasing).
+    """
+    from mupfast.parametrization import adamw_transfer
+
+    p = adamw_transfer(proxy, proxy_world_size)
+    exponents = exponents or {}
+    values = {
+        "optim.lr": p["lr"],
+        "optim.base_batch_tokens": int(p["batch_tokens"]),
+        "optim.base_tokens": float(p["tokens"]),
+        "optim.batch_lr_exponent": float(exponents.get("batch", target.optim.batch_lr_exponent)),
+        "optim.horizon_lr_exponent": float(exponents.get("horizon", target.optim.horizon_lr_exponent)),
+    }
+    t = adamw_transfer(with_overrides(target, values, check=False), target_world_size)
+    return {"values": values, "proxy": p, "target": t}
+
+
+@dataclass
+class Transfer:
+    """What a target gets from a proxy: ``values`` (dotted config key → value) and the report of the
+    rule that carried the lr to the target's batch and horizon (``kind``: hyperp or adamw; ``rule``:
+    :func:`hyperp_rebase`'s or :func:`adamw_rebase`'s report)."""
+
+    values: dict[str, Any]
+    kind: str
+    rule: dict[str, Any]
+
+    def lines(self) -> list[str]:
+        """The rule in a few lines: the proxy's lr and scale, the factors, the target's lr."""
+        from mupfast.explain import adamw_rule_lines
+
+        if self.kind == "hyperp":
+            return hyperp_lines(self.rule)
+        p = self.rule["proxy"]
+        return [
+            f"proxy: lr {p['lr']:.6g}, B={p['batch_tokens']:g} tokens/step at world size {p['world_size']},"
+            f" T={p['tokens']:g} tokens ({p['steps']} steps); at the target:",
+            *("  " + line for line in adamw_rule_lines(self.rule["target"])),
+        ]
+
+
+def transferred_values(proxy: Config, params: dict[str, float], target: Config, **kwargs) -> dict[str, Any]:
+    """Dotted key → value for the target (:func:`transfer_to`'s values)."""
+    return transfer_to(proxy, params, target, **kwargs).values
+
+
+def transfer_to(
     proxy: Config,
     params: dict[str, float],
     target: Config,
     *,
     proxy_world_size: int = 1,
     target_world_size: int = 1,
-) -> dict[str, Any]:
-    """Dotted key → value for the target: the trial's values, the proxy's base dims and settings.
-
-    Under hyperp also ``"hyperp"`` → :func:`hyperp_rebase`'s report (not a config key).
-    """
+    exponents: dict[str, float] | None = None,
+) -> Transfer:
+    """The target's values: the trial's values, the proxy's base dims and settings, and the lr (with
+    its rule) carried to the target's batch and horizon (``exponents``: fitted β and α,
+    {"batch": …, "horizon": …}, for the AdamW rule)."""
     pm, tm = proxy.model, target.model
     if (pm.parametrization == "hyperp") != (tm.parametrization == "hyperp"):
         raise ConfigError(
@@ -109,10 +170,28 @@ def transferred_values(
             target_world_size=target_world_size,
         )
         values.update(rebase["values"])
-        values["hyperp"] = rebase
-        return values
+        return Transfer(values, "hyperp", rebase)
     values.update(tuned)
-    return values
+    rule = adamw_rebase(
+        with_overrides(proxy, tuned, check=False),
+        target,
+        proxy_world_size=proxy_world_size,
+        target_world_size=target_world_size,
+        exponents=exponents,
+    )
+    values.update(rule["values"])
+    return Transfer(values, "adamw", rule)
+
+
+def write_values(raw: dict[str, Any], values: dict[str, Any], target: Config) -> dict[str, Any]:
+    """``raw`` (the target's YAML mapping) with the transferred dotted keys set; a key left at None
+    where the target has None too is not written."""
+    for key, value in values.items():
+        section, name = key.split(".")
+        if value is None and getattr(getattr(target, section), name) is None:
+            continue  # both at the default: nothing to write
+        raw.setdefault(section, {})[name] = value
+    return raw
 
 
 def hyperp_lines(h: dict[str, Any]) -> list[str]:

@@ -74,7 +74,6 @@ def transferred_points(spec: CompareSpec, chosen: list) -> list[tuple[str, Any, 
     out = []
     for i, row in enumerate(chosen, 1):
         values = transferred_values(spec.proxy, row.params, spec.target)
-        values.pop("hyperp", None)
         cfg = with_overrides(spec.target, values)
         key = f"top{i}-trial{row.number:04d}"
         out.append(
