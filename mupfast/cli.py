@@ -26,7 +26,7 @@ VERBS: dict[str, tuple[str, str]] = {
         "print the parametrization table: init, lr and wd multipliers, forward multipliers",
     ),
     "prepare-data": (
-        "mupfast.data.prepare_data",
+        "mupfast.data.prepare",
         "tokenize the corpus into token shards (cached; training does this itself)",
     ),
     "coord-check": (

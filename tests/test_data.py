@@ -254,7 +254,7 @@ def test_losing_an_install_race_keeps_the_winners_valid_directory(corpus_dir, tm
     cfg = data_cfg(corpus_dir, tmp_path / "d")
     winner = prepare_data(cfg, progress=False)
     good = tree_bytes(winner.dir)
-    import mupfast.data.prepare_data as data_mod
+    import mupfast.data.prepare as data_mod
 
     calls = []
     real = data_mod.find_prepared

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-import mupfast.data.prepare_data as prepare_module
+import mupfast.data.prepare as prepare_module
 from mupfast.config import DataConfig
 from mupfast.data import BPETokenizer, TokenShard, prepare_data
 from mupfast.data.shards import HEADER_BYTES, MAGIC

@@ -2,7 +2,7 @@
 
 * :mod:`~mupfast.data.corpus` reads documents: text files, JSON Lines (also .gz/.zst) and Parquet.
 * :mod:`~mupfast.data.tokenizer`: byte-level, a BPE trained locally, or an existing HF tokenizer.json.
-* :mod:`~mupfast.data.prepare_data` (the ``prepare-data`` verb) tokenizes a corpus in parallel into
+* :mod:`~mupfast.data.prepare` (the ``prepare-data`` verb) tokenizes a corpus in parallel into
   shards in a directory named by a hash of everything that determines them (a second call finds
   them and does no work), through :mod:`~mupfast.data.units` (independent pieces of work, resumable)
   and :mod:`~mupfast.data.assemble` (the shards and their index).
@@ -14,7 +14,7 @@ Every data problem is a :class:`~mupfast.errors.DataError` with a one-line messa
 """
 
 from mupfast.data.corpus import corpus_files, read_documents
-from mupfast.data.prepare_data import prepare_data, prepare_sources
+from mupfast.data.prepare import prepare_data, prepare_sources
 from mupfast.data.prepared import PreparedData, load_prepared
 from mupfast.data.sampler import BatchSampler, ShardSet
 from mupfast.data.shards import HEADER_BYTES, TokenShard, write_shard

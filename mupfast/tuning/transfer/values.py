@@ -160,27 +160,18 @@ def transfer_to(
     for k in SCHEDULE_STEP_KEYS:
         values[f"schedule.{k}"] = round(getattr(proxy.schedule, k) * ratio)
     tuned = {space_key(name, proxy): float(value) for name, value in params.items()}
-    if pm.parametrization == "hyperp":
+    hyperp = pm.parametrization == "hyperp"
+    if hyperp:
         values.update({f"optim.{k}": getattr(proxy.optim, k) for k in HYPERP_OPTIM_KEYS})
-        values.update(tuned)
-        rebase = hyperp_rebase(
-            with_overrides(proxy, tuned, check=False),
-            target,
-            proxy_world_size=proxy_world_size,
-            target_world_size=target_world_size,
-        )
-        values.update(rebase["values"])
-        return Transfer(values, "hyperp", rebase)
     values.update(tuned)
-    rule = adamw_rebase(
-        with_overrides(proxy, tuned, check=False),
-        target,
-        proxy_world_size=proxy_world_size,
-        target_world_size=target_world_size,
-        exponents=exponents,
-    )
+    tuned_proxy = with_overrides(proxy, tuned, check=False)
+    sizes = {"proxy_world_size": proxy_world_size, "target_world_size": target_world_size}
+    if hyperp:
+        rule = hyperp_rebase(tuned_proxy, target, **sizes)
+    else:
+        rule = adamw_rebase(tuned_proxy, target, **sizes, exponents=exponents)
     values.update(rule["values"])
-    return Transfer(values, "adamw", rule)
+    return Transfer(values, "hyperp" if hyperp else "adamw", rule)
 
 
 def write_values(raw: dict[str, Any], values: dict[str, Any], target: Config) -> dict[str, Any]:
