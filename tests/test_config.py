@@ -333,6 +333,11 @@ RULES = [
         r"^model\.mup_base_filter_size: must be set with model\.mup_base_hidden_size .*e\.g\. 256 ",
     ),
     row(
+        "model.mup_base_hidden_size-missing",
+        ["model.hidden_size=256", "model.filter_size=1024", "model.mup_base_filter_size=256"],
+        r"^model\.mup_base_hidden_size: must be set with model\.mup_base_filter_size ",
+    ),
+    row(
         "model.mup_base_num_kv_heads-missing",
         [
             "model.hidden_size=256",

@@ -165,7 +165,15 @@ def _check_mup_bases(m) -> None:
     """The proxy dimensions μP cannot guess: its MLP width once its width is given, and its kv heads
     when the model uses grouped-query attention at another width (fixed or growing kv heads need
     different rules for k and v)."""
-    if m.parametrization not in ("mup", "completep") or m.mup_base_hidden_size is None:
+    if m.parametrization not in ("mup", "completep"):
+        return
+    if m.mup_base_hidden_size is None and m.mup_base_filter_size is not None:
+        # Cerebras raises here too: m would silently be 1 while m_f is not.
+        raise ConfigError(
+            "model.mup_base_hidden_size: must be set with model.mup_base_filter_size (the proxy's "
+            "hidden_size); without it every hidden matrix keeps m = 1 while the FFN output scales with m_f"
+        )
+    if m.mup_base_hidden_size is None:
         return
     if m.mup_base_filter_size is None:
         raise ConfigError(
