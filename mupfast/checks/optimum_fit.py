@@ -157,7 +157,7 @@ def exponent_fit(fit: dict[str, Any], *, sign: float, reference: float, name: st
     )
     d = fit["drift"]
     d["after_reference_rule"] = d["octaves"] - sign * reference * d["axis_octaves"]
-    d["after_fitted_rule"] = d["octaves"] - exponent * d["axis_octaves"]
+    d["after_fitted_rule"] = d["octaves"] - sign * exponent * d["axis_octaves"]
     sigma = fit["sigma"]
     return {
         **fit,
