@@ -289,3 +289,25 @@ def test_batch_test_and_a_weight_decay_horizon_test_run_end_to_end(tmp_path, cap
     assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["weight_decay"] == 4.0
     with pytest.raises(ConfigError, match="an lr grid"):
         read_exponent_fit(out / "horizon_test.json", "--horizon-fit", load_config(path))
+
+
+def test_the_end_to_end_experiments_target_points_are_the_rule_the_copy_and_a_grid_around_the_rule(tmp_path):
+    """experiments/batch_horizon_transfer.py: what each target run trains with (no training here)."""
+    from experiments.batch_horizon_transfer import GRID_OCTAVES, TARGET_OVERRIDES, target_points
+
+    url, _ = make_study(tmp_path)  # proxy: 100 steps × 16 sequences, best trial lr 2e-2
+    assert transfer(url, tmp_path / "out", *TARGET_OVERRIDES) == 0
+    (path,) = (tmp_path / "out").glob("*.yaml")
+    points = target_points(tmp_path / "runs", {"rule": path}, seeds=2)
+    rule = load_config(path)
+    eta, lam = base_lr(rule), base_weight_decay(rule)
+    assert eta == pytest.approx(2e-2 * 2**0.5 * 16**-0.32)  # B × 2, T × 16 (800 steps × 32 against 100 × 16)
+    assert set(points) == {"rule", "copy", *(f"grid{k:+g}" for k in GRID_OCTAVES)}
+    assert all(len(pts) == 2 and pts[0].run_dir != pts[1].run_dir for pts in points.values())
+    copy = points["copy"][0].cfg
+    assert (base_lr(copy), base_weight_decay(copy)) == (2e-2, 0.1)  # the proxy's lr, the wd as written
+    for k in GRID_OCTAVES:
+        g = points[f"grid{k:+g}"][0].cfg
+        assert base_lr(g) == pytest.approx(eta * 2**k, rel=1e-12) and base_weight_decay(g) == pytest.approx(
+            lam
+        )
