@@ -46,7 +46,7 @@ TARGET_OVERRIDES = [
     "optim.weight_decay=0.1",
 ]
 SPACE = {"lr": {"low": 2**-9, "high": 2**-3, "log": True}}
-GRID_OCTAVES = (-1.5, -1.0, -0.5, 0.5, 1.0, 1.5)  # around the transferred lr (0: the config itself)
+GRID_OCTAVES = (-1.5, -1.0, -0.5, 0.5, 1.0, 1.5, 2.0, 2.5)  # around the transferred lr (0: the config itself)
 
 
 def run_sweep(runs: Path, trials: int) -> str:

@@ -60,7 +60,7 @@ def adamw_rule_lines(h: dict) -> list[str]:
         f"lr η = lr·(B/B0)^β·(T/T0)^-α = {h['lr']:.6g}   (lr={h['base_lr']:g} tuned at B0={h['base_batch_tokens']:g}"
         f" tokens/step over T0={h['base_tokens']:g} tokens; B={h['batch_tokens']:g} at world size"
         f" {h['world_size']}, T={h['tokens']:g}: (B/B0)^{h['batch_exponent']:g} = {f['batch']:.4g},"
-        f" (T/T0)^-{h['horizon_exponent']:g} = {f['tokens']:.4g})",
+        f" (T/T0)^{-h['horizon_exponent']:g} = {f['tokens']:.4g})",
         f"weight decay λ = wd·(lr/η)·(S0/S) = {h['weight_decay']:.6g}   (wd={h['base_weight_decay']:g},"
         f" S0={h['base_steps']:g} steps, S={h['steps']} steps: × {f['weight_decay']:.4g}; AdamW's decay"
         " timescale 1/(η·λ) the same fraction of the run)",
