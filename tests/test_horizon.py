@@ -75,7 +75,10 @@ def test_fit_recovers_a_known_exponent_within_its_uncertainty_and_rejects_a_wron
     assert len(fit["optima"]) == 4 and all(o["sigma_log2"] >= 0.05 for o in fit["optima"])
     d = fit["drift"]  # η* falls 0.45 octave per octave of T: 1.35 over the 3 octaves; the rules' residuals
     assert abs(d["octaves"] + 0.45 * 3) < 3 * d["sigma"] + 0.1
-    assert abs(d["after_fitted_rule"]) < 0.2 and abs(d["after_reference_rule"] - (d["octaves"] + 0.32 * 3)) < 1e-12
+    assert (
+        abs(d["after_fitted_rule"]) < 0.2
+        and abs(d["after_reference_rule"] - (d["octaves"] + 0.32 * 3)) < 1e-12
+    )
 
 
 def test_the_reported_uncertainty_covers_the_true_exponent_about_as_often_as_it_should():
