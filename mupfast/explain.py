@@ -108,7 +108,8 @@ def format_table(cfg: ModelConfig, rules: list[Rule], run: Config | None = None)
     lines = [
         f"parametrization: {cfg.parametrization}   m = {mult.m:g}   m_f = {mult.m_f:g}   m_L = {mult.m_depth:g}"
         + (f"   m_kv = {mult.m_kv:g}" if mult.m_kv != mult.m and cfg.parametrization != "sp" else "")
-        + f"   weight_decay_scaling: {cfg.weight_decay_scaling}",
+        + f"   weight_decay_scaling: {cfg.weight_decay_scaling}"
+        + (f"   normal inits truncated at ±{cfg.init_truncation:g} std" if cfg.init_truncation else ""),
         header,
         "-" * len(header),
     ]

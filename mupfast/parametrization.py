@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
@@ -70,6 +70,9 @@ class Rule:
     forward_mult: float
     optimizer: Literal["adamw", "muon_sphere", "adamw_sphere"] = "adamw"
     """adamw; muon_sphere: hyperp's hidden matrices (MuonH); adamw_sphere: hyperp's readout (AdamH)."""
+    truncation: float = 0.0
+    """A normal init is truncated at ± this many init_std (0: not truncated); init_std is the std
+    parameter of the distribution, as torch's trunc_normal_ takes it."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -176,6 +179,9 @@ def _rule(
     sigma = cfg.init_std
     sigma_emb = cfg.embedding_init_std if cfg.embedding_init_std is not None else sigma
     sigma_out = cfg.output_init_std if cfg.output_init_std is not None else sigma
+    sigma_ffn_in, sigma_o, sigma_ffn_out = (
+        sigma if s is None else s for s in (cfg.ffn_in_init_std, cfg.o_init_std, cfg.ffn_out_init_std)
+    )
     completep = cfg.parametrization == "completep"
     out_factor = 1.0 if completep else 1.0 / math.sqrt(2 * cfg.num_layers)
     depth_lr = mult.m_depth ** (cfg.depth_alpha - 1) if completep and component in BLOCK_COMPONENTS else 1.0
@@ -194,19 +200,21 @@ def _rule(
         # Fixed kv heads: fan-in grows, fan-out does not, so k and v are output-like (Tensor Programs
         # V): init std ∝ 1/fan_in, Adam lr ∝ 1/fan_in as for any matrix.
         return hidden(mult.m, sigma / mult.m)
-    if component in ("q", "k", "v", "ffn_in", "expert_in"):
+    if component in ("q", "k", "v"):
         return hidden(mult.m, sigma / math.sqrt(mult.m))
+    if component in ("ffn_in", "expert_in"):
+        return hidden(mult.m, sigma_ffn_in / math.sqrt(mult.m))
     if component == "o":
-        rule = hidden(mult.m, sigma / math.sqrt(mult.m) * out_factor)
+        rule = hidden(mult.m, sigma_o / math.sqrt(mult.m) * out_factor)
         return Rule(**{**rule.to_dict(), "forward_mult": mult.residual_scale})
     if component == "ffn_out":
-        rule = hidden(mult.m_f, sigma / math.sqrt(mult.m_f) * out_factor)
+        rule = hidden(mult.m_f, sigma_ffn_out / math.sqrt(mult.m_f) * out_factor)
         return Rule(**{**rule.to_dict(), "forward_mult": mult.residual_scale})
     if component == "expert_out":  # width multiplier from the expert's own fan-in (module docstring)
         m_e = (
             1.0 if cfg.parametrization == "sp" else shape[-1] / (cfg.mup_base_filter_size or cfg.filter_size)
         )
-        rule = hidden(m_e, sigma / math.sqrt(m_e) * out_factor)
+        rule = hidden(m_e, sigma_ffn_out / math.sqrt(m_e) * out_factor)
         return Rule(**{**rule.to_dict(), "forward_mult": mult.residual_scale})
     if component == "router":  # output-like: constant init, lr × 1, logits × 1/m (module docstring)
         wd = 1.0 if wd_scaling is None else wd_scaling
@@ -276,7 +284,10 @@ def rules_for(model: nn.Module, cfg: ModelConfig, *, own_rules: bool = True) -> 
         match, comp = hits[0]
         layer = int(match.group(1)) if name.startswith("blocks.") else None
         shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the real shape in ds_shape
-        rules.append(_rule(cfg, mult, name, shape, comp, layer))
+        rule = _rule(cfg, mult, name, shape, comp, layer)
+        if rule.init == "normal" and cfg.init_truncation:
+            rule = replace(rule, truncation=cfg.init_truncation)
+        rules.append(rule)
     if own_rules:
         for path, module in own.items():
             rules += _stated_rules(path, module, cfg)
@@ -293,6 +304,9 @@ def init_parameters(model: nn.Module, rules: list[Rule], generator: torch.Genera
             p.fill_(1.0)
         elif r.init == "zeros" or r.init_std == 0:
             p.zero_()
+        elif r.truncation:
+            bound = r.truncation * r.init_std
+            nn.init.trunc_normal_(p, 0.0, r.init_std, -bound, bound, generator=generator)
         else:
             p.normal_(0.0, r.init_std, generator=generator)
 

@@ -47,12 +47,12 @@ RULES = [
     row(
         "model.mup_base_hidden_size-zero",
         ["model.mup_base_hidden_size=0"],
-        positive("model.mup_base_hidden_size", "0"),
+        positive("model.mup_base_hidden_size", "0.0"),
     ),
     row(
         "model.mup_base_filter_size-negative",
         ["model.mup_base_filter_size=-1"],
-        positive("model.mup_base_filter_size", "-1"),
+        positive("model.mup_base_filter_size", "-1.0"),
     ),
     row(
         "model.mup_base_num_layers-zero",
@@ -60,6 +60,17 @@ RULES = [
         positive("model.mup_base_num_layers", "0"),
     ),
     row("model.init_std-zero", ["model.init_std=0"], positive("model.init_std", "0.0")),
+    row("model.o_init_std-zero", ["model.o_init_std=0"], positive("model.o_init_std", "0.0")),
+    row(
+        "model.ffn_out_init_std-negative",
+        ["model.ffn_out_init_std=-1"],
+        positive("model.ffn_out_init_std", "-1.0"),
+    ),
+    row(
+        "model.init_truncation-negative",
+        ["model.init_truncation=-2"],
+        exact("model.init_truncation: must be 0 (no truncation) or positive (got -2.0)"),
+    ),
     row("model.norm_eps-negative", ["model.norm_eps=-1"], positive("model.norm_eps", "-1.0")),
     row(
         "model.attention_logits_alpha-zero",

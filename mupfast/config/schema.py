@@ -55,9 +55,10 @@ class ModelConfig:
     """sp: standard (no width scaling); mup: μP; completep: μP plus depth transfer (CompleteP);
     hyperp: hidden matrices trained by Muon on their init Frobenius sphere, one lr from the
     HyperP transfer rule (optim.hyperp_*)."""
-    mup_base_hidden_size: int | None = None
-    """Proxy width the μP multipliers are relative to (m = hidden_size / this). None: hidden_size."""
-    mup_base_filter_size: int | None = None
+    mup_base_hidden_size: float | None = None
+    """Proxy width the μP multipliers are relative to (m = hidden_size / this). None: hidden_size.
+    A real number is allowed: the rules only divide by it (BTLM's proxy filter size is 682.6)."""
+    mup_base_filter_size: float | None = None
     """Proxy MLP width (m_f = filter_size / this). None: filter_size; required with mup_base_hidden_size."""
     mup_base_num_kv_heads: int | None = None
     """Proxy key/value heads (same head dim). Equal to num_kv_heads when the kv heads stay fixed as the
@@ -77,6 +78,17 @@ class ModelConfig:
     """σ_emb: init std of the token (and position) embedding; None means init_std."""
     output_init_std: float | None = None
     """σ_out: init std of an untied readout; None means init_std."""
+    ffn_in_init_std: float | None = None
+    """σ of ffn_in (before its width scaling, as init_std); None means init_std (Cerebras: ffn_initializer)."""
+    o_init_std: float | None = None
+    """σ of the attention output o (before its width and 1/√(2L) scaling); None means init_std
+    (Cerebras: output_layer_initializer)."""
+    ffn_out_init_std: float | None = None
+    """σ of ffn_out (before its width and 1/√(2L) scaling); None means init_std
+    (Cerebras: ffn_output_layer_initializer)."""
+    init_truncation: float = 0.0
+    """Normal inits are truncated at ± this many of their stds (resampled, as torch's trunc_normal_);
+    0: plain normals. Model Zoo truncates at ±2 std, which leaves a real std of 0.88 × the std."""
     readout_zero_init: bool = False
     """Initialise an untied readout to zero (μP option; removes the logit noise at step 0)."""
     embeddings_scale: float = 1.0
@@ -201,6 +213,9 @@ class ScheduleConfig:
     """Shape of the schedule."""
     warmup_steps: int = 0
     """Linear warmup from 0 over this many steps."""
+    warmup_from_zero: bool = False
+    """Warmup step t (from 0) trains at peak·t/W, the first at lr 0 (torch's LinearLR, Cerebras Model
+    Zoo); false: peak·(t+1)/(W+1) (nanoGPT)."""
     min_lr_ratio: float = 0.1
     """Floor of the decay, as a fraction of the peak."""
     decay_fraction: float = 0.2

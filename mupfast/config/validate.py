@@ -95,6 +95,18 @@ def _check_model(cfg: Config) -> None:
     _check_mup_bases(m)
     _require_positive(
         [
+            ("model.ffn_in_init_std", m.ffn_in_init_std),
+            ("model.o_init_std", m.o_init_std),
+            ("model.ffn_out_init_std", m.ffn_out_init_std),
+        ],
+        optional=True,
+    )
+    if not m.init_truncation >= 0:
+        raise ConfigError(
+            f"model.init_truncation: must be 0 (no truncation) or positive (got {m.init_truncation})"
+        )
+    _require_positive(
+        [
             ("model.init_std", m.init_std),
             ("model.norm_eps", m.norm_eps),
             ("model.attention_logits_alpha", m.attention_logits_alpha),
@@ -178,7 +190,7 @@ def _check_mup_bases(m) -> None:
     if m.mup_base_filter_size is None:
         raise ConfigError(
             "model.mup_base_filter_size: must be set with model.mup_base_hidden_size (the proxy's "
-            f"filter_size, e.g. {m.mup_base_hidden_size * m.filter_size // m.hidden_size} if it keeps "
+            f"filter_size, e.g. {m.mup_base_hidden_size * m.filter_size / m.hidden_size:g} if it keeps "
             "this model's filter/hidden ratio); without it the FFN output keeps SP's init and lr as "
             "filter_size grows"
         )

@@ -4,7 +4,7 @@ Schedules multiply, never overwrite: group ``g`` uses ``lr · schedule(t) · lr_
 so the μP ratios between groups survive every schedule, resume and DeepSpeed reload. Kinds: constant,
 cosine, WSD (warmup-stable-decay), cyclic cosine and cyclic WSD, each times an optional piecewise
 multiplier (a PBT schedule, replayed). ``t`` is the 0-based optimizer step; warmup follows nanoGPT
-(``peak · (t+1)/(W+1)``), decays reach their floor at ``t = total_steps``, and a WSD run resumed in
+(``peak · (t+1)/(W+1)``) or, with ``warmup_from_zero``, torch's LinearLR (``peak · t/W``); decays reach their floor at ``t = total_steps``, and a WSD run resumed in
 its stable phase with a larger ``total_steps`` simply trains longer. docs/mup.md ("Schedules, exactly")
 gives every convention.
 
@@ -31,14 +31,16 @@ DECAY_SHAPES = ("linear", "cosine", "sqrt")
 # Building blocks (no validation; the public functions below check their arguments)
 
 
-def _warmup(t: int, warmup_steps: int, peak: float) -> float:
-    return peak * (t + 1) / (warmup_steps + 1)
+def _warmup(t: int, warmup_steps: int, peak: float, from_zero: bool = False) -> float:
+    return peak * t / warmup_steps if from_zero else peak * (t + 1) / (warmup_steps + 1)
 
 
-def _cosine_cycle(tau: int, n: int, warmup_steps: int, peak: float, floor: float) -> float:
+def _cosine_cycle(
+    tau: int, n: int, warmup_steps: int, peak: float, floor: float, from_zero: bool = False
+) -> float:
     """One warmup + cosine cycle of n steps at local step tau ∈ [0, n]."""
     if tau < warmup_steps:
-        return _warmup(tau, warmup_steps, peak)
+        return _warmup(tau, warmup_steps, peak, from_zero)
     p = (tau - warmup_steps) / (n - warmup_steps)
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
 
@@ -49,11 +51,18 @@ def decay_steps(n: int, decay_fraction: float) -> int:
 
 
 def _wsd_cycle(
-    tau: int, n: int, warmup_steps: int, decay_fraction: float, shape: str, peak: float, floor: float
+    tau: int,
+    n: int,
+    warmup_steps: int,
+    decay_fraction: float,
+    shape: str,
+    peak: float,
+    floor: float,
+    from_zero: bool = False,
 ) -> float:
     """One warmup + stable + decay cycle of n steps at local step tau ∈ [0, n]."""
     if tau < warmup_steps:
-        return _warmup(tau, warmup_steps, peak)
+        return _warmup(tau, warmup_steps, peak, from_zero)
     d = decay_steps(n, decay_fraction)
     start = n - d
     if tau <= start:
@@ -122,19 +131,26 @@ def _check_cycle_steps(kind: str, cycle_steps: int, peak_decay: float) -> None:
 # Public pure functions
 
 
-def constant(t: int, *, total_steps: int, warmup_steps: int = 0) -> float:
+def constant(t: int, *, total_steps: int, warmup_steps: int = 0, warmup_from_zero: bool = False) -> float:
     """Linear warmup to 1 (reached at t = warmup_steps), then 1."""
     _check(t, total_steps, warmup_steps)
     _check_cycle("constant", total_steps, warmup_steps, "total_steps")
     t = min(t, total_steps)
-    return _warmup(t, warmup_steps, 1.0) if t < warmup_steps else 1.0
+    return _warmup(t, warmup_steps, 1.0, warmup_from_zero) if t < warmup_steps else 1.0
 
 
-def warmup_cosine(t: int, *, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.1) -> float:
+def warmup_cosine(
+    t: int,
+    *,
+    total_steps: int,
+    warmup_steps: int = 0,
+    min_lr_ratio: float = 0.1,
+    warmup_from_zero: bool = False,
+) -> float:
     """Linear warmup to 1 at t = warmup_steps, then cosine down to min_lr_ratio at t = total_steps."""
     _check(t, total_steps, warmup_steps, min_lr_ratio)
     _check_cycle("cosine", total_steps, warmup_steps, "total_steps")
-    return _cosine_cycle(min(t, total_steps), total_steps, warmup_steps, 1.0, min_lr_ratio)
+    return _cosine_cycle(min(t, total_steps), total_steps, warmup_steps, 1.0, min_lr_ratio, warmup_from_zero)
 
 
 def wsd(
@@ -145,13 +161,16 @@ def wsd(
     decay_fraction: float = 0.2,
     decay_shape: str = "linear",
     min_lr_ratio: float = 0.1,
+    warmup_from_zero: bool = False,
 ) -> float:
     """Warmup, stable at 1, then decay over the last decay_fraction of total_steps to min_lr_ratio."""
     _check(t, total_steps, warmup_steps, min_lr_ratio)
     _check_cycle("wsd", total_steps, warmup_steps, "total_steps")
     _check_wsd("wsd", total_steps, warmup_steps, decay_fraction, decay_shape, "total_steps")
     t = min(t, total_steps)
-    return _wsd_cycle(t, total_steps, warmup_steps, decay_fraction, decay_shape, 1.0, min_lr_ratio)
+    return _wsd_cycle(
+        t, total_steps, warmup_steps, decay_fraction, decay_shape, 1.0, min_lr_ratio, warmup_from_zero
+    )
 
 
 def cyclic_cosine(
@@ -162,6 +181,7 @@ def cyclic_cosine(
     warmup_steps: int = 0,
     min_lr_ratio: float = 0.1,
     cycle_peak_decay: float = 1.0,
+    warmup_from_zero: bool = False,
 ) -> float:
     """Cycles of cycle_steps steps (0: total_steps), each a warmup + cosine with peak cycle_peak_decay**k."""
     _check(t, total_steps, warmup_steps, min_lr_ratio)
@@ -173,7 +193,7 @@ def cyclic_cosine(
         cycle_steps,
         cycle_peak_decay,
         min_lr_ratio,
-        lambda tau, n, peak: _cosine_cycle(tau, n, warmup_steps, peak, min_lr_ratio),
+        lambda tau, n, peak: _cosine_cycle(tau, n, warmup_steps, peak, min_lr_ratio, warmup_from_zero),
     )
 
 
@@ -187,6 +207,7 @@ def cyclic_wsd(
     decay_shape: str = "linear",
     min_lr_ratio: float = 0.1,
     cycle_peak_decay: float = 1.0,
+    warmup_from_zero: bool = False,
 ) -> float:
     """Cycles of cycle_steps steps (0: total_steps), each a WSD cycle with peak cycle_peak_decay**k."""
     _check(t, total_steps, warmup_steps, min_lr_ratio)
@@ -201,7 +222,7 @@ def cyclic_wsd(
         cycle_peak_decay,
         min_lr_ratio,
         lambda tau, n, peak: _wsd_cycle(
-            tau, n, warmup_steps, decay_fraction, decay_shape, peak, min_lr_ratio
+            tau, n, warmup_steps, decay_fraction, decay_shape, peak, min_lr_ratio, warmup_from_zero
         ),
     )
 
@@ -251,6 +272,8 @@ def build_schedule(cfg: ScheduleConfig, total_steps: int) -> Callable[[int], flo
     ``total_steps``, e.g. to extend a WSD run from its stable phase).
     """
     fields = {"total_steps": total_steps, "warmup_steps": cfg.warmup_steps}
+    if cfg.warmup_from_zero:
+        fields["warmup_from_zero"] = True
     if cfg.kind == "constant":
         fn, kwargs = constant, fields
     elif cfg.kind == "cosine":
