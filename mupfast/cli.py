@@ -25,6 +25,10 @@ VERBS: dict[str, tuple[str, str]] = {
         "mupfast.explain",
         "print the parametrization table: init, lr and wd multipliers, forward multipliers",
     ),
+    "import-config": (
+        "mupfast.config.import_config",
+        "translate a Cerebras Model Zoo config into a mupfast config that trains the same μP model",
+    ),
     "prepare-data": (
         "mupfast.data.prepare",
         "tokenize the corpus into token shards (cached; training does this itself)",
