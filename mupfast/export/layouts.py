@@ -42,28 +42,38 @@ def layout_for(cfg: ModelConfig) -> str:
     return layout
 
 
-def _llama_tensors(cfg: ModelConfig, f: Folded) -> dict[str, torch.Tensor]:
-    s = f.state
-    out = {"model.embed_tokens.weight": s["tok_emb.weight"], "model.norm.weight": s["final_norm.weight"]}
-    names = {
-        "attn.q": "self_attn.q_proj",
-        "attn.k": "self_attn.k_proj",
-        "attn.v": "self_attn.v_proj",
-        "attn.o": "self_attn.o_proj",
-        "mlp.gate": "mlp.gate_proj",
-        "mlp.up": "mlp.up_proj",
-        "mlp.down": "mlp.down_proj",
-        "attn_norm": "input_layernorm",
-        "mlp_norm": "post_attention_layernorm",
+_LLAMA_MODULES = {
+    "attn.q": "self_attn.q_proj",
+    "attn.k": "self_attn.k_proj",
+    "attn.v": "self_attn.v_proj",
+    "attn.o": "self_attn.o_proj",
+    "mlp.gate": "mlp.gate_proj",
+    "mlp.up": "mlp.up_proj",
+    "mlp.down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "mlp_norm": "post_attention_layernorm",
+}
+
+
+def llama_names(cfg: ModelConfig) -> dict[str, str]:
+    """Our parameter name → its name in the Llama layout (Granite's too)."""
+    out = {
+        "tok_emb.weight": "model.embed_tokens.weight",
+        "final_norm.weight": "model.norm.weight",
+        "readout.weight": "lm_head.weight",
     }
     for i in range(cfg.num_layers):
-        for ours, theirs in names.items():
+        for ours, theirs in _LLAMA_MODULES.items():
             for kind in ("weight", "bias"):
-                key = f"blocks.{i}.{ours}.{kind}"
-                if key in s:
-                    out[f"model.layers.{i}.{theirs}.{kind}"] = s[key]
-    if not f.tied:
-        out["lm_head.weight"] = s["readout.weight"]
+                out[f"blocks.{i}.{ours}.{kind}"] = f"model.layers.{i}.{theirs}.{kind}"
+    return out
+
+
+def _llama_tensors(cfg: ModelConfig, f: Folded) -> dict[str, torch.Tensor]:
+    names = llama_names(cfg)
+    out = {theirs: f.state[ours] for ours, theirs in names.items() if ours in f.state}
+    if f.tied:
+        out.pop("lm_head.weight", None)
     return out
 
 
