@@ -9,6 +9,10 @@ A run directory holds::
     tokenizer.json, mupfast_tokenizer.json   the tokenizer the run trained with
     checkpoints/<tag>/     DeepSpeed's checkpoint of a step (``step00001234``), one folder a step
     checkpoints/latest     the tag a resume loads; replaced atomically, only once a tag is complete
+    checkpoints/<tag>/mupfast_layout.json   the world size, ZeRO stage and global batch that wrote it
+    checkpoints/universal/<tag>/   its conversion to DeepSpeed's universal format (a resume on another layout)
+    trial.yaml, train.log  a run launched as a child process: the config it was started with, its output
+    configs/gen-GGG.yaml, logs/gen-GGG.log   the same per segment of a run trained in segments (PBT)
 
 Metrics are written by rank 0 only. Values may be floats or 0-dim tensors; tensors are converted
 here, once per logging step, so the training loop never syncs with the device just to log.
@@ -68,6 +72,22 @@ def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
         return json.loads((Path(run_dir) / SUMMARY).read_text())
     except (OSError, ValueError):
         return None
+
+
+def launch_paths(run_dir: str | Path, *, segment: int | None = None) -> tuple[Path, Path]:
+    """Where a launcher writes the config it starts a run's child process with, and the child's output:
+    ``trial.yaml`` and ``train.log``, or for segment ``segment`` of a run trained in segments (PBT)
+    ``configs/gen-GGG.yaml`` and ``logs/gen-GGG.log``."""
+    run_dir = Path(run_dir)
+    if segment is None:
+        return run_dir / "trial.yaml", run_dir / "train.log"
+    return run_dir / "configs" / f"gen-{segment:03d}.yaml", run_dir / "logs" / f"gen-{segment:03d}.log"
+
+
+def grid_log_path(run_dir: str | Path) -> Path:
+    """A grid point's output, beside its run directory (the directory is replaced when it reruns)."""
+    run_dir = Path(run_dir)
+    return run_dir.parent / f"{run_dir.name}.log"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,6 +188,32 @@ def checkpoint_tags(ckpt_dir: Path) -> list[str]:
     return sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir()) if ckpt_dir.is_dir() else []
 
 
+def universal_dir(ckpt_dir: Path, tag: str) -> Path:
+    """Where ``tag``'s conversion to DeepSpeed's universal format lives (a resume on another layout)."""
+    return ckpt_dir / "universal" / tag
+
+
+#: Beside DeepSpeed's files in a tag: the layout that wrote it (world size, ZeRO stage, global batch).
+LAYOUT_FILE = "mupfast_layout.json"
+
+
+def write_checkpoint_layout(ckpt_dir: Path, tag: str, layout: dict) -> None:
+    write_text_atomically(ckpt_dir / tag / LAYOUT_FILE, json.dumps(layout) + "\n")
+
+
+def checkpoint_layout(ckpt_dir: Path, tag: str) -> dict | None:
+    """The layout ``tag`` was written with; for a checkpoint from before it was recorded, the world size
+    and stage its files show (None when they show neither)."""
+    path = ckpt_dir / tag / LAYOUT_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    optim = list((ckpt_dir / tag).glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    if not optim:
+        return None
+    stage3 = (ckpt_dir / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file()
+    return {"world_size": len(optim), "zero_stage": 3 if stage3 else 2}
+
+
 def latest_tag(ckpt_dir: Path) -> str | None:
     """The tag ``latest`` names (None before the first checkpoint); an error if it is not there."""
     latest = ckpt_dir / "latest"
@@ -198,6 +244,7 @@ def rollback(ckpt_dir: Path, step: int) -> str | None:
     for other in checkpoint_tags(ckpt_dir):
         if other > tag:
             shutil.rmtree(ckpt_dir / other, ignore_errors=True)
+            shutil.rmtree(universal_dir(ckpt_dir, other), ignore_errors=True)
     return None
 
 
@@ -210,6 +257,9 @@ def keep_latest(ckpt_dir: Path) -> None:
     for other in checkpoint_tags(ckpt_dir):
         if other != keep:
             shutil.rmtree(ckpt_dir / other, ignore_errors=True)
+    for other in (ckpt_dir / "universal").glob("*"):
+        if other.name != keep:
+            shutil.rmtree(other, ignore_errors=True)
     for tmp in ckpt_dir.glob(".copy-*"):
         shutil.rmtree(tmp, ignore_errors=True)
 

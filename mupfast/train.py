@@ -10,6 +10,7 @@ of :mod:`mupfast.plugins`; the run directory's files are :mod:`mupfast.rundir`'s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -28,6 +29,13 @@ from mupfast.data.packing import packed_inputs
 from mupfast.distributed.activation_checkpoint import apply_activation_checkpointing
 from mupfast.distributed.checkpoint import load_checkpoint, save_checkpoint
 from mupfast.distributed.compile import compile_blocks
+from mupfast.distributed.elastic import (
+    ResumePlan,
+    ensure_universal,
+    explain_resume,
+    keep_group_settings,
+    plan_resume,
+)
 from mupfast.distributed.engine import ds_config, init_distributed
 from mupfast.distributed.zero_shards import attach as attach_to_zero
 from mupfast.errors import ConfigError, TrainingError
@@ -183,7 +191,7 @@ def _open_data(cfg: Config, rank: int, world: int, run_dir: Path):
     return train_sampler, val_sampler, tokenizer.eos_id
 
 
-def _build_engine(cfg: Config, world: int):
+def _build_engine(cfg: Config, world: int, load_universal: bool = False):
     """The μP model, our optimizer and schedule, handed to DeepSpeed; the features' hooks."""
     import deepspeed
 
@@ -200,11 +208,24 @@ def _build_engine(cfg: Config, world: int):
     if cfg.zero.stage == 3 and cfg.model.tie_embeddings:
         deepspeed.zero.register_external_parameter(model.readout, model.tok_emb.weight)
     engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=optimizer.lr_schedule, config=ds_config(cfg, world)
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=optimizer.lr_schedule,
+        config=ds_config(cfg, world, load_universal=load_universal),
     )
     client_opt = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
     attach_to_zero(engine, client_opt)  # ZeRO: one collective for all groups' norms; Muon's matrix layout
     return engine, optimizer, client_opt, hooks
+
+
+def _plan_resume(cfg: Config, rank: int, world: int, ckpt_dir: Path, tag: str) -> ResumePlan:
+    """Load the latest checkpoint as written, or converted once when its world size or stage differs."""
+    plan = plan_resume(cfg, world, ckpt_dir, tag)
+    if plan.universal:
+        if rank == 0:
+            explain_resume(plan, cfg, world, ckpt_dir)
+        ensure_universal(ckpt_dir, tag, rank, cfg.train.dist_timeout_s)
+    return plan
 
 
 def setup(cfg: Config) -> Trainer:
@@ -218,7 +239,10 @@ def setup(cfg: Config) -> Trainer:
     if rank == 0:
         rundir.write_config(run_dir, cfg.to_dict())
     train_sampler, val_sampler, eos_id = _open_data(cfg, rank, world, run_dir)
-    engine, optimizer, client_opt, hooks = _build_engine(cfg, world)
+    ckpt_dir = rundir.checkpoint_dir(run_dir)
+    tag = rundir.latest_tag(ckpt_dir) if t.resume else None
+    plan = _plan_resume(cfg, rank, world, ckpt_dir, tag) if tag is not None else None
+    engine, optimizer, client_opt, hooks = _build_engine(cfg, world, plan is not None and plan.universal)
     train_sampler, val_sampler = hooks.samplers(train_sampler, val_sampler)  # prompt/completion: loss masks
     tr = Trainer(
         cfg=cfg,
@@ -235,9 +259,9 @@ def setup(cfg: Config) -> Trainer:
         hooks=hooks,
         source_names=_source_names(cfg.data) if len(cfg.data.sources) > 1 else [],
     )
-    tag = rundir.latest_tag(tr.ckpt_dir) if t.resume else None
-    if tag is not None:
-        tr.start = int(load_checkpoint(engine, tr.ckpt_dir, tag, rank)["step"])
+    if plan is not None:
+        with keep_group_settings(client_opt) if plan.universal else contextlib.nullcontext():
+            tr.start = int(load_checkpoint(engine, tr.ckpt_dir, plan.tag, rank)["step"])
         tr.resumed_from = tr.ckpt_dir / tag
         # The config's hyperparameters, not the checkpoint's (ClipAdamW.load_state_dict puts back the
         # configured betas, eps, weight decay and clip thresholds; a PBT member resumes with the values

@@ -63,6 +63,23 @@ def deepspeed_cmd(cfg_file: str, *launcher_args: str, module: str = "mupfast.tra
     ]
 
 
+def train_on_ranks(cfg: Config, ranks: int, config_path, **popen):
+    """Train ``cfg`` on ``ranks`` CPU ranks under the deepspeed launcher; the finished process.
+
+    Extra keyword arguments go to ``subprocess.run`` (or, with ``popen=True``, to ``Popen``, whose
+    process is returned running)."""
+    import subprocess
+
+    from mupfast.distributed.engine import free_port
+
+    cmd = deepspeed_cmd(
+        write_config(cfg, config_path), "--num_gpus", str(ranks), "--master_port", str(free_port())
+    )
+    if popen.pop("popen", False):
+        return subprocess.Popen(cmd, env=subprocess_env(), **popen)
+    return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600, **popen)
+
+
 def run_bench_smoke(module: str, name: str, out_dir) -> dict:
     """Run ``python -m benchmarks.<module> --smoke --out DIR`` on CPU; return its JSON (meta + rows)."""
     import json

@@ -1,7 +1,8 @@
 """DeepSpeed checkpoints of a run: the engine's state on every rank, each rank's RNG, written aside.
 
-A checkpoint is DeepSpeed's engine checkpoint on every rank plus each rank's RNG state; the data
-sampler is keyed by step, so the step in the client state is all it needs. Tags and ``latest`` are
+A checkpoint is DeepSpeed's engine checkpoint on every rank plus each rank's RNG state and the
+layout that wrote it; the data sampler is keyed by step, so the step in the client state is all it
+needs. A resume on another layout goes through :mod:`mupfast.distributed.elastic`. Tags and ``latest`` are
 the run directory's (:mod:`mupfast.rundir`).
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from mupfast.errors import CheckpointError
-from mupfast.rundir import checkpoint_tag, latest_tag, set_latest
+from mupfast.rundir import checkpoint_tag, latest_tag, set_latest, write_checkpoint_layout
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, client_state: dict) -> str:
@@ -35,6 +36,13 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, client_state: 
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         torch.save(rng, ckpt_dir / tag / f"rng_rank{rank}.pt")
+        if rank == 0:  # what a resume on another layout compares with (mupfast.distributed.elastic)
+            layout = {
+                "world_size": engine.dp_world_size,
+                "zero_stage": int(engine.zero_optimization_stage()),
+                "sequences_per_step": engine.train_batch_size(),
+            }
+            write_checkpoint_layout(ckpt_dir, tag, layout)
         if dist.is_initialized():
             dist.barrier()
         if rank == 0:

@@ -72,8 +72,9 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def ds_config(cfg: Config, world_size: int) -> dict:
-    """The DeepSpeed config of a run (no optimizer or scheduler sections: those are ours)."""
+def ds_config(cfg: Config, world_size: int, *, load_universal: bool = False) -> dict:
+    """The DeepSpeed config of a run (no optimizer or scheduler sections: those are ours);
+    ``load_universal``: the resume loads a universal checkpoint (mupfast.distributed.elastic)."""
     t, z = cfg.train, cfg.zero
     zero: dict = {
         "stage": z.stage,
@@ -97,6 +98,8 @@ def ds_config(cfg: Config, world_size: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        built["checkpoint"] = {"load_universal": True}
     if z.ds_config:
         built = _merge(built, read_ds_overrides(z.ds_config))
         built["zero_optimization"]["stage"] = z.stage  # zero.stage is the one switch for the stage

@@ -1,0 +1,219 @@
+"""Resuming on another number of ranks or ZeRO stage (mupfast.distributed.elastic), on CPU over gloo.
+
+A run cut at step N and resumed on another layout with the same global batch must log the losses of
+the uninterrupted run: the universal conversion carries every parameter's fp32 weights and Adam
+moments, the sampler is a function of (seed, step, global micro-batch index), and only the order of
+the gradient reduction differs (hence 1e-5 relative, not bit equality).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+import mupfast.train as trainer
+from mupfast.config import load_config
+from mupfast.distributed.elastic import (
+    ResumePlan,
+    check_universal,
+    ensure_universal,
+    explain_resume,
+    plan_resume,
+)
+from mupfast.errors import CheckpointError
+from mupfast.rundir import read_metrics, universal_dir, write_checkpoint_layout
+from tests.helpers import tiny_config, train_on_ranks
+
+# μP with m = 2 (groups with different lr multipliers), weight decay, and per-component clipping
+# tight enough to act, with its own threshold for the embedding: the groups' hyperparameters differ.
+MUP_GROUPS = [
+    "model.mup_base_hidden_size=16",
+    "model.mup_base_filter_size=32",
+    "optim.weight_decay=0.1",
+    "optim.lr=1e-2",
+    "clip.max_norm=0.05",
+    "clip.component_max_norm={embedding: 0.5}",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.micro_batch_size=2",
+    "train.steps=8",
+    "data.max_corpus_bytes=100000",
+]
+GLOBAL_SEQUENCES = 4  # micro_batch_size 2 × ranks × grad_accum_steps
+
+
+def _layout(ranks: int, stage: int) -> list[str]:
+    return [f"zero.stage={stage}", f"train.grad_accum_steps={GLOBAL_SEQUENCES // (2 * ranks)}"]
+
+
+def _train(tmp_path: Path, name: str, ranks: int, stage: int, *extra: str):
+    cfg = tiny_config(*MUP_GROUPS, *_layout(ranks, stage), *extra, tmp_path=tmp_path / "runs")
+    cfg.train.run_dir = str(tmp_path / name)
+    proc = train_on_ranks(cfg, ranks, tmp_path / f"{name}-{ranks}r{stage}.yaml")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir, "train")}
+
+
+def _resume_case(
+    tmp_path, src: tuple[int, int], dst: tuple[int, int], *extra: str, universal: bool = True
+) -> None:
+    _train(tmp_path, "full", *src, *extra)
+    _train(tmp_path, "cut", *src, *extra, "train.stop_at=4")
+    proc = _train(tmp_path, "cut", *dst, *extra)
+    assert ("through DeepSpeed's universal checkpoint" in proc.stderr + proc.stdout) == universal
+    full, cut = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
+    assert sorted(cut) == list(range(1, 9))
+    for step in range(5, 9):
+        assert cut[step] == pytest.approx(full[step], rel=1e-5), step
+    assert (universal_dir(tmp_path / "cut" / "checkpoints", "step00000004") / "zero").is_dir() == universal
+
+
+@pytest.mark.distributed
+def test_two_ranks_zero2_resume_on_one_rank_with_accumulation(tmp_path):
+    _resume_case(tmp_path, (2, 2), (1, 2))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "src, dst",
+    [((1, 2), (2, 2)), ((2, 1), (2, 3)), ((2, 3), (2, 2))],
+    ids=["1to2ranks", "zero1to3", "zero3to2"],
+)
+def test_resume_on_another_layout_follows_the_uninterrupted_run(tmp_path, src, dst):
+    _resume_case(tmp_path, src, dst)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_tied_model_on_packed_documents_moves_from_zero3_to_one_rank_zero2(tmp_path):
+    packed = ["model.tie_embeddings=true", "data.document_masking=true", "data.reset_position_ids=true"]
+    _resume_case(tmp_path, (2, 3), (1, 2), *packed)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_zero0_resumes_on_another_world_size_as_it_is(tmp_path):
+    _resume_case(tmp_path, (2, 0), (1, 0), universal=False)
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_kill_during_the_conversion_leaves_the_original_and_the_next_run_converts_again(tmp_path):
+    _train(tmp_path, "full", 2, 2)
+    _train(tmp_path, "cut", 2, 2, "train.stop_at=4")
+    ckpt = tmp_path / "cut" / "checkpoints"
+    before = _tree_digest(ckpt / "step00000004")
+    cfg = tiny_config(*MUP_GROUPS, *_layout(1, 2), tmp_path=tmp_path / "runs")
+    cfg.train.run_dir = str(tmp_path / "cut")
+    proc = train_on_ranks(cfg, 1, tmp_path / "kill.yaml", popen=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list((ckpt / "universal").glob(".step00000004.tmp-*")):  # the conversion has begun
+        assert proc.poll() is None and time.monotonic() < deadline, "the conversion never started"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (ckpt / "universal" / "step00000004").exists()
+    assert _tree_digest(ckpt / "step00000004") == before  # the original, byte for byte
+    assert (ckpt / "latest").read_text().strip() == "step00000004"
+    _train(tmp_path, "cut", 1, 2)
+    assert not list((ckpt / "universal").glob(".step00000004.tmp-*"))
+    full, cut = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
+    for step in range(5, 9):
+        assert cut[step] == pytest.approx(full[step], rel=1e-5), step
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_truncated_universal_folder_is_a_one_line_error_naming_it(tmp_path):
+    _train(tmp_path, "cut", 2, 2, "train.stop_at=4")
+    ckpt = tmp_path / "cut" / "checkpoints"
+    folder = ensure_universal(ckpt, "step00000004", rank=0, timeout_s=60)
+    check_universal(folder)
+    victim = next((folder / "zero").glob("*/exp_avg.pt"))
+    victim.unlink()
+    with pytest.raises(CheckpointError) as e:
+        check_universal(folder)
+    assert str(folder) in str(e.value) and victim.parent.name in str(e.value) and "\n" not in str(e.value)
+    (folder / "mupfast_universal.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a complete universal checkpoint"):
+        check_universal(folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan, without training
+
+
+def _checkpoint(tmp_path: Path, world: int, stage: int, sequences: int = GLOBAL_SEQUENCES) -> Path:
+    ckpt = tmp_path / "checkpoints"
+    (ckpt / "step00000004").mkdir(parents=True)
+    layout = {"world_size": world, "zero_stage": stage, "sequences_per_step": sequences}
+    write_checkpoint_layout(ckpt, "step00000004", layout)
+    return ckpt
+
+
+@pytest.mark.parametrize(
+    "saved, now, universal",
+    [((2, 2), (2, 2), False), ((2, 2), (1, 2), True), ((2, 1), (2, 3), True), ((2, 0), (1, 0), False)],
+)
+def test_the_plan_converts_only_when_the_layout_changed(tmp_path, saved, now, universal):
+    ckpt = _checkpoint(tmp_path, *saved)
+    cfg = load_config(None, [f"zero.stage={now[1]}"])
+    plan = plan_resume(cfg, now[0], ckpt, "step00000004")
+    assert plan.universal == universal
+    assert plan.tag == ("universal/step00000004" if universal else "step00000004")
+
+
+@pytest.mark.parametrize(
+    "saved, stage, overrides, words",
+    [
+        ((2, 0), 2, [], "convert between ZeRO stages 1–3 only: resume at zero.stage=0"),
+        ((2, 2), 0, [], "convert between ZeRO stages 1–3 only: resume at zero.stage=2"),
+        ((2, 2), 2, ["model.parametrization=hyperp"], "HyperP's Muon momentum"),
+    ],
+)
+def test_what_the_universal_format_cannot_carry_is_one_line(tmp_path, saved, stage, overrides, words):
+    ckpt = _checkpoint(tmp_path, *saved)
+    cfg = load_config(None, [f"zero.stage={stage}", *overrides])
+    with pytest.raises(CheckpointError) as e:
+        plan_resume(cfg, 1, ckpt, "step00000004")
+    assert words in str(e.value) and str(ckpt / "step00000004") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_changed_global_batch_is_said(tmp_path, caplog):
+    cfg = load_config(None, ["zero.stage=2", "train.micro_batch_size=4"])
+    plan = ResumePlan(
+        "universal/step00000004", True, {"world_size": 2, "zero_stage": 2, "sequences_per_step": 8}
+    )
+    with caplog.at_level(logging.INFO, logger="mupfast"):
+        explain_resume(plan, cfg, 4, tmp_path)
+    assert "written by 2 rank(s) at ZeRO-2, on 4 rank(s) at ZeRO-2" in caplog.text
+    assert "global batch changed from 8 to 16 sequences a step" in caplog.text
+
+
+def test_every_checkpoint_records_the_layout_that_wrote_it(tmp_path):
+    cfg = tiny_config("train.steps=2", "train.eval_every=0", "zero.stage=1", tmp_path=tmp_path)
+    trainer.train(cfg)
+    layout = json.loads(
+        (Path(cfg.train.run_dir) / "checkpoints" / "step00000002" / "mupfast_layout.json").read_text()
+    )
+    assert layout == {"world_size": 1, "zero_stage": 1, "sequences_per_step": cfg.train.micro_batch_size}
