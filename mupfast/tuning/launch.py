@@ -398,7 +398,7 @@ def _init_worker(threads: int, counter, jobs: int, n_gpus: int) -> None:
 def _worker(point: Point) -> tuple[Point, float, float, str]:
     # DeepSpeed prints to stdout; keep the grid's terminal to the progress bar and the run's log file.
     Path(point.run_dir).parent.mkdir(parents=True, exist_ok=True)
-    log = Path(point.run_dir).parent / f"{Path(point.run_dir).name}.log"
+    log = rundir.grid_log_path(point.run_dir)
     with log.open("w") as f:
         out_fd, err_fd = os.dup(1), os.dup(2)
         os.dup2(f.fileno(), 1)
@@ -413,6 +413,11 @@ def _worker(point: Point) -> tuple[Point, float, float, str]:
     return point, val, secs, status
 
 
+def _label(pt: Point) -> str:
+    # The value's folder says what the grid varies at each size: "lr2^-6", or "wd2^-3" for a weight-decay grid.
+    return f"{pt.parametrization} {pt.size} {Path(pt.run_dir).parent.name}"
+
+
 def _run_in_workers(todo: list[Point], jobs: int, values: dict[str, float], bar) -> None:
     import multiprocessing as mp
 
@@ -421,7 +426,7 @@ def _run_in_workers(todo: list[Point], jobs: int, values: dict[str, float], bar)
     with ctx.Pool(jobs, initializer=_init_worker, initargs=init_args) as pool:
         for pt, val, secs, status in pool.imap_unordered(_worker, todo):
             values[pt.run_dir] = val
-            bar.set_postfix_str(f"{pt.parametrization} {pt.size} lr {lr_tag(pt.lr)}: {val:.3f} ({secs:.0f}s)")
+            bar.set_postfix_str(f"{_label(pt)}: {val:.3f} ({secs:.0f}s)")
             if status != "ok":
                 bar.write(f"{pt.run_dir}: {status}")
             bar.update(1)
@@ -447,7 +452,7 @@ def run_points(
     try:
         if jobs <= 1:
             for pt in todo:
-                bar.set_postfix_str(f"{pt.parametrization} {pt.size} lr {lr_tag(pt.lr)}")
+                bar.set_postfix_str(_label(pt))
                 values[pt.run_dir] = run_point(pt)[0]
                 bar.update(1)
         else:

@@ -113,10 +113,11 @@ class Worker:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
         pruning = _Pruning(trial, cfg.train.steps, self.on_progress)
+        config_path, log = rundir.launch_paths(run_dir)
         child = run_child(
             cfg,
-            config_path=run_dir / "trial.yaml",
-            log=run_dir / "train.log",
+            config_path=config_path,
+            log=log,
             launch=self.launch,
             on_records=pruning.see,
             timeout_s=self.trial_timeout_s,

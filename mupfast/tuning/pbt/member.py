@@ -138,10 +138,11 @@ def run_segment(
     if problem:
         return result("crash", None, problem, 0.0)
     claim = _Claim(heartbeat, heartbeat_s, stop_event)
+    config_path, log = rundir.launch_paths(run_dir, segment=generation)
     child = run_child(
         cfg,
-        config_path=run_dir / "configs" / f"gen-{generation:03d}.yaml",
-        log=run_dir / "logs" / f"gen-{generation:03d}.log",
+        config_path=config_path,
+        log=log,
         launch=launch,
         on_start=claim.started,
         on_tick=claim.tick,
