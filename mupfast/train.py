@@ -34,6 +34,7 @@ from mupfast.distributed.elastic import (
     ensure_universal,
     explain_resume,
     keep_group_settings,
+    load_buffers,
     plan_resume,
 )
 from mupfast.distributed.engine import ds_config, init_distributed
@@ -262,6 +263,8 @@ def setup(cfg: Config) -> Trainer:
     if plan is not None:
         with keep_group_settings(client_opt) if plan.universal else contextlib.nullcontext():
             tr.start = int(load_checkpoint(engine, tr.ckpt_dir, plan.tag, rank)["step"])
+        if plan.universal:
+            load_buffers(engine.module, tr.ckpt_dir / plan.tag)
         tr.resumed_from = tr.ckpt_dir / tag
         # The config's hyperparameters, not the checkpoint's (ClipAdamW.load_state_dict puts back the
         # configured betas, eps, weight decay and clip thresholds; a PBT member resumes with the values

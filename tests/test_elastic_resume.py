@@ -28,7 +28,7 @@ from mupfast.distributed.elastic import (
     plan_resume,
 )
 from mupfast.errors import CheckpointError
-from mupfast.rundir import read_metrics, universal_dir, write_checkpoint_layout
+from mupfast.rundir import copy_checkpoint, read_metrics, universal_dir, write_checkpoint_layout
 from tests.helpers import tiny_config, train_on_ranks
 
 # μP with m = 2 (groups with different lr multipliers), weight decay, and per-component clipping
@@ -104,8 +104,34 @@ def test_a_tied_model_on_packed_documents_moves_from_zero3_to_one_rank_zero2(tmp
 
 @pytest.mark.distributed
 @pytest.mark.slow
+def test_a_mixture_of_experts_moves_from_two_ranks_to_one(tmp_path):
+    # Load balance counted per micro-batch: the same on any number of ranks (data_parallel is not).
+    moe = ["model.moe_experts=4", "model.moe_top_k=2", "model.moe_balance_scope=micro_batch"]
+    _resume_case(tmp_path, (2, 2), (1, 2), *moe)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_zero0_resumes_on_another_world_size_as_it_is(tmp_path):
     _resume_case(tmp_path, (2, 0), (1, 0), universal=False)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_pbt_exploit_copy_resumes_on_another_world_size(tmp_path):
+    """PBT's exploit copies a member's tag into another member's run (rundir.copy_checkpoint): the copy
+    carries the layout record, so a member on another number of ranks converts it in its own run."""
+    _train(tmp_path, "full", 2, 2)
+    _train(tmp_path, "donor", 2, 2, "train.stop_at=4")
+    copy_checkpoint(tmp_path / "donor", tmp_path / "member", 4)
+    cfg = tiny_config(*MUP_GROUPS, *_layout(1, 2), tmp_path=tmp_path / "runs")
+    cfg.train.run_dir = str(tmp_path / "member")
+    trainer.train(cfg)
+    assert (universal_dir(tmp_path / "member" / "checkpoints", "step00000004") / "zero").is_dir()
+    assert not (tmp_path / "donor" / "checkpoints" / "universal").exists()
+    full, member = _losses(tmp_path / "full"), _losses(tmp_path / "member")
+    for step in range(5, 9):
+        assert member[step] == pytest.approx(full[step], rel=1e-5), step
 
 
 def _tree_digest(folder: Path) -> dict[str, str]:

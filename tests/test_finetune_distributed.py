@@ -70,3 +70,44 @@ def test_two_rank_adalora_matches_one_process(tmp_path):
         assert {k: v for k, v in rb.items() if k.startswith("rank/")} == {
             k: v for k, v in ra.items() if k.startswith("rank/")
         }
+
+
+def test_adalora_resumes_on_one_rank_from_a_two_rank_zero2_checkpoint(tmp_path):
+    """#36: the adapters' moments through DeepSpeed's universal checkpoint, AdaLoRA's rank budget and
+    importance scores (buffers) with the engine state; the losses and rank pattern of the run that
+    was never cut."""
+    base_run, _ = make_base_run(tmp_path)
+    corpus = write_jsonl(tmp_path / "pc.jsonl")
+    ft = {**FT, "train": {**FT["train"], "steps": 6}, "data": {"corpus": str(corpus)}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(ft))
+    common = [f"data.dir={tmp_path}/data", "train.grad_accum_steps=2"]
+    whole = finetune_config(base_run, str(tmp_path / "ft.yaml"), [*common, f"train.run_dir={tmp_path}/whole"])
+    trainer.train(prepare_finetune_data(whole))
+    cmd = deepspeed_cmd(
+        str(tmp_path / "ft.yaml"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        module="mupfast.finetune.finetune",
+    )
+    cmd += [
+        "--run",
+        str(base_run),
+        f"data.dir={tmp_path}/data",
+        f"train.run_dir={tmp_path}/cut",
+        "train.stop_at=3",
+    ]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cut = finetune_config(base_run, str(tmp_path / "ft.yaml"), [*common, f"train.run_dir={tmp_path}/cut"])
+    trainer.train(prepare_finetune_data(cut))
+    assert (tmp_path / "cut" / "checkpoints" / "universal" / "step00000003").is_dir()
+    a = {r["step"]: r for r in read_metrics(tmp_path / "whole", "train")}
+    b = {r["step"]: r for r in read_metrics(tmp_path / "cut", "train")}
+    assert sorted(b) == list(range(1, 7))
+    for step in range(4, 7):
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=2e-5), step
+        assert {k: v for k, v in b[step].items() if k.startswith("rank/")} == {
+            k: v for k, v in a[step].items() if k.startswith("rank/")
+        }

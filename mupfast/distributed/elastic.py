@@ -89,6 +89,21 @@ def keep_group_settings(optimizer):
             state["step"] = step.clone()
 
 
+def load_buffers(module, folder: Path) -> None:
+    """The module's buffers from the universal folder's engine state: DeepSpeed's universal load restores
+    the parameters the optimizer holds and nothing else (AdaLoRA's rank masks and importance scores
+    are buffers)."""
+    import torch
+
+    saved = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)[
+        "module"
+    ]
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            if name in saved and saved[name].shape == buffer.shape:
+                buffer.copy_(saved[name])
+
+
 def explain_resume(plan: ResumePlan, cfg: Config, world: int, ckpt_dir: Path) -> None:
     """The log lines of a resume on another layout (rank 0)."""
     if not plan.universal or plan.saved is None:
