@@ -41,6 +41,16 @@ FT = {
 }
 
 
+def _finetune_on_two_ranks(ft_yaml, base_run, *overrides: str) -> None:
+    """`mupfast.finetune.finetune` on 2 CPU ranks under the deepspeed launcher."""
+    cmd = deepspeed_cmd(
+        str(ft_yaml), "--num_gpus", "2", "--master_port", str(free_port()), module="mupfast.finetune.finetune"
+    )
+    cmd += ["--run", str(base_run), *overrides]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def test_two_rank_adalora_matches_one_process(tmp_path):
     base_run, _ = make_base_run(tmp_path)
     corpus = write_jsonl(tmp_path / "pc.jsonl")
@@ -51,17 +61,9 @@ def test_two_rank_adalora_matches_one_process(tmp_path):
         ["train.grad_accum_steps=2", f"data.dir={tmp_path}/data1", f"train.run_dir={tmp_path}/one"],
     )
     trainer.train(prepare_finetune_data(one))
-    cmd = deepspeed_cmd(
-        str(tmp_path / "ft.yaml"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        module="mupfast.finetune.finetune",
+    _finetune_on_two_ranks(
+        tmp_path / "ft.yaml", base_run, f"data.dir={tmp_path}/data2", f"train.run_dir={tmp_path}/two"
     )
-    cmd += ["--run", str(base_run), f"data.dir={tmp_path}/data2", f"train.run_dir={tmp_path}/two"]
-    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert len(list((tmp_path / "data2").iterdir())) == 1  # one prepared directory, no leftovers
     a, b = (read_metrics(tmp_path / name, "train") for name in ("one", "two"))
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
@@ -83,23 +85,13 @@ def test_adalora_resumes_on_one_rank_from_a_two_rank_zero2_checkpoint(tmp_path):
     common = [f"data.dir={tmp_path}/data", "train.grad_accum_steps=2"]
     whole = finetune_config(base_run, str(tmp_path / "ft.yaml"), [*common, f"train.run_dir={tmp_path}/whole"])
     trainer.train(prepare_finetune_data(whole))
-    cmd = deepspeed_cmd(
-        str(tmp_path / "ft.yaml"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        module="mupfast.finetune.finetune",
-    )
-    cmd += [
-        "--run",
-        str(base_run),
+    _finetune_on_two_ranks(
+        tmp_path / "ft.yaml",
+        base_run,
         f"data.dir={tmp_path}/data",
         f"train.run_dir={tmp_path}/cut",
         "train.stop_at=3",
-    ]
-    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    )
     cut = finetune_config(base_run, str(tmp_path / "ft.yaml"), [*common, f"train.run_dir={tmp_path}/cut"])
     trainer.train(prepare_finetune_data(cut))
     assert (tmp_path / "cut" / "checkpoints" / "universal" / "step00000003").is_dir()

@@ -17,7 +17,7 @@ import yaml
 
 from mupfast.atomic import write_text_atomically
 from mupfast.config.cerebras import from_model_zoo
-from mupfast.config.load import apply_override, config_from_dict
+from mupfast.config.load import apply_override, config_from_dict, read_yaml_file
 from mupfast.config.validate import validate
 from mupfast.errors import ConfigError
 
@@ -36,12 +36,7 @@ def import_config(source: str, params: str | Path, overrides: list[str] = ()) ->
     if source not in IMPORTERS:
         raise ConfigError(f"import-config: unknown source {source!r} (known: {', '.join(IMPORTERS)})")
     params = Path(params)
-    if not params.is_file():
-        raise ConfigError(f"import-config: {params} not found")
-    try:
-        raw = yaml.safe_load(params.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{params}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = read_yaml_file(params, "import-config: file")
     try:
         imported = IMPORTERS[source](raw)
     except ConfigError as e:

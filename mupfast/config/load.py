@@ -39,18 +39,22 @@ def read_raw_config(
     """The YAML mapping of a config file (empty when path is None) with dotted overrides applied."""
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{what} not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raw = read_yaml_file(Path(path), what) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for item in overrides:
         apply_override(raw, item)
     return raw
+
+
+def read_yaml_file(path: Path, what: str) -> Any:
+    """A YAML file's content; a missing file or bad YAML is a one-line error naming it."""
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

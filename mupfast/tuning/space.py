@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from mupfast.config.load import read_yaml_file
 from mupfast.errors import ConfigError
 
 #: Space names → the config keys they set (the Cerebras μP names live in the model section).
@@ -118,13 +117,7 @@ def load_space(path: str | Path | None, cfg=None) -> dict[str, Range]:
 
 
 def _load_space_file(path: Path) -> dict[str, Range]:
-    if not path.is_file():
-        raise ConfigError(f"--space: file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return parse_space(raw, str(path))
+    return parse_space(read_yaml_file(path, "--space: file"), str(path))
 
 
 def space_dict(space: dict[str, Range]) -> dict[str, dict[str, Any]]:
