@@ -108,6 +108,10 @@ if triton is not None:
         x_row = X + rows.to(tl.int64)[:, None] * stride_x
         cols0 = tl.arange(0, BLOCK_V)
         v_full = (V // BLOCK_V) * BLOCK_V
+        # The target logit is read before pass 2 overwrites the row with its gradient: loaded here, and
+        # ordered before every warp's stores by the barrier below. Read after pass 1 without one, another
+        # warp could already have written g over it (the interpreter runs in lock-step and never shows it).
+        x_t = tl.load(X + rows.to(tl.int64) * stride_x + t_safe, mask=valid, other=0.0).to(tl.float32)
 
         # Pass 1: online max / sum-exp of the scaled logits, and max |x|.
         m = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -118,7 +122,6 @@ if triton is not None:
         if v_full < V:
             m, s, amax = _lse_block(x_row, v_full + cols0, row_ok, V, scale, m, s, amax, True)
         lse = m + tl.log(s)
-        x_t = tl.load(X + rows.to(tl.int64) * stride_x + t_safe, mask=valid, other=0.0).to(tl.float32)
         loss = lse - x_t * scale + z_loss * lse * lse
         tl.store(LOSS + rows, tl.where(valid, loss, 0.0), mask=row_ok)
         tl.store(LSE + rows, tl.where(valid, lse, 0.0), mask=row_ok)
@@ -126,6 +129,7 @@ if triton is not None:
 
         # Pass 2: g = scale · ((1 + 2 z lse) softmax − onehot), zero on ignored rows, in place.
         if WRITE_GRAD:
+            tl.debug_barrier()  # every warp's reads of the row (x_t included) before any gradient store
             coef = tl.where(valid, (1.0 + 2.0 * z_loss * lse) * scale, 0.0)
             hit = tl.where(valid, scale, 0.0)
             for v0 in range(0, v_full, BLOCK_V):

@@ -2,11 +2,14 @@
 
 import os
 
-# Without a GPU, Triton kernels run under the interpreter; the flag is read at @triton.jit time,
-# so it must be set before any kernel module is imported.
-if not os.path.exists("/dev/nvidiactl"):
+import torch  # imports no Triton kernel
+
+# Without a GPU, Triton kernels run under the interpreter (the flag is read at @triton.jit time, so it
+# must be set before any kernel module is imported) and DeepSpeed runs on its CPU accelerator. With
+# one, both stay on the GPU: a device node without a usable CUDA (a driver mismatch) counts as none.
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 import pytest  # noqa: E402
