@@ -63,8 +63,10 @@ bench: $(STAMP)  ## benchmarks (GPU where present), results under benchmarks/res
 	$(PY) -m benchmarks.bench_prepare
 	$(PY) -m benchmarks.bench_activation_memory
 
-gpu-check:  ## the one-call GPU check (benchmarks/gpu_check.sh, with the image's python; --dry-run on a CPU)
-	bash benchmarks/gpu_check.sh $(if $(wildcard /dev/nvidiactl),,--dry-run)
+# On a GPU machine the image's python runs it; on a CPU the dry run needs the project's venv (the
+# system python3 has no torch, and every part failed).
+gpu-check: $(if $(wildcard /dev/nvidiactl),,$(STAMP))  ## the one-call GPU check (benchmarks/gpu_check.sh; --dry-run on a CPU)
+	$(if $(wildcard /dev/nvidiactl),,PYTHON=$(VENV)/bin/python) bash benchmarks/gpu_check.sh $(if $(wildcard /dev/nvidiactl),,--dry-run)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mupfast kernels tests benchmarks experiments
