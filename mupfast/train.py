@@ -10,7 +10,6 @@ of :mod:`mupfast.plugins`; the run directory's files are :mod:`mupfast.rundir`'s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -27,16 +26,9 @@ from mupfast.config import Config, load_config
 from mupfast.data import BatchSampler, prepare_sources
 from mupfast.data.packing import packed_inputs
 from mupfast.distributed.activation_checkpoint import apply_activation_checkpointing
-from mupfast.distributed.checkpoint import load_checkpoint, save_checkpoint
+from mupfast.distributed.checkpoint import save_checkpoint
 from mupfast.distributed.compile import compile_blocks
-from mupfast.distributed.elastic import (
-    ResumePlan,
-    ensure_universal,
-    explain_resume,
-    keep_group_settings,
-    load_buffers,
-    plan_resume,
-)
+from mupfast.distributed.elastic import load_resume, prepare_resume
 from mupfast.distributed.engine import ds_config, init_distributed
 from mupfast.distributed.zero_shards import attach as attach_to_zero
 from mupfast.errors import ConfigError, TrainingError
@@ -219,16 +211,6 @@ def _build_engine(cfg: Config, world: int, load_universal: bool = False):
     return engine, optimizer, client_opt, hooks
 
 
-def _plan_resume(cfg: Config, rank: int, world: int, ckpt_dir: Path, tag: str) -> ResumePlan:
-    """Load the latest checkpoint as written, or converted once when its world size or stage differs."""
-    plan = plan_resume(cfg, world, ckpt_dir, tag)
-    if plan.universal:
-        if rank == 0:
-            explain_resume(plan, cfg, world, ckpt_dir)
-        ensure_universal(ckpt_dir, tag, rank, cfg.train.dist_timeout_s)
-    return plan
-
-
 def setup(cfg: Config) -> Trainer:
     """Join the ranks, open the data, build the engine, and resume from the latest checkpoint."""
     t = cfg.train
@@ -242,7 +224,7 @@ def setup(cfg: Config) -> Trainer:
     train_sampler, val_sampler, eos_id = _open_data(cfg, rank, world, run_dir)
     ckpt_dir = rundir.checkpoint_dir(run_dir)
     tag = rundir.latest_tag(ckpt_dir) if t.resume else None
-    plan = _plan_resume(cfg, rank, world, ckpt_dir, tag) if tag is not None else None
+    plan = prepare_resume(cfg, rank, world, ckpt_dir, tag) if tag is not None else None
     engine, optimizer, client_opt, hooks = _build_engine(cfg, world, plan is not None and plan.universal)
     train_sampler, val_sampler = hooks.samplers(train_sampler, val_sampler)  # prompt/completion: loss masks
     tr = Trainer(
@@ -261,10 +243,7 @@ def setup(cfg: Config) -> Trainer:
         source_names=_source_names(cfg.data) if len(cfg.data.sources) > 1 else [],
     )
     if plan is not None:
-        with keep_group_settings(client_opt) if plan.universal else contextlib.nullcontext():
-            tr.start = int(load_checkpoint(engine, tr.ckpt_dir, plan.tag, rank)["step"])
-        if plan.universal:
-            load_buffers(engine.module, tr.ckpt_dir / plan.tag)
+        tr.start = int(load_resume(engine, client_opt, tr.ckpt_dir, plan, rank)["step"])
         tr.resumed_from = tr.ckpt_dir / tag
         # The config's hyperparameters, not the checkpoint's (ClipAdamW.load_state_dict puts back the
         # configured betas, eps, weight decay and clip thresholds; a PBT member resumes with the values

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mupfast.config import Config
+from mupfast.distributed.checkpoint import load_checkpoint
 from mupfast.errors import CheckpointError
 from mupfast.rundir import checkpoint_layout, universal_dir
 
@@ -104,10 +105,29 @@ def load_buffers(module, folder: Path) -> None:
                 buffer.copy_(saved[name])
 
 
+def prepare_resume(cfg: Config, rank: int, world: int, ckpt_dir: Path, tag: str) -> ResumePlan:
+    """The plan for resuming ``tag``; on another layout, said in the log and the conversion made."""
+    plan = plan_resume(cfg, world, ckpt_dir, tag)
+    if plan.universal:
+        if rank == 0:
+            explain_resume(plan, cfg, world, ckpt_dir)
+        ensure_universal(ckpt_dir, tag, rank, cfg.train.dist_timeout_s)
+    return plan
+
+
+def load_resume(engine, optimizer, ckpt_dir: Path, plan: ResumePlan, rank: int) -> dict:
+    """Load the planned checkpoint into the engine; the client state. Through a universal conversion,
+    what DeepSpeed's universal load overwrites or leaves out is put back (the groups, the buffers)."""
+    if not plan.universal:
+        return load_checkpoint(engine, ckpt_dir, plan.tag, rank)
+    with keep_group_settings(optimizer):
+        client = load_checkpoint(engine, ckpt_dir, plan.tag, rank)
+    load_buffers(engine.module, ckpt_dir / plan.tag)
+    return client
+
+
 def explain_resume(plan: ResumePlan, cfg: Config, world: int, ckpt_dir: Path) -> None:
-    """The log lines of a resume on another layout (rank 0)."""
-    if not plan.universal or plan.saved is None:
-        return
+    """The log lines of a resume through a universal conversion (rank 0)."""
     s = plan.saved
     log.info(
         "resuming %s, written by %d rank(s) at ZeRO-%d, on %d rank(s) at ZeRO-%d through DeepSpeed's universal "
@@ -213,6 +233,7 @@ def _shape_fragments(folder: Path, step) -> None:
     engine_file = folder / "mp_rank_00_model_states.pt"
     engine_state = torch.load(engine_file, weights_only=False)
     shapes = {name: shape for group in engine_state["param_shapes"] for name, shape in group.items()}
+    module = engine_state["module"]
     for param_dir in (folder / "zero").iterdir():
         if not param_dir.is_dir() or param_dir.name not in shapes:
             continue
@@ -223,12 +244,10 @@ def _shape_fragments(folder: Path, step) -> None:
                 d = d if isinstance(d, dict) else {"param": d}  # ZeRO-3's converter saves bare tensors
                 d["param"] = d["param"].reshape(shapes[param_dir.name])
                 torch.save(d, f)
+                if key == "fp32" and param_dir.name in module:
+                    module[param_dir.name] = d["param"]
         if not (param_dir / "step.pt").is_file():
             torch.save(step, param_dir / "step.pt")
-    module = engine_state["module"]
-    for name in module:
-        if name in shapes:
-            module[name] = torch.load(folder / "zero" / name / "fp32.pt", weights_only=False)["param"]
     for name, source in (engine_state.get("shared_params") or {}).items():  # a tied readout
         module[name] = module[source]
     torch.save(engine_state, engine_file)
