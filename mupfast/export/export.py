@@ -21,7 +21,7 @@ import torch
 
 from mupfast.errors import ConfigError
 from mupfast.export.fold import check_folding, fold_multipliers
-from mupfast.export.granite import check_granite, granite_config, granite_folded, optimizer_groups
+from mupfast.export.granite import check_granite, granite_config, optimizer_groups, unfolded
 from mupfast.export.granite import multipliers as granite_multipliers
 from mupfast.export.layouts import byte_level_tokenizer_json, hf_config, layout_for, layout_tensors
 from mupfast.export.load import load_run, run_tokenizer
@@ -132,9 +132,9 @@ def _folded(model, layout: str, dtype: str) -> _Weights:
 
 
 def _granite(model, cfg, dtype: str) -> _Weights:
-    tensors = layout_tensors(cfg.model, "llama", granite_folded(model))
-    config = granite_config(model, dtype)
+    tensors = layout_tensors(cfg.model, "llama", unfolded(model))
     factors = granite_multipliers(model)
+    config = granite_config(model, dtype, factors)
     record = {"granite_multipliers": factors, "readout_tied": cfg.model.tie_embeddings}
     groups = {"optimizer_groups.json": optimizer_groups(model, cfg)}
     return _Weights("granite", tensors, config, cfg.model.tie_embeddings, factors, 0.0, record, groups)

@@ -31,7 +31,7 @@ def check_granite(cfg: ModelConfig) -> None:
     if cfg.parametrization == "hyperp":
         raise ConfigError(
             "model.parametrization: hyperp trains its matrices with Muon on the sphere, which no transformers "
-            "optimizer does; export it folded (--format llama) for inference"
+            "optimizer does; export it folded (--format folded) for inference"
         )
     if layout_for(cfg) != "llama":
         raise ConfigError(
@@ -58,24 +58,17 @@ def multipliers(model: Transformer) -> dict[str, float]:
     }
 
 
-def granite_state(model: Transformer) -> dict[str, torch.Tensor]:
-    """The weights as trained (nothing folded), under our parameter names."""
+def unfolded(model: Transformer) -> Folded:
+    """The weights as trained (nothing folded), in the shape the Llama tensor layout takes."""
     state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
-    if model.cfg.tie_embeddings:
-        state.pop("readout.weight", None)
-    return state
+    return Folded(state, model.cfg.tie_embeddings, {})
 
 
-def granite_folded(model: Transformer) -> Folded:
-    """The unfolded weights in the shape the Llama tensor layout takes."""
-    return Folded(granite_state(model), model.cfg.tie_embeddings, {"folded": 0.0})
-
-
-def granite_config(model: Transformer, dtype: str) -> dict[str, Any]:
-    """config.json: the Llama one with Granite's name and multipliers."""
+def granite_config(model: Transformer, dtype: str, multipliers: dict[str, float]) -> dict[str, Any]:
+    """config.json: the Llama one with Granite's name and ``multipliers`` (:func:`multipliers`)."""
     config = hf_config(model.cfg, "llama", model.cfg.tie_embeddings, dtype)
     config.pop("head_dim")  # Granite derives it: hidden_size / num_attention_heads
-    config.update(architectures=["GraniteForCausalLM"], model_type="granite", **multipliers(model))
+    config.update(architectures=["GraniteForCausalLM"], model_type="granite", **multipliers)
     return config
 
 
