@@ -33,7 +33,6 @@ DEFAULT_TRUNCATION = 2.0
 class ModelZoo:
     """The parts of a Model Zoo config a training run depends on, from either format."""
 
-    fmt: str
     model: dict[str, Any]
     optimizer: dict[str, Any]
     optimizer_type: str
@@ -82,24 +81,25 @@ def _read_new(raw: dict) -> ModelZoo:
             f"trainer.init.optimizer: expected one optimizer (got {list(optimizers) or 'none'})"
         )
     ((opt_type, opt),) = optimizers.items()
+    opt = dict(opt or {})
     schedulers = init.get("schedulers") or []
     lr_schedulers = [s for s in schedulers if isinstance(s, dict)]
     if len(lr_schedulers) > 1:
         raise ConfigError(f"trainer.init.schedulers: expected one lr scheduler (got {len(lr_schedulers)})")
     precision = _section(init, "precision", "trainer.init.")
+    loop = _section(init, "loop", "trainer.init.")
     loader = _section(_section(trainer, "fit", "trainer."), "train_dataloader", "trainer.fit.")
     return ModelZoo(
-        fmt="new",
         model=_section(init, "model", "trainer.init."),
-        optimizer=dict(opt or {}),
+        optimizer=opt,
         optimizer_type=str(opt_type),
         segments=_new_segments(lr_schedulers[0]) if lr_schedulers else _constant(opt.get("learning_rate")),
         max_gradient_norm=float(precision.get("max_gradient_norm") or 0.0),
-        max_steps=_section(init, "loop", "trainer.init.").get("max_steps"),
+        max_steps=loop.get("max_steps"),
         batch_size=loader.get("batch_size"),
         precision=_precision(precision.get("enabled", True), precision.get("fp16_type", "bfloat16")),
         run={
-            "eval_every": _section(init, "loop", "trainer.init.").get("eval_frequency"),
+            "eval_every": loop.get("eval_frequency"),
             "save_every": _section(init, "checkpoint", "trainer.init.").get("steps"),
             "log_every": _section(init, "logging", "trainer.init.").get("log_steps"),
             "data_dir": loader.get("data_dir"),
@@ -118,7 +118,6 @@ def _read_old(raw: dict) -> ModelZoo:
     train_input = _section(raw, "train_input", "")
     half = model.get("use_bfloat16") and "bfloat16" or "float16"
     return ModelZoo(
-        fmt="old",
         model=model,
         optimizer=opt,
         optimizer_type=str(opt.pop("optimizer_type", "AdamW")),

@@ -123,15 +123,11 @@ def _check_keys(raw: dict[str, Any], names: list[str], prefix: str) -> None:
     """Every key of ``raw`` must be one of ``names``: the error for one that is not suggests the closest."""
     for key in raw:
         if key not in names:
-            foreign = foreign_keys.hint(str(key))  # by meaning, not spelling (foreign_keys' docstring)
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            if foreign:
-                hint = f" ({foreign})"
-            elif close:
-                hint = f" (did you mean {prefix}{close[0]}?)"
-            else:
-                hint = f" (valid: {', '.join(names)})"
-            raise ConfigError(f"{prefix}{key}: unknown key{hint}")
+            hint = foreign_keys.hint(str(key))  # by meaning, not spelling (foreign_keys' docstring)
+            if hint is None:
+                close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+                hint = f"did you mean {prefix}{close[0]}?" if close else f"valid: {', '.join(names)}"
+            raise ConfigError(f"{prefix}{key}: unknown key ({hint})")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
