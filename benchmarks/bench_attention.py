@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import bench_parser, measure, peak_memory_mb, publish
+from benchmarks.common import Recorder, bench_parser, measure, peak_memory_mb
 from mupfast.kernels.attention import mup_attention
 
 Attn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
@@ -160,24 +160,23 @@ def doc_providers(smoke: bool, doc_ids: torch.Tensor) -> dict[str, Attn]:
     return found
 
 
-def _rows(peers: dict[str, Attn], inputs, scale: float, causal: bool, args, shape: dict, work, label: str,
-          extra: dict | None = None) -> list[dict]:  # fmt: skip
-    """One row per mode and provider: its timing, TFLOP/s of ``work(mode)`` FLOPs, and its speed and
-    output against ours (the first provider)."""
+def _rows(rec: Recorder, peers: dict[str, Attn], inputs, scale: float, causal: bool, args, shape: dict, work,
+          label: str, extra: dict | None = None) -> None:  # fmt: skip
+    """One row per mode and provider, recorded as it is measured: its timing, TFLOP/s of ``work(mode)``
+    FLOPs, and its speed and output against ours (the first provider)."""
     q, k, v, do = inputs
     with torch.no_grad():
         ours_out = peers["mupfast"](q, k, v, scale, causal).float()
-    rows = []
     for mode in args.modes:
         ours_ms = None
         for name, fn in peers.items():
             row = {"mode": mode, "causal": causal, **shape, "provider": name, **(extra or {})}
-            rows.append(row)
             try:
                 row |= _time(fn, q, k, v, do, scale, causal, mode, args, ours_out)
             except (RuntimeError, ValueError) as e:  # a backend that refuses this shape, or OOM
                 row["status"] = f"skipped: {str(e).splitlines()[0][:80]}"
                 print(f"{mode:8s} {label} {name:11s} {row['status']}")
+                rec.add(row)
                 continue
             ours_ms = row["median_ms"] if name == "mupfast" else ours_ms
             row["tflops"] = work(mode) / row["median_ms"] / 1e9
@@ -188,15 +187,16 @@ def _rows(peers: dict[str, Attn], inputs, scale: float, causal: bool, args, shap
                 f"ours x{row['ours_speedup'] or 0:.2f}",
                 flush=True,
             )
-    return rows
+            rec.add(row)
 
 
-def run_documents(args: argparse.Namespace) -> list[dict]:
-    """The packed-document rows: ours with doc_ids against the peer at each mean document length."""
+def run_documents(args: argparse.Namespace, rec: Recorder) -> None:
+    """The packed-document rows: ours with doc_ids against the peer at each mean document length; the peer
+    is compiled (FlexAttention), so these run after every eager row."""
     from mupfast.kernels.attention import skipped_tiles
 
     device = "cpu" if args.smoke else "cuda"
-    rows, d_head, seqlen = [], args.doc_d_head, args.doc_seqlen
+    d_head, seqlen = args.doc_d_head, args.doc_seqlen
     heads, batch = args.hidden // d_head, max(1, args.tokens // seqlen)
     shape = {"d_head": d_head, "seqlen": seqlen, "batch": batch, "heads": heads, "dtype": args.dtype}
     for mean_len in args.doc_lens:
@@ -207,21 +207,19 @@ def run_documents(args: argparse.Namespace) -> list[dict]:
         label = f"docs~{mean_len:5d} T={seqlen:5d} (tiles skipped {skipped}/{total})"
         work = lambda mode, doc_ids=doc_ids: useful_flops(doc_ids, heads, d_head, mode)
         peers = doc_providers(args.smoke, doc_ids)
-        rows += _rows(peers, inputs, args.alpha / d_head, True, args, shape, work, label, extra)
-    return rows
+        _rows(rec, peers, inputs, args.alpha / d_head, True, args, shape, work, label, extra)
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: argparse.Namespace, rec: Recorder) -> None:
     device = "cpu" if args.smoke else "cuda"
-    peers, rows = providers(args.smoke), []
+    peers = providers(args.smoke)
     for d_head, seqlen, causal in itertools.product(args.d_heads, args.seqlens, args.causal):
         heads, batch = args.hidden // d_head, max(1, args.tokens // seqlen)
         inputs = _inputs(batch, heads, seqlen, d_head, getattr(torch, args.dtype), device)
         shape = {"d_head": d_head, "seqlen": seqlen, "batch": batch, "heads": heads, "dtype": args.dtype}
         work = lambda mode, b=batch, h=heads, t=seqlen, d=d_head, c=causal: flops(b, h, t, d, c, mode)
         label = f"causal={causal!s:5s} d={d_head:3d} T={seqlen:5d}"
-        rows += _rows(peers, inputs, args.alpha / d_head, causal, args, shape, work, label)
-    return rows
+        _rows(rec, peers, inputs, args.alpha / d_head, causal, args, shape, work, label)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -265,14 +263,16 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit("--smoke runs under the Triton interpreter: set TRITON_INTERPRET=1 before starting")
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("the full benchmark needs a CUDA GPU (use --smoke on CPU)")
-    rows = run(args) + run_documents(args)
+    rec = Recorder("attention", args, smoke="CPU, Triton interpreter")
+    run(args, rec)
+    run_documents(args, rec)
     missing = [p for p in ("sdpa-flash", "sdpa-cudnn", "flash_attn") if p not in providers(args.smoke)]
     notes = (
         f"scale = {args.alpha}/d_head; batch·T ≈ {args.tokens}, heads = {args.hidden}/d_head; "
         "FLOPs fwd = 4·B·H·T²·D (/2 causal), fwd+bwd = 3.5×fwd; ours_speedup = peer ms / ours ms"
         + (f"; not available: {', '.join(missing)}" if missing and not args.smoke else "")
     )
-    return publish("attention", rows, notes, args, smoke="CPU, Triton interpreter")
+    return rec.publish(notes)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.ceiling import copy_bandwidth_gbs
-from benchmarks.common import (
-    bench_device,
-    bench_parser,
-    device_name,
-    measure,
-    peak_memory_mb,
-    publish,
-)
+from benchmarks.common import Recorder, bench_device, bench_parser, device_name, measure, peak_memory_mb
 
 COMPONENTS = ["emb", "q", "k", "v", "o", "ffn_gate", "ffn_up", "ffn_down", "norm_attn", "norm_ffn"]
 LR_MULT = {"emb": 1.0, "norm_attn": 1.0, "norm_ffn": 1.0}  # hidden matrices get 1/m (μP-like)
@@ -178,7 +171,13 @@ def main(argv: list[str] | None = None) -> Path:
     copy_numel = 1 << (16 if args.smoke else 28)  # 1 GiB of fp32 on GPU
     copy_gbs = copy_bandwidth_gbs(device, copy_numel, warmup, reps)
     agreement = check_agreement(device)
-    rows: list[dict] = []
+    notes = (
+        f"device {device_name(device)}; copy bandwidth {copy_gbs:.4g} GB/s ({copy_numel * 4 / 2**20:g} MiB fp32 "
+        f"copy, read+write); effective_GBps credits every method with {BYTES_PER_PARAM} B/param "
+        "(read p,m,v,g + write p,m,v + norm read of g); per-group clip_grad_norm_(foreach=True) for peers; "
+        f"max rel diff ours vs torch AdamW(foreach=False) after one clipped step: {agreement:.2e}"
+    )
+    rec = Recorder("clip_adamw", args, notes=notes)
     for model in models:
         base_ms = None
         for name, build in METHODS.items():
@@ -190,7 +189,7 @@ def main(argv: list[str] | None = None) -> Path:
                 run = build(pb)
                 t = measure(run, warmup=warmup, reps=reps)
             except Exception as e:  # noqa: BLE001 - a peer that cannot build or run is skipped
-                rows.append({**row, "status": f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}"})
+                rec.add({**row, "status": f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}"})
                 continue
             gbs = BYTES_PER_PARAM * pb.numel / (t["median_ms"] * 1e-3) / 1e9
             if build is ours:
@@ -205,17 +204,11 @@ def main(argv: list[str] | None = None) -> Path:
                 peak_extra_MB=peak_memory_mb(run),
                 status="ok",
             )
-            rows.append(row)
+            rec.add(row)
             del run, pb
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    notes = (
-        f"device {device_name(device)}; copy bandwidth {copy_gbs:.4g} GB/s ({copy_numel * 4 / 2**20:g} MiB fp32 "
-        f"copy, read+write); effective_GBps credits every method with {BYTES_PER_PARAM} B/param "
-        "(read p,m,v,g + write p,m,v + norm read of g); per-group clip_grad_norm_(foreach=True) for peers; "
-        f"max rel diff ours vs torch AdamW(foreach=False) after one clipped step: {agreement:.2e}"
-    )
-    return publish("clip_adamw", rows, notes, args)
+    return rec.publish()
 
 
 if __name__ == "__main__":

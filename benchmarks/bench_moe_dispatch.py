@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import bench_device, bench_parser, device_name, measure, peak_memory_mb, publish
+from benchmarks.common import Recorder, bench_device, bench_parser, device_name, measure, peak_memory_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/moe-125m.yaml"
@@ -75,7 +75,13 @@ def main(argv: list[str] | None = None) -> Path:
         out.float().square().mean().backward()
         return out
 
-    rows, outputs, base_ms = [], {}, None
+    notes = (
+        f"device {device_name(device)}; one MoE layer of {CONFIG} (d={m.hidden_size}, {m.moe_experts} experts "
+        f"of hidden {m.filter_size // m.moe_granularity}, top {m.moe_top_k}, shared expert "
+        f"{m.moe_shared_expert}), forward + backward; speedup_vs_loop = loop ms / grouped ms"
+    )
+    rec = Recorder("moe_dispatch", args, notes=notes, smoke="tiny fp32 layer on the CPU")
+    rows, outputs, base_ms = rec.rows, {}, None
     for dispatch in ("loop", "grouped"):
         moe.grouped = dispatch == "grouped"
         row = {"dispatch": dispatch, "tokens": tokens, "experts": m.moe_experts, "top_k": m.moe_top_k}
@@ -85,22 +91,17 @@ def main(argv: list[str] | None = None) -> Path:
             t = measure(step, warmup=warmup, reps=reps)
             mem = peak_memory_mb(step)
         except Exception as e:  # noqa: BLE001 - a dispatch that cannot run here is recorded, not fatal
-            rows.append({**row, "status": f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}"})
+            rec.add({**row, "status": f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}"})
             continue
         base_ms = t["median_ms"] if dispatch == "loop" else base_ms
         row.update(median_ms=t["median_ms"], min_ms=t["min_ms"], max_ms=t["max_ms"], peak_extra_MB=mem)
         row.update(speedup_vs_loop=base_ms / t["median_ms"] if base_ms else None, status="ok")
-        rows.append(row)
+        rec.add(row)
     if len(outputs) == 2:
         a, b = outputs["grouped"], outputs["loop"]
         for r in rows:
             r["max_rel_diff"] = ((a - b).abs().max() / b.abs().max()).item()
-    notes = (
-        f"device {device_name(device)}; one MoE layer of {CONFIG} (d={m.hidden_size}, {m.moe_experts} experts "
-        f"of hidden {m.filter_size // m.moe_granularity}, top {m.moe_top_k}, shared expert "
-        f"{m.moe_shared_expert}), forward + backward; speedup_vs_loop = loop ms / grouped ms"
-    )
-    return publish("moe_dispatch", rows, notes, args, smoke="tiny fp32 layer on the CPU")
+    return rec.publish()
 
 
 if __name__ == "__main__":

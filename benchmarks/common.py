@@ -2,7 +2,9 @@
 
 Every script measures ours and the peers side by side in one process on one device, and writes
 ``benchmarks/results/<date>-<device>-<name>.{md,json}`` with the device name, library versions,
-the exact command and the median and spread of each measurement.
+the exact command and the median and spread of each measurement. A ``Recorder`` rewrites them after each
+row (atomically), so a run stopped from outside keeps every row it finished, and the winners of the kernels'
+autotuners beside them (``*-autotune.json``).
 """
 
 from __future__ import annotations
@@ -101,12 +103,23 @@ def peak_memory_mb(fn: Callable[[], object]) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def _stem(name: str) -> str:
+    return f"{_dt.date.today().isoformat()}-{re.sub(r'[^A-Za-z0-9]+', '-', device_name()).strip('-')}-{name}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside ``path`` and rename it: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_results(name: str, rows: list[dict], *, notes: str = "", out_dir: Path | None = None) -> Path:
-    """Write rows as a Markdown table and JSON; return the Markdown path."""
+    """Write rows as a Markdown table and JSON (each atomically); return the Markdown path."""
     out_dir = out_dir or RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = device_name()
-    stem = f"{_dt.date.today().isoformat()}-{re.sub(r'[^A-Za-z0-9]+', '-', dev).strip('-')}-{name}"
+    stem = _stem(name)
     meta = {
         "benchmark": name,
         "device": dev,
@@ -115,7 +128,7 @@ def write_results(name: str, rows: list[dict], *, notes: str = "", out_dir: Path
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
         "notes": notes,
     }
-    (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    _write_atomic(out_dir / f"{stem}.json", json.dumps({"meta": meta, "rows": rows}, indent=2))
     cols = list(dict.fromkeys(k for r in rows for k in r))
     lines = [
         f"# {name}",
@@ -131,19 +144,78 @@ def write_results(name: str, rows: list[dict], *, notes: str = "", out_dir: Path
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
     md = out_dir / f"{stem}.md"
-    md.write_text("\n".join(lines) + "\n")
+    _write_atomic(md, "\n".join(lines) + "\n")
     return md
 
 
 def publish(
     name: str, rows: list[dict], notes: str, args, *, smoke: str = "tiny shapes, Triton interpreter"
 ) -> Path:
-    """Write a benchmark's results (marked as a smoke run where it was one), print them; return the path."""
-    if args.smoke:
+    """Write a benchmark's results (marked as a smoke run where it was one) and its kernels' autotune
+    winners, print them; return the path."""
+    if getattr(args, "smoke", False):
         notes += f"; SMOKE RUN ({smoke}): timings meaningless"
     path = write_results(name, rows, notes=notes, out_dir=args.out)
+    write_autotune(name, args.out)
     print_rows(rows)
     print(f"wrote {path}")
+    return path
+
+
+class Recorder:
+    """A benchmark's rows on disk as they are measured: ``add`` rewrites the .json/.md (marked PARTIAL) and
+    the autotune winners after each row; ``publish`` writes the finished results."""
+
+    def __init__(self, name: str, args, *, notes: str = "", smoke: str = "tiny shapes, Triton interpreter"):
+        self.name, self.args, self.notes, self.smoke = name, args, notes, smoke
+        self.rows: list[dict] = []
+
+    def add(self, row: dict) -> dict:
+        self.rows.append(row)
+        self.save()
+        return row
+
+    def save(self) -> Path:
+        notes = f"{self.notes}; PARTIAL: {len(self.rows)} rows so far, the run has not finished"
+        if getattr(self.args, "smoke", False):
+            notes += "; SMOKE RUN"
+        path = write_results(self.name, self.rows, notes=notes, out_dir=self.args.out)
+        write_autotune(self.name, self.args.out)
+        return path
+
+    def publish(self, notes: str | None = None) -> Path:
+        return publish(
+            self.name, self.rows, self.notes if notes is None else notes, self.args, smoke=self.smoke
+        )
+
+
+def autotune_winners() -> dict[str, dict[str, str]]:
+    """What each of our kernels' Triton autotuners chose so far: kernel -> {autotune key: best config}.
+    Only kernel modules already imported are read (none is imported for this)."""
+    try:
+        from triton.runtime.autotuner import Autotuner
+    except ImportError:
+        return {}
+    out: dict[str, dict[str, str]] = {}
+    for mod_name, mod in list(sys.modules.items()):
+        if not mod_name.startswith("mupfast.kernels.") or mod is None:
+            continue
+        for attr, obj in vars(mod).items():
+            if isinstance(obj, Autotuner) and getattr(obj, "cache", None):
+                out[f"{mod_name.rpartition('.')[2]}.{attr}"] = {str(k): str(c) for k, c in obj.cache.items()}
+    return out
+
+
+def write_autotune(name: str, out_dir: Path | None = None) -> Path | None:
+    """``<stem>-<name>-autotune.json``: the autotune winners of this process's kernels, where there are any."""
+    winners = autotune_winners()
+    if not winners:
+        return None
+    out_dir = out_dir or RESULTS_DIR
+    path = out_dir / f"{_stem(name)}-autotune.json"
+    _write_atomic(
+        path, json.dumps({"benchmark": name, "device": device_name(), "winners": winners}, indent=2)
+    )
     return path
 
 
