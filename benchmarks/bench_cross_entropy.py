@@ -20,14 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (
-    bench_device,
-    bench_parser,
-    device_name,
-    measure,
-    peak_memory_mb,
-    publish,
-)
+from benchmarks.common import Recorder, bench_device, bench_parser, device_name, measure, peak_memory_mb
 
 OURS = "mupfast fused (Triton)"
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -76,13 +69,14 @@ def gemm_floor(scale: float, z: float) -> Callable[..., tuple[torch.Tensor, ...]
     return run
 
 
-METHODS: dict[str, Callable[[float, float], Callable]] = {
+METHODS: dict[str, Callable[[float, float], Callable]] = {  # the compiled peer last: a cut run loses it first
     OURS: ours,
     "eager F.linear + F.cross_entropy (fp32 logits)": eager,
-    "torch.compile(eager)": compiled,
     "Liger LigerFusedLinearCrossEntropyLoss": liger,
     "3 bare GEMMs (floor, not a loss)": gemm_floor,
+    "torch.compile(eager)": compiled,
 }
+COMPILED = ("torch.compile(eager)",)
 SMOKE_METHODS = (OURS, "eager F.linear + F.cross_entropy (fp32 logits)")
 HEADLINE = "16384x4096x131072"  # a Llama-3-sized readout: 16k tokens, d 4096, 128k vocabulary
 
@@ -112,6 +106,43 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+def selected(args, smoke: bool) -> list[str]:
+    return [
+        name
+        for name in METHODS
+        if not (smoke and name not in SMOKE_METHODS)
+        and not (args.methods and not any(s.strip() in name for s in args.methods.split(",")))
+    ]
+
+
+def measure_method(name: str, args, inputs, warmup: int, reps: int, base: dict) -> dict:
+    """One method's row at one shape; ``base`` holds ours (time, memory, outputs) once it is measured."""
+    h, W, t = inputs
+    (N, d), V = h.shape, W.shape[0]
+    row = {"N": N, "d": d, "V": V, "dtype": str(h.dtype).removeprefix("torch."), "method": name}
+    try:
+        run = step_fn(METHODS[name](args.logit_scale, args.z_loss), name, h, W, t)
+        out = run()  # also compiles
+        tm = measure(run, warmup=warmup, reps=reps)
+        mem = peak_memory_mb(run)
+    except Exception as e:  # noqa: BLE001 - a peer that cannot build, run or fit is skipped
+        return {**row, "status": f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+    tflops = 6 * N * d * V / (tm["median_ms"] * 1e-3) / 1e12
+    row.update(median_ms=tm["median_ms"], min_ms=tm["min_ms"], max_ms=tm["max_ms"], gemm_TFLOPs=tflops)
+    row["peak_extra_MB"] = mem
+    if name == OURS:
+        base |= {"ms": tm["median_ms"], "mb": mem, "out": [o.detach() for o in out]}
+    elif base:
+        row["ours_over_peer_time"] = base["ms"] / tm["median_ms"]
+        row["ours_over_peer_mem"] = base["mb"] / mem if base["mb"] is not None and mem else None
+        if not name.startswith("3 bare GEMMs"):
+            row["rel_diff_loss"], row["rel_diff_dh"], row["rel_diff_dW"] = (
+                rel(o, b) for o, b in zip(out, base["out"])
+            )
+    row["status"] = "ok"
+    return row
+
+
 def main(argv: list[str] | None = None) -> Path:
     ap = bench_parser(__doc__, warmup=3, reps=10, smoke="tiny fp32 shapes, CPU interpreter, ours + eager")
     ap.add_argument("--shapes", default="16384x2048x32768,16384x2048x131072,16384x4096x32768,16384x4096x131072",
@@ -133,53 +164,25 @@ def main(argv: list[str] | None = None) -> Path:
         shapes = [tuple(int(v) for v in s.split("x")) for s in spec.split(",")]
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
         warmup, reps = args.warmup, args.reps
-    rows: list[dict] = []
-    for N, d, V in shapes:
-        h, W, t = make_inputs(N, d, V, dtype, device, args.ignore_frac)
-        base: dict = {}
-        for name, build in METHODS.items():
-            if (args.smoke and name not in SMOKE_METHODS) or (
-                args.methods and not any(s.strip() in name for s in args.methods.split(","))
-            ):
-                continue
-            row = {"N": N, "d": d, "V": V, "dtype": str(dtype).removeprefix("torch."), "method": name}
-            try:
-                run = step_fn(build(args.logit_scale, args.z_loss), name, h, W, t)
-                out = run()  # also compiles
-                tm = measure(run, warmup=warmup, reps=reps)
-                mem = peak_memory_mb(run)
-            except Exception as e:  # noqa: BLE001 - a peer that cannot build, run or fit is skipped
-                rows.append({**row, "status": f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}"})
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            tflops = 6 * N * d * V / (tm["median_ms"] * 1e-3) / 1e12
-            row.update(
-                median_ms=tm["median_ms"], min_ms=tm["min_ms"], max_ms=tm["max_ms"], gemm_TFLOPs=tflops
-            )
-            row["peak_extra_MB"] = mem
-            if name == OURS:
-                base = {"ms": tm["median_ms"], "mb": mem, "out": [o.detach() for o in out]}
-            elif base:
-                row["ours_over_peer_time"] = base["ms"] / tm["median_ms"]
-                row["ours_over_peer_mem"] = base["mb"] / mem if base["mb"] is not None and mem else None
-                if not name.startswith("3 bare GEMMs"):
-                    row["rel_diff_loss"], row["rel_diff_dh"], row["rel_diff_dW"] = (
-                        rel(o, b) for o, b in zip(out, base["out"])
-                    )
-            row["status"] = "ok"
-            rows.append(row)
-            del run, out
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        del h, W, t, base
     notes = (
         f"device {device_name(device)}; forward+backward (grads of h and W); logit_scale {args.logit_scale}, "
         f"z_loss {args.z_loss}, ignore_frac {args.ignore_frac}; gemm_TFLOPs credits 6·N·d·V FLOPs; "
         "ours_over_peer_* < 1 means ours is faster / smaller; peak_extra_MB is CUDA memory above the inputs; "
         "Liger gets h·scale as input (no logit multiplier of its own)"
     )
-    return publish("cross_entropy", rows, notes, args, smoke="tiny fp32 shapes, Triton interpreter")
+    rec = Recorder("cross_entropy", args, notes=notes, smoke="tiny fp32 shapes, Triton interpreter")
+    names = selected(args, args.smoke)
+    bases: dict[tuple, dict] = {shape: {} for shape in shapes}
+    # Every shape's eager methods first, then the compiled peer: a time limit cuts the compiles first.
+    for phase in ([n for n in names if n not in COMPILED], [n for n in names if n in COMPILED]):
+        for N, d, V in shapes if phase else []:
+            inputs = make_inputs(N, d, V, dtype, device, args.ignore_frac)
+            for name in phase:
+                rec.add(measure_method(name, args, inputs, warmup, reps, bases[(N, d, V)]))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            del inputs
+    return rec.publish()
 
 
 if __name__ == "__main__":

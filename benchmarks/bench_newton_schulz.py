@@ -26,14 +26,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.ceiling import matmul_tflops
-from benchmarks.common import (
-    bench_device,
-    bench_parser,
-    device_name,
-    measure,
-    peak_memory_mb,
-    publish,
-)
+from benchmarks.common import Recorder, bench_device, bench_parser, device_name, measure, peak_memory_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"125M": "configs/125m.yaml", "350M": "configs/350m.yaml", "1.3B": "configs/1.3b.yaml"}
@@ -68,10 +61,10 @@ def torch_flops(shape: tuple[int, ...], steps: int = STEPS) -> int:
 def methods() -> dict[str, Callable[[], Callable[[torch.Tensor], torch.Tensor]]]:
     from mupfast.kernels.newton_schulz import newton_schulz_reference, newton_schulz_triton
 
-    return {
+    return {  # the compiled one last: every shape's eager rows come before any inductor compile
         TORCH: lambda: newton_schulz_reference,
-        COMPILED: lambda: torch.compile(newton_schulz_reference, dynamic=False),
         OURS: lambda: newton_schulz_triton,
+        COMPILED: lambda: torch.compile(newton_schulz_reference, dynamic=False),
     }
 
 
@@ -83,6 +76,32 @@ def time_method(fn: Callable[[torch.Tensor], torch.Tensor], g: torch.Tensor, war
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def measure_method(name: str, case: dict, warmup: int, reps: int, ceiling: float) -> dict:
+    """One method's row at one shape; ``case`` holds the input, its float64 result and torch's time."""
+    row = {"model": case["model"], "matrices": case["what"], "shape": "x".join(map(str, case["g"].shape))}
+    row |= {"method": name, "iter_dtype": case["iter_dtype"]}
+    try:
+        out, t, mem = time_method(methods()[name](), case["g"], warmup, reps)
+    except Exception as e:  # noqa: BLE001 - a method that cannot build or run is skipped
+        return {**row, "status": f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+    tflops = torch_flops(tuple(case["g"].shape)) / (t["median_ms"] * 1e-3) / 1e12
+    if name == TORCH:
+        case["base_ms"] = t["median_ms"]
+    base_ms = case.get("base_ms")
+    row.update(
+        median_ms=t["median_ms"],
+        min_ms=t["min_ms"],
+        max_ms=t["max_ms"],
+        effective_TFLOPs=tflops,
+        frac_of_ceiling=tflops / ceiling,
+        speedup_vs_torch=base_ms / t["median_ms"] if base_ms else None,
+        rel_err_vs_fp64=rel(out, case["ref"]),
+        peak_extra_MB=mem,
+        status="ok",
+    )
+    return row
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -104,46 +123,6 @@ def main(argv: list[str] | None = None) -> Path:
     gpu = device.type == "cuda"
     ceiling = matmul_tflops(device, 8192 if gpu else 256, torch.bfloat16 if gpu else torch.float32)
     iter_dtype = "bf16" if gpu else "fp32"
-    rows: list[dict] = []
-    for model, (d, f) in dims.items():
-        for what, shape in shapes_for(d, f):
-            g = torch.randn(shape, device=device)
-            ref = methods()[TORCH]()(g.double(), STEPS, torch.float64)
-            flops = torch_flops(shape)
-            base_ms = None
-            for name, build in methods().items():
-                if (args.smoke and name not in SMOKE_METHODS) or (
-                    args.methods and not any(s.strip() in name for s in args.methods.split(","))
-                ):
-                    continue
-                row = {"model": model, "matrices": what, "shape": "x".join(map(str, shape)), "method": name}
-                row["iter_dtype"] = iter_dtype
-                try:
-                    out, t, mem = time_method(build(), g, warmup, reps)
-                except Exception as e:  # noqa: BLE001 - a method that cannot build or run is skipped
-                    rows.append(
-                        {**row, "status": f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}"}
-                    )
-                    continue
-                tflops = flops / (t["median_ms"] * 1e-3) / 1e12
-                if name == TORCH:
-                    base_ms = t["median_ms"]
-                row.update(
-                    median_ms=t["median_ms"],
-                    min_ms=t["min_ms"],
-                    max_ms=t["max_ms"],
-                    effective_TFLOPs=tflops,
-                    frac_of_ceiling=tflops / ceiling,
-                    speedup_vs_torch=base_ms / t["median_ms"] if base_ms else None,
-                    rel_err_vs_fp64=rel(out, ref),
-                    peak_extra_MB=mem,
-                    status="ok",
-                )
-                rows.append(row)
-                del out
-            del g, ref
-            if gpu:
-                torch.cuda.empty_cache()
     notes = (
         f"device {device_name(device)}; ceiling: dense {'8192³ bf16' if gpu else '256³ fp32'} matmul "
         f"{ceiling:.4g} TFLOP/s in this run; {STEPS} NS steps, fp32 input, {iter_dtype} iteration; "
@@ -151,7 +130,27 @@ def main(argv: list[str] | None = None) -> Path:
         "kernel does m²n + m³ fewer per step); speedup_vs_torch = torch ms / method ms; rel_err_vs_fp64 "
         "against the same iteration in float64"
     )
-    return publish("newton_schulz", rows, notes, args, smoke="tiny fp32 shapes, Triton interpreter")
+    rec = Recorder("newton_schulz", args, notes=notes, smoke="tiny fp32 shapes, Triton interpreter")
+    names = [
+        n
+        for n in methods()
+        if not (args.smoke and n not in SMOKE_METHODS)
+        and not (args.methods and not any(s.strip() in n for s in args.methods.split(",")))
+    ]
+    cases = []
+    for model, (d, f) in dims.items():
+        for what, shape in shapes_for(d, f):
+            g = torch.randn(shape, device=device)
+            ref = methods()[TORCH]()(g.double(), STEPS, torch.float64)
+            cases.append({"model": model, "what": what, "g": g, "ref": ref, "iter_dtype": iter_dtype})
+    # Every shape's eager methods first, then the compiled one: a time limit cuts the compiles first.
+    for phase in ([n for n in names if n != COMPILED], [n for n in names if n == COMPILED]):
+        for case in cases if phase else []:
+            for name in phase:
+                rec.add(measure_method(name, case, warmup, reps, ceiling))
+            if gpu:
+                torch.cuda.empty_cache()
+    return rec.publish()
 
 
 if __name__ == "__main__":
