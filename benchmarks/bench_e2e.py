@@ -5,15 +5,20 @@ activation checkpointing none and full; same config, same process, same device.
     python -m benchmarks.bench_e2e                          # GPU: 125M and 350M, all 8 variants, bf16
     python -m benchmarks.bench_e2e --models 125m --steps 30 --variants off-eager-none,on-compile-full
     python -m benchmarks.bench_e2e --smoke --out /tmp/x     # CPU: a tiny model, a few steps
+    python -m benchmarks.bench_e2e --models 125m --variants gpu-check --ref-steps 10   # benchmarks/gpu_check.sh
 
 A variant is ``KERNELS-EXEC-AC``: kernels ``off`` | ``on``; exec ``eager`` | ``compile``
 (``train.compile``); AC ``none`` | ``full`` | ``selective`` | ``every_K`` (``train.activation_checkpointing``,
 ``train.checkpoint_every``). ``--variants`` takes a comma-separated list, ``all`` (the 8 of
-off/on × eager/compile × none/full, the default on a GPU) or ``smoke`` (kernels off, eager, none and
-full: the default on the CPU, where Triton runs interpreted and inductor compiles for minutes).
+off/on × eager/compile × none/full, the default on a GPU), ``gpu-check`` (those 8 after an fp32 reference, in
+the order that answers the most first) or ``smoke`` (kernels off, eager, none and full: the default on the CPU).
+A ``-fp32`` suffix trains in fp32 (``off-eager-none-fp32``: the reference, ``--ref-steps`` steps).
 
 Each variant is a real run of the trainer (DeepSpeed engine, data, clip+AdamW, schedule) on the
 byte-level embedded corpus with the target's vocabulary size, so the readout costs what it would.
+Every variant records its loss at each logged step (``--log-every``, default 1: one host sync per step in
+every variant) and the largest difference from the reference's (the fp32 run, else the base variant), so a
+fast but wrong kernel cannot pass for a speed-up. Rows are written as each variant finishes.
 Throughput is the median of the logging windows after the first (compilation and autotuning);
 FLOPs per token and MFU come from ``mupfast.model.flops`` (6·N + 12·L·H·d_head·T, model FLOPs: the
 recomputation of checkpointing is not credited), MFU against the device's nominal dense bf16 peak
@@ -33,7 +38,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.ceiling import probe
-from benchmarks.common import publish, write_results
+from benchmarks.common import Recorder
 from mupfast.config import load_config
 from mupfast.model.flops import flops_per_token, peak_bf16_tflops, throughput_metrics
 from mupfast.rundir import read_metrics
@@ -47,27 +52,37 @@ EXEC = {"eager": ["train.compile=false"], "compile": ["train.compile=true"]}
 BASE = "off-eager-none"
 ALL_VARIANTS = [f"{k}-{e}-{a}" for k in ("off", "on") for e in ("eager", "compile") for a in ("none", "full")]
 SMOKE_VARIANTS = ["off-eager-none", "off-eager-full"]
+REF = "off-eager-none-fp32"  # the losses' reference: kernels off, eager, fp32
+# What benchmarks/gpu_check.sh asks first: the reference, kernels off/on eager, then compiled, then checkpointing.
+GPU_CHECK_VARIANTS = [REF, "off-eager-none", "on-eager-none", "on-compile-none", "off-compile-none"]
+GPU_CHECK_VARIANTS += ["off-eager-full", "on-eager-full", "on-compile-full", "off-compile-full"]
 
 
 def variant_overrides(name: str) -> list[str]:
-    """The config overrides of a variant name ``KERNELS-EXEC-AC`` (module docstring)."""
+    """The config overrides of a variant name ``KERNELS-EXEC-AC[-fp32]`` (module docstring)."""
     parts = name.split("-")
-    if len(parts) != 3 or parts[0] not in KERNELS or parts[1] not in EXEC:
-        raise ValueError(f"variant {name!r}: expected KERNELS-EXEC-AC, e.g. {BASE} or on-compile-full")
-    kernels, exec_, ac = parts
+    fp32 = len(parts) == 4 and parts[3] == "fp32"
+    if (
+        len(parts) not in (3, 4)
+        or parts[0] not in KERNELS
+        or parts[1] not in EXEC
+        or (len(parts) == 4 and not fp32)
+    ):
+        raise ValueError(f"variant {name!r}: expected KERNELS-EXEC-AC[-fp32], e.g. {BASE} or on-compile-full")
+    kernels, exec_, ac = parts[:3]
     if ac in ("none", "full", "selective"):
         ac_keys = [f"train.activation_checkpointing={ac}"]
     elif ac.startswith("every_") and ac[6:].isdigit() and int(ac[6:]) >= 1:
         ac_keys = ["train.activation_checkpointing=every_k", f"train.checkpoint_every={ac[6:]}"]
     else:
         raise ValueError(f"variant {name!r}: AC must be none, full, selective or every_K (got {ac!r})")
-    return [*KERNELS[kernels], *EXEC[exec_], *ac_keys]
+    return [*KERNELS[kernels], *EXEC[exec_], *ac_keys, *(["train.precision=fp32"] if fp32 else [])]
 
 
 def parse_variants(spec: str | None, gpu: bool) -> list[str]:
-    """``all``, ``smoke`` or a comma-separated list; None: all on a GPU, smoke elsewhere."""
+    """``all``, ``gpu-check``, ``smoke`` or a comma-separated list; None: all on a GPU, smoke elsewhere."""
     spec = spec or ("all" if gpu else "smoke")
-    names = {"all": ALL_VARIANTS, "smoke": SMOKE_VARIANTS}.get(spec) or [
+    names = {"all": ALL_VARIANTS, "gpu-check": GPU_CHECK_VARIANTS, "smoke": SMOKE_VARIANTS}.get(spec) or [
         v.strip() for v in spec.split(",") if v.strip()
     ]
     for name in names:
@@ -88,7 +103,8 @@ def run_variant(config: Path, overrides: list[str], work: Path) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     train(cfg)
-    windows = [r["tokens_per_s"] for r in read_metrics(work, "train")][1:] or [0.0]
+    logged = read_metrics(work, "train")
+    windows = [r["tokens_per_s"] for r in logged][1:] or [0.0]
     tok_s = statistics.median(windows)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fpt = flops_per_token(cfg.model, cfg.train.seq_len)
@@ -100,17 +116,26 @@ def run_variant(config: Path, overrides: list[str], work: Path) -> dict:
         "mfu_nominal": m.get("mfu"),
         "peak_mem_GiB": m.get("peak_mem_GiB"),
         "windows": len(windows),
+        "losses": {r["step"]: round(r["loss"], 6) for r in logged},
     }
 
 
 def add_ratios(rows: list[dict], matmul_tflops: float) -> None:
-    """MFU against the measured matmul, and each model's variants against its base variant."""
+    """MFU against the measured matmul, each model's variants against its base variant, and each one's
+    losses against the reference's (REF where it ran, else the base) over the steps both logged."""
     for row in rows:
         if row["status"] != "ok":
             continue
         row["mfu_measured"] = row["tflops"] / matmul_tflops
-        base = next((r for r in rows if r["model"] == row["model"] and r["variant"] == BASE), None)
-        if base is None or base["status"] != "ok":
+        same = {r["variant"]: r for r in rows if r["model"] == row["model"] and r["status"] == "ok"}
+        ref = same.get(REF) or same.get(BASE)
+        if ref is not None:
+            steps = sorted(set(ref["losses"]) & set(row["losses"]))
+            row["loss_ref"], row["loss_steps_compared"] = ref["variant"], len(steps)
+            diffs = [abs(row["losses"][k] - ref["losses"][k]) for k in steps]
+            row["max_abs_loss_diff_vs_ref"] = max(diffs) if diffs else None
+        base = same.get(BASE)
+        if base is None:
             continue
         if base["tokens_per_s"]:
             row["speedup_vs_base"] = row["tokens_per_s"] / base["tokens_per_s"]
@@ -118,27 +143,11 @@ def add_ratios(rows: list[dict], matmul_tflops: float) -> None:
             row["mem_vs_base"] = row["peak_mem_GiB"] / base["peak_mem_GiB"]
 
 
-def main(argv: list[str] | None = None) -> Path:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="125m,350m", help="config names under configs/")
-    ap.add_argument("--variants", default=None, help="all | smoke | comma-separated KERNELS-EXEC-AC")
-    ap.add_argument("--steps", type=int, default=30, help="training steps per variant (logged every 5)")
-    ap.add_argument("--micro-batch", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--smoke", action="store_true", help="tiny model, a few steps (CPU: kernels off, eager)")
-    ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
-    args = ap.parse_args(argv)
-    gpu = torch.cuda.is_available()
-    try:
-        variants = parse_variants(args.variants, gpu)
-    except ValueError as e:
-        ap.error(str(e))
-    ceiling = probe()
-    nominal = peak_bf16_tflops(ceiling["device"])
-    models = ["tiny"] if args.smoke else args.models.split(",")
+def common_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides every variant shares: short runs on the embedded corpus, no eval, no checkpoints."""
     common = [
         f"train.steps={4 if args.smoke else args.steps}",
-        "train.log_every=1" if args.smoke else "train.log_every=5",
+        f"train.log_every={args.log_every}",
         "train.eval_every=0",
         "train.eval_batches=1",
         "train.save_every=0",
@@ -157,36 +166,67 @@ def main(argv: list[str] | None = None) -> Path:
             "train.grad_accum_steps=1",
             "train.precision=bf16",
         ]
+    return common
+
+
+def run_row(name: str, v: str, overrides: list[str], work: Path) -> dict:
+    """One variant's row; a failure is recorded in it, not raised, so the others still run."""
+    kernels, exec_, ac = v.split("-")[:3]
+    row = {"model": name, "variant": v, "kernels": kernels, "exec": exec_, "ac": ac}
+    try:
+        row |= run_variant(ROOT / "configs" / f"{name}.yaml", overrides, work)
+        row["status"] = "ok"
+    except Exception as e:  # noqa: BLE001 - one variant failing must not lose the others
+        traceback.print_exc()
+        first = str(e).splitlines()[0][:160] if str(e) else ""
+        row["status"] = f"failed: {type(e).__name__}: {first}"
+    return row
+
+
+def main(argv: list[str] | None = None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="125m,350m", help="config names under configs/")
+    ap.add_argument(
+        "--variants", default=None, help="all | gpu-check | smoke | comma-separated KERNELS-EXEC-AC[-fp32]"
+    )
+    ap.add_argument("--steps", type=int, default=30, help="training steps per variant")
+    ap.add_argument(
+        "--ref-steps", type=int, default=None, help=f"steps of the reference {REF} (default --steps)"
+    )
+    ap.add_argument(
+        "--log-every", type=int, default=1, help="steps between logged losses and throughput windows"
+    )
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--smoke", action="store_true", help="tiny model, a few steps (CPU: kernels off, eager)")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    args = ap.parse_args(argv)
+    try:
+        variants = parse_variants(args.variants, torch.cuda.is_available())
+    except ValueError as e:
+        ap.error(str(e))
+    ceiling = probe()
+    nominal = peak_bf16_tflops(ceiling["device"])
+    models = ["tiny"] if args.smoke else args.models.split(",")
+    common = common_overrides(args)
     notes = (
         f"ceiling today: {ceiling['matmul_tflops']:.4g} TFLOP/s {ceiling['matmul_dtype']} matmul, "
         f"{ceiling['copy_gbs']:.0f} GB/s copy; mfu_measured divides by the former"
         + (f", mfu_nominal by {nominal} TFLOP/s (nominal dense bf16)" if nominal else "")
         + f"; FLOPs per token from mupfast.model.flops (model FLOPs, recomputation not credited); base = {BASE}"
+        + f"; losses every {args.log_every} step(s), max_abs_loss_diff_vs_ref against loss_ref ({REF} where it ran)"
     )
-    rows: list[dict] = []
-    total = len(models) * len(variants)
+    rec = Recorder("e2e", args, notes=notes, smoke="CPU, not a measurement")
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
-            config = ROOT / "configs" / f"{name}.yaml"
             for v in variants:
-                kernels, exec_, ac = v.split("-")
-                row = {"model": name, "variant": v, "kernels": kernels, "exec": exec_, "ac": ac}
-                try:
-                    row |= run_variant(config, [*common, *variant_overrides(v)], Path(tmp) / f"{name}-{v}")
-                    row["status"] = "ok"
-                except Exception as e:  # noqa: BLE001 - one variant failing must not lose the others
-                    traceback.print_exc()
-                    first = str(e).splitlines()[0][:160] if str(e) else ""
-                    row["status"] = f"failed: {type(e).__name__}: {first}"
-                rows.append(row)
-                add_ratios(rows, ceiling["matmul_tflops"])
+                steps = [f"train.steps={args.ref_steps}"] if v == REF and args.ref_steps else []
+                row = run_row(name, v, [*common, *variant_overrides(v), *steps], Path(tmp) / f"{name}-{v}")
+                rec.rows.append(row)
+                add_ratios(rec.rows, ceiling["matmul_tflops"])
+                rec.save()  # a run stopped from outside (a time limit) keeps every finished variant
                 print({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()}, flush=True)
-                if len(rows) < total:  # a run stopped from outside (a time limit) keeps what it measured
-                    partial = f"{notes}; PARTIAL: {len(rows)} of {total} variants"
-                    write_results(
-                        "e2e", rows, notes=partial + ("; SMOKE RUN" if args.smoke else ""), out_dir=args.out
-                    )
-    return publish("e2e", rows, notes, args, smoke="CPU, not a measurement")
+    return rec.publish()
 
 
 if __name__ == "__main__":

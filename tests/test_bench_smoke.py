@@ -89,6 +89,11 @@ def check_e2e(result, out_dir):
         assert row["peak_mem_GiB"] is None and row["mfu_nominal"] is None  # CPU: no CUDA memory, no peak
     base, full = rows["off-eager-none"], rows["off-eager-full"]
     assert base["speedup_vs_base"] == 1.0
+    # Losses at every step (4); without an fp32 run the base is the reference (fp32 on the CPU), and
+    # checkpointing recomputes the same forward: the same losses.
+    assert len(base["losses"]) == 4 and all(r["loss_ref"] == "off-eager-none" for r in rows.values())
+    assert base["max_abs_loss_diff_vs_ref"] == 0.0 and full["loss_steps_compared"] == 4
+    assert full["max_abs_loss_diff_vs_ref"] < 1e-5
     assert full["speedup_vs_base"] == pytest.approx(full["tokens_per_s"] / base["tokens_per_s"])
 
 
