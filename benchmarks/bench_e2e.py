@@ -12,7 +12,7 @@ A variant is ``KERNELS-EXEC-AC``: kernels ``off`` | ``on``; exec ``eager`` | ``c
 ``train.checkpoint_every``). ``--variants`` takes a comma-separated list, ``all`` (the 8 of
 off/on × eager/compile × none/full, the default on a GPU), ``gpu-check`` (those 8 after an fp32 reference, in
 the order that answers the most first) or ``smoke`` (kernels off, eager, none and full: the default on the CPU).
-A ``-fp32`` suffix trains in fp32 (``off-eager-none-fp32``: the reference, ``--ref-steps`` steps).
+A ``-fp32`` suffix trains in fp32 (``off-eager-none-fp32``: the reference; ``--ref-steps`` stops it early on the same schedule).
 
 Each variant is a real run of the trainer (DeepSpeed engine, data, clip+AdamW, schedule) on the
 byte-level embedded corpus with the target's vocabulary size, so the readout costs what it would.
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
     ap.add_argument("--steps", type=int, default=30, help="training steps per variant")
     ap.add_argument(
-        "--ref-steps", type=int, default=None, help=f"steps of the reference {REF} (default --steps)"
+        "--ref-steps", type=int, default=None, help=f"steps the reference {REF} runs of the --steps schedule (default all)"
     )
     ap.add_argument(
         "--log-every", type=int, default=1, help="steps between logged losses and throughput windows"
@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
             for v in variants:
-                steps = [f"train.steps={args.ref_steps}"] if v == REF and args.ref_steps else []
+                # the reference stops early on the same schedule (train.stop_at), so its losses compare
+                steps = [f"train.stop_at={args.ref_steps}"] if v == REF and args.ref_steps else []
                 row = run_row(name, v, [*common, *variant_overrides(v), *steps], Path(tmp) / f"{name}-{v}")
                 rec.rows.append(row)
                 add_ratios(rec.rows, ceiling["matmul_tflops"])
