@@ -346,6 +346,18 @@ def test_bf16_matches_float64_reference(N, d, V, scale, z):
 
 @gpu
 @needs_cuda
+def test_gpu_fp32_matches_float64_reference():
+    """fp32 at GPT-2's vocabulary (the GPU smoke set's fp32 case): IEEE fp32 GEMMs, so the CPU's
+    tolerances hold; a TF32 GEMM would err by ~1e-3."""
+    _, tol_loss, tol_grad = PRECISIONS[0]
+    h, W, t = make(4096, 512, 50257, torch.float32)
+    loss, stats = fused_linear_cross_entropy(h, W, t, logit_scale=0.125, z_loss=1e-3, return_stats=True)
+    loss.backward()
+    check(h, W, t, loss, stats, tol_loss, tol_grad, logit_scale=0.125, z_loss=1e-3)
+
+
+@gpu
+@needs_cuda
 def test_cuda_no_sync_and_no_recompile_for_new_scales():
     h, W, t = make(512, 128, 5000, torch.bfloat16)
     fused_linear_cross_entropy(h, W, t, logit_scale=1.0).backward()  # compile once
