@@ -1,40 +1,54 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 18 in one call on a bare H100/H200 machine, in under 8 minutes:
-#   1. pytest -m gpu        bf16 (and fp32) correctness of every kernel against its oracle
-#   2. kernel benchmarks    attention, cross_entropy, clip_adamw, newton_schulz, moe_dispatch at their
-#                           headline shapes (--headline)
-#   3. bench_e2e, 125M      kernels off/on x eager/compile x activation checkpointing none/full, 30 steps each
-# Each part runs under its own `timeout`, so one that hangs cannot eat the others' time; bench_e2e gets
-# what the others leave (at least GPU_CHECK_E2E_MIN_S). It writes each benchmark's own results and a
-# summary of all of them, benchmarks/results/<date>-<device>.{md,json}, copies the summary and a tarball
-# of everything (results and logs) to $OUT when it is set, and prints a summary last. Exit status 0 when
-# every part passed, 1 otherwise.
+# The GPU checks of issue 18 in one call on a bare H100/H200 machine, in under 8 minutes (issue 35: a session
+# has 15 minutes of device time, about 1.5 of them to start the machine, and one command of at most 10):
+#   1. pytest, smoke set   each kernel (attention, cross-entropy, clip+AdamW, Newton-Schulz) at its headline
+#                          shapes in bf16 and fp32, forward and backward, against its oracle: the node ids of
+#                          benchmarks/gpu_plan.py's SMOKE_TESTS, over 8 xdist workers (compiling is CPU-bound),
+#                          a per-test timeout, junit xml in the results. GPU_CHECK_TESTS=full: all of -m gpu.
+#   2. bench_e2e, 125m     an fp32 reference (10 steps), kernels off/on eager, then compiled, then activation
+#                          checkpointing; each variant's loss at every step and its largest difference from
+#                          the reference's, so a fast wrong kernel cannot pass for a speed-up
+#   3. kernel benchmarks   attention, cross_entropy, clip_adamw, newton_schulz, moe_dispatch at their headline
+#                          shapes (--headline); in each, the compiled peers (torch.compile, FlexAttention) last
+# Each part runs under its own `timeout -s INT` (pytest still prints its failures; a benchmark has written
+# every finished row, since each rewrites its .json/.md after every row). After EVERY part the results, the
+# logs and parts.tsv are copied to $OUT/gpu-check/, and INT/TERM to the script copies what exists, so a call
+# cut at any moment returns everything measured so far. Also kept: the kernels' autotune winners
+# (*-autotune.json per benchmark, and TRITON_PRINT_AUTOTUNING in the logs), `nvidia-smi -q`
+# (results/nvidia-smi-q.txt), the plan (logs/plan.txt). At the end: a summary of all parts,
+# benchmarks/results/<date>-<device>.{md,json}, copied with a tarball of everything to $OUT. Exit status 0
+# when every part passed, 1 otherwise.
 #
-# Time plan (seconds, of GPU_CHECK_TOTAL_S = 470): setup about 20, pytest 150, attention 40,
-# cross_entropy 35, clip_adamw 20, newton_schulz 30, moe_dispatch 20, then e2e the rest (at least 150).
-# bench_e2e runs the eager variants first and records each finished one, so a cut loses only the last;
-# a second call with GPU_CHECK_PARTS=e2e (and GPU_CHECK_E2E_VARIANTS=the missing ones) completes it.
+# Time plan (seconds; benchmarks/gpu_plan.py holds it and counts each part's Triton compiles on sm_90a):
+#   setup 25, pytest 90, e2e 160, attention 50, cross_entropy 35, clip_adamw 20, newton_schulz 35,
+#   moe_dispatch 15, summary 10: 440 of the 480 allowed (the deadline, GPU_CHECK_TOTAL_S, is 465 s: a
+#   part's timeout may take 15 s more to kill it). Compile counts and costs: `python -m benchmarks.gpu_plan`.
+# A part gets its budget or what is left before the deadline, whichever is less. The compiled peers and the
+# e2e variants after the first four are the likeliest to be cut; a second call with GPU_CHECK_PARTS=e2e
+# GPU_CHECK_E2E_VARIANTS=<the missing ones> completes them.
 #
 # Calling it through the device tool (`run`):
 #   once, here, in the repo root: bash ../shared/tools/gpu-wheels.sh zstandard
 #       (.whl/: deepspeed, its dependencies the GPU image lacks, and zstandard, which mupfast.data imports)
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
-# then copy the files that come back (files_at) into benchmarks/results/ and unpack the tarball there for
-# each benchmark's own .md/.json. The script installs .whl/*.whl into /tmp/site (PYTHONPATH) first, and
-# links mupfast/kernels -> kernels when the package is not installed (a bare machine has no editable
-# install to map mupfast.kernels onto kernels/).
+# then copy the files that come back (files_at) into benchmarks/results/: gpu-check/ has every benchmark's
+# own .md/.json as it stood after the last part that finished. The script installs .whl/*.whl into
+# /tmp/site (PYTHONPATH) first, and links mupfast/kernels -> kernels when the package is not installed (a
+# bare machine has no editable install to map mupfast.kernels onto kernels/).
 #
-# On the CPU, a dry run checks the plumbing (kernel benchmarks with --smoke, bench_e2e --smoke) and
-# writes to a temporary folder unless --out is given:
+# On the CPU, a dry run prints the plan (each part's budget, compile count and compile cost, and the total),
+# then checks the plumbing (kernel benchmarks with --smoke, bench_e2e --smoke; the smoke tests skip without
+# CUDA) and writes to a temporary folder unless --out is given:
 #   bash benchmarks/gpu_check.sh --dry-run            (or GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh)
 #
 # Options: --dry-run, --out DIR (the summary's folder; default benchmarks/results, a temporary one when dry).
 # Environment: PYTHON (default python3; .venv/bin/python in a dry run where present); GPU_CHECK_PARTS
-# (comma-separated subset of: pytest,attention,cross_entropy,clip_adamw,newton_schulz,moe_dispatch,e2e);
-# GPU_CHECK_TOTAL_S (the whole budget, default 470); GPU_CHECK_BUDGET_<PART> (seconds for one part, e.g.
-# GPU_CHECK_BUDGET_PYTEST=200); GPU_CHECK_E2E_MIN_S (150); GPU_CHECK_E2E_VARIANTS, GPU_CHECK_E2E_MODELS
-# (125m), GPU_CHECK_E2E_STEPS (30); GPU_CHECK_CLIP_METHODS (the clip_adamw methods; DeepSpeed FusedAdam
-# is left out by default: its JIT build of a CUDA extension alone takes about its whole budget).
+# (comma-separated subset of: pytest,e2e,attention,cross_entropy,clip_adamw,newton_schulz,moe_dispatch);
+# GPU_CHECK_SETUP (1; 0 skips the plan, the wheels and the import check); GPU_CHECK_TOTAL_S (the deadline, 465); GPU_CHECK_BUDGET_<PART> (seconds for one part, e.g.
+# GPU_CHECK_BUDGET_PYTEST=200); GPU_CHECK_TESTS (smoke | full), GPU_CHECK_PYTEST_WORKERS (8),
+# GPU_CHECK_TEST_TIMEOUT_S (per test, 90); GPU_CHECK_E2E_VARIANTS (gpu-check), GPU_CHECK_E2E_MODELS (125m),
+# GPU_CHECK_E2E_STEPS (30), GPU_CHECK_E2E_REF_STEPS (10); GPU_CHECK_CLIP_METHODS (the clip_adamw methods;
+# DeepSpeed FusedAdam is left out by default: its JIT build of a CUDA extension alone takes its whole budget).
 set -u
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -71,54 +85,98 @@ mkdir -p "$SUMMARY_DIR" || exit 2
 PARTS_TSV=$RUN/parts.tsv
 : > "$PARTS_TSV"
 
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 if [ "$DRY" = 1 ]; then
   export TRITON_INTERPRET=1 DS_ACCELERATOR=cpu
 else
   unset TRITON_INTERPRET
+  export TRITON_PRINT_AUTOTUNING=1  # each autotuner's winner and its time, in the part's log
 fi
 
-TOTAL=${GPU_CHECK_TOTAL_S:-$([ "$DRY" = 1 ] && echo 900 || echo 470)}
+TOTAL=${GPU_CHECK_TOTAL_S:-$([ "$DRY" = 1 ] && echo 900 || echo 465)}
 DEADLINE=$((T0 + TOTAL))
-E2E_MIN=${GPU_CHECK_E2E_MIN_S:-150}
 SUMMARY_RESERVE=10
-ALL_PARTS="pytest attention cross_entropy clip_adamw newton_schulz moe_dispatch e2e"
+ALL_PARTS="pytest e2e attention cross_entropy clip_adamw newton_schulz moe_dispatch"
 PARTS=$(echo "${GPU_CHECK_PARTS:-$ALL_PARTS}" | tr ',' ' ')
+CHILD=""     # the running part's `timeout` process
+CURRENT=""   # and its name
 
 log() { echo "[gpu_check $(( $(date +%s) - T0 ))s] $*"; }
 
 wanted() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
-budget_of() {  # the part's own budget: GPU_CHECK_BUDGET_<PART>, else the default (dry runs get more)
+# The plan's budgets (benchmarks/gpu_plan.py --budgets imports no torch); 60 s for a part it lacks.
+declare -A PLAN_BUDGET=()
+while read -r part secs; do
+  [ -n "${part:-}" ] && PLAN_BUDGET[$part]=$secs
+done < <("$PY" -m benchmarks.gpu_plan --budgets 2> "$LOGS/plan-budgets.err")
+
+budget_of() {  # the part's own budget: GPU_CHECK_BUDGET_<PART>, else the plan's (dry runs get 3x)
   local var="GPU_CHECK_BUDGET_$(echo "$1" | tr '[:lower:]' '[:upper:]')"
-  local default
-  case "$1" in
-    pytest) default=150 ;;
-    attention) default=40 ;;
-    cross_entropy) default=35 ;;
-    clip_adamw) default=20 ;;
-    newton_schulz) default=30 ;;
-    moe_dispatch) default=20 ;;
-    *) default=60 ;;
-  esac
+  local default=${PLAN_BUDGET[$1]:-60}
   [ "$DRY" = 1 ] && default=$((default * 3))
   echo "${!var:-$default}"
 }
 
-# run_part NAME BUDGET CMD...: runs CMD under timeout, its output in logs/NAME.log; appends a row to
-# parts.tsv (name, status, rc, seconds, budget, log).
+# A part's time: its own budget, cut so that the summary keeps its seconds before the deadline.
+timeout_for() {
+  local b left
+  b=$(budget_of "$1")
+  left=$((DEADLINE - $(date +%s) - SUMMARY_RESERVE))
+  if [ "$b" -lt "$left" ]; then echo "$b"; else echo "$left"; fi
+}
+
+# snapshot: the results, logs and parts.tsv as they stand, into $OUT/gpu-check/ (each benchmark file is
+# complete: the benchmarks write them atomically; their temporary dot-files are left out).
+snapshot() {
+  [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ] || return 0
+  local dest=$OUT/gpu-check d f
+  mkdir -p "$dest/results" "$dest/logs" 2> /dev/null || return 0
+  for d in results logs; do
+    for f in "$RUN/$d"/*; do
+      [ -f "$f" ] && cp -p "$f" "$dest/$d/" 2> /dev/null
+    done
+  done
+  cp -p "$PARTS_TSV" "$dest/parts.tsv" 2> /dev/null
+  return 0
+}
+
+# INT/TERM (the device tool's time limit, a person): stop the running part, record it, copy what exists.
+on_signal() {
+  trap - INT TERM
+  log "signal $1: stopping ${CURRENT:-nothing} and copying what exists to \$OUT/gpu-check"
+  if [ -n "$CHILD" ]; then
+    kill -INT "$CHILD" 2> /dev/null
+    for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$CHILD" 2> /dev/null || break; sleep 0.5; done
+    kill -KILL -- "-$CHILD" 2> /dev/null  # `timeout` leads its own process group: the part's processes
+    printf '%s\tcut (signal %s)\t-\t-\t-\t%s\n' "$CURRENT" "$1" "$LOGS/$CURRENT.log" >> "$PARTS_TSV"
+  fi
+  snapshot
+  if [ "$1" = INT ]; then exit 130; else exit 143; fi
+}
+trap 'on_signal INT' INT
+trap 'on_signal TERM' TERM
+
+# run_part NAME BUDGET CMD...: runs CMD under `timeout -s INT`, its output in logs/NAME.log; appends a row to
+# parts.tsv (name, status, rc, seconds, budget, log), then copies everything to $OUT. The part runs in the
+# background so that a signal to the script is handled at once (bash runs traps between commands).
 run_part() {
   local name=$1 budget=$2; shift 2
   local logf=$LOGS/$name.log start rc status
   if [ "$budget" -lt 5 ]; then
     log "$name: skipped (no time left)"
     printf '%s\tskipped (no time left)\t-\t0\t%s\t%s\n' "$name" "$budget" "$logf" >> "$PARTS_TSV"
+    snapshot
     return
   fi
   log "$name: start (budget ${budget}s): $*"
   start=$(date +%s)
-  timeout --kill-after=15 "$budget" "$@" > "$logf" 2>&1
+  CURRENT=$name
+  timeout -s INT --kill-after=15 "$budget" "$@" > "$logf" 2>&1 &
+  CHILD=$!
+  wait "$CHILD"
   rc=$?
+  CHILD=""
   case $rc in
     0) status=ok ;;
     124|137) status=timeout ;;
@@ -128,41 +186,42 @@ run_part() {
     >> "$PARTS_TSV"
   log "$name: $status (rc $rc, $(( $(date +%s) - start ))s)"
   if [ "$status" != ok ]; then tail -n 8 "$logf" | sed "s/^/    $name| /"; fi
-}
-
-# A part's time: its own budget, cut so that bench_e2e keeps its minimum and the summary its seconds.
-timeout_for() {
-  local name=$1 reserve=$SUMMARY_RESERVE left
-  if [ "$name" != e2e ] && wanted e2e; then reserve=$((reserve + E2E_MIN)); fi
-  left=$((DEADLINE - $(date +%s) - reserve))
-  if [ "$name" = e2e ]; then
-    local own="GPU_CHECK_BUDGET_E2E"
-    [ -n "${!own:-}" ] && [ "${!own}" -lt "$left" ] && left=${!own}
-    echo "$left"; return
-  fi
-  local b; b=$(budget_of "$name")
-  if [ "$b" -lt "$left" ]; then echo "$b"; else echo "$left"; fi
+  snapshot
 }
 
 # ---------------------------------------------------------------------------------------------- setup
 log "mode: $([ "$DRY" = 1 ] && echo 'dry run (CPU plumbing)' || echo GPU); python: $PY; run folder: $RUN"
+# The plan: compile counts need the kernels imported without the interpreter (it keeps one config).
+SETUP=${GPU_CHECK_SETUP:-1}  # 0: no plan, no wheels, no import check (a machine set up by an earlier call)
+if [ "$SETUP" = 0 ]; then
+  :
+elif [ "$DRY" = 1 ]; then
+  env -u TRITON_INTERPRET timeout 120 "$PY" -m benchmarks.gpu_plan > "$LOGS/plan.txt" 2>&1
+  sed 's/^/    plan| /' "$LOGS/plan.txt"
+else  # on the GPU it runs beside the setup, for the record
+  (env -u TRITON_INTERPRET timeout 120 "$PY" -m benchmarks.gpu_plan > "$LOGS/plan.txt" 2>&1 &)
+fi
 SETUP_LOG=$LOGS/setup.log
 : > "$SETUP_LOG"
-if [ "$DRY" = 0 ] && ls .whl/*.whl > /dev/null 2>&1; then
+if [ "$SETUP" = 0 ]; then
+  echo "setup skipped (GPU_CHECK_SETUP=0)" >> "$SETUP_LOG"
+elif [ "$DRY" = 0 ] && ls .whl/*.whl > /dev/null 2>&1; then
   echo "installing $(ls .whl/*.whl | wc -l) wheels from .whl into /tmp/site" >> "$SETUP_LOG"
   timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl >> "$SETUP_LOG" 2>&1 || echo "warning: installing .whl failed" >> "$SETUP_LOG"
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  export PYTHONPATH=/tmp/site:$PYTHONPATH
 elif [ "$DRY" = 0 ]; then
   echo "warning: no .whl/*.whl: deepspeed and zstandard must already be importable" >> "$SETUP_LOG"
 fi
-export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-if [ "$DRY" = 0 ] && [ ! -e mupfast/kernels ] && ! "$PY" -c "import mupfast.kernels" 2> /dev/null; then
+if [ "$SETUP" = 1 ] && [ "$DRY" = 0 ] && [ ! -e mupfast/kernels ] && ! "$PY" -c "import mupfast.kernels" 2> /dev/null; then
   echo "mupfast.kernels is not importable (no editable install): linking mupfast/kernels -> ../kernels" \
     >> "$SETUP_LOG"
   ln -s ../kernels mupfast/kernels
 fi
-timeout 120 "$PY" - >> "$SETUP_LOG" 2>&1 << 'EOF'
+if [ "$SETUP" = 1 ] && command -v nvidia-smi > /dev/null 2>&1; then
+  timeout 20 nvidia-smi -q > "$RES/nvidia-smi-q.txt" 2>&1 || echo "warning: nvidia-smi -q failed" >> "$SETUP_LOG"
+fi
+[ "$SETUP" = 0 ] || timeout 120 "$PY" - >> "$SETUP_LOG" 2>&1 << 'PYEOF'
 import importlib
 
 import torch
@@ -176,17 +235,48 @@ for mod in ("triton", "deepspeed", "zstandard", "yaml", "tokenizers", "mupfast.k
         print(f"ok {mod} {getattr(m, '__version__', '')}")
     except Exception as e:  # noqa: BLE001
         print(f"MISSING {mod}: {type(e).__name__}: {e}")
-EOF
+for mod in ("xdist", "pytest_timeout"):  # optional: the smoke tests run without them, slower or unguarded
+    try:
+        importlib.import_module(mod)
+        print(f"ok {mod}")
+    except Exception as e:  # noqa: BLE001
+        print(f"absent {mod}: {type(e).__name__}")
+PYEOF
 sed 's/^/    setup| /' "$SETUP_LOG"
 if grep -q '^MISSING' "$SETUP_LOG"; then setup_status=failed; else setup_status=ok; fi
-if [ "$DRY" = 0 ] && ! grep -q 'available True' "$SETUP_LOG"; then setup_status="failed (no CUDA device)"; fi
+if [ "$SETUP" = 1 ] && [ "$DRY" = 0 ] && ! grep -q 'available True' "$SETUP_LOG"; then setup_status="failed (no CUDA device)"; fi
 printf 'setup\t%s\t-\t%s\t-\t%s\n' "$setup_status" "$(( $(date +%s) - T0 ))" "$SETUP_LOG" >> "$PARTS_TSV"
+snapshot
 
 # ---------------------------------------------------------------------------------------------- parts
 if wanted pytest; then
-  mapfile -t GPU_TESTS < <(grep -l 'pytest\.mark\.gpu' tests/test_*.py)
-  run_part pytest "$(timeout_for pytest)" "$PY" -m pytest -q -p no:cacheprovider -m gpu -rfE \
-    --continue-on-collection-errors "${GPU_TESTS[@]}"
+  if [ "${GPU_CHECK_TESTS:-smoke}" = full ]; then
+    mapfile -t TESTS < <(grep -l 'pytest\.mark\.gpu' tests/test_*.py)
+    TESTS=(-m gpu --continue-on-collection-errors "${TESTS[@]}")
+  else
+    mapfile -t TESTS < <("$PY" -m benchmarks.gpu_plan --smoke-tests)
+  fi
+  opts=(-q -p no:cacheprovider -rfE --junitxml="$RES/pytest-junit.xml")
+  if grep -q '^ok xdist' "$SETUP_LOG"; then
+    workers=${GPU_CHECK_PYTEST_WORKERS:-8}
+    cores=$(nproc 2> /dev/null || echo 1)
+    [ "$workers" -gt "$cores" ] && workers=$cores
+    opts+=(-n "$workers")
+  fi
+  if grep -q '^ok pytest_timeout' "$SETUP_LOG"; then opts+=(--timeout="${GPU_CHECK_TEST_TIMEOUT_S:-90}"); fi
+  run_part pytest "$(timeout_for pytest)" "$PY" -m pytest "${opts[@]}" "${TESTS[@]}"
+fi
+
+if wanted e2e; then
+  if [ "$DRY" = 1 ]; then
+    run_part e2e "$(timeout_for e2e)" "$PY" -m benchmarks.bench_e2e --smoke \
+      --variants "${GPU_CHECK_E2E_VARIANTS:-smoke}" --out "$RES"
+  else
+    # The order answers the most first (bench_e2e's gpu-check list): a time limit cuts the least telling.
+    run_part e2e "$(timeout_for e2e)" "$PY" -m benchmarks.bench_e2e --models "${GPU_CHECK_E2E_MODELS:-125m}" \
+      --steps "${GPU_CHECK_E2E_STEPS:-30}" --ref-steps "${GPU_CHECK_E2E_REF_STEPS:-10}" --log-every 1 \
+      --variants "${GPU_CHECK_E2E_VARIANTS:-gpu-check}" --out "$RES"
+  fi
 fi
 
 for bench in attention cross_entropy clip_adamw newton_schulz moe_dispatch; do
@@ -200,22 +290,9 @@ for bench in attention cross_entropy clip_adamw newton_schulz moe_dispatch; do
     ${extra[@]+"${extra[@]}"}
 done
 
-if wanted e2e; then
-  if [ "$DRY" = 1 ]; then
-    run_part e2e "$(timeout_for e2e)" "$PY" -m benchmarks.bench_e2e --smoke \
-      --variants "${GPU_CHECK_E2E_VARIANTS:-smoke}" --out "$RES"
-  else
-    # Most telling first: a time limit then cuts the least telling (every finished variant is kept).
-    variants=off-eager-none,on-eager-none,off-eager-full,on-eager-full
-    variants=$variants,on-compile-none,off-compile-none,on-compile-full,off-compile-full
-    run_part e2e "$(timeout_for e2e)" "$PY" -m benchmarks.bench_e2e --models "${GPU_CHECK_E2E_MODELS:-125m}" \
-      --steps "${GPU_CHECK_E2E_STEPS:-30}" --variants "${GPU_CHECK_E2E_VARIANTS:-$variants}" --out "$RES"
-  fi
-fi
-
 # -------------------------------------------------------------------------------------------- summary
 log "writing the summary"
-STEM=$("$PY" - "$RUN" "$SUMMARY_DIR" "$DRY" "$(( $(date +%s) - T0 ))" << 'EOF'
+STEM=$("$PY" - "$RUN" "$SUMMARY_DIR" "$DRY" "$(( $(date +%s) - T0 ))" << 'PYEOF'
 import datetime as dt
 import json
 import re
@@ -245,16 +322,20 @@ for line in (run / "parts.tsv").read_text().splitlines():
         note = found[-1] if found else (tail[-1] if tail else "")
     elif status != "ok" and tail:
         note = tail[-1][:200]
-    parts.append({"part": name, "status": status, "rc": rc, "seconds": int(secs), "budget_s": budget,
+    parts.append({"part": name, "status": status, "rc": rc, "seconds": int(secs) if secs.isdigit() else None,
+                  "budget_s": budget,
                   "note": note, "log_tail": tail})
 
-benches = {}
+benches, autotune = {}, {}
 for path in sorted((run / "results").glob("*.json")):
     try:
         data = json.loads(path.read_text())
     except ValueError:
         continue
-    benches[data.get("meta", {}).get("benchmark", path.stem)] = {"file": path.name, **data}
+    if path.stem.endswith("-autotune"):  # the kernels' autotune winners of one benchmark
+        autotune[data.get("benchmark", path.stem)] = data.get("winners", {})
+    elif "rows" in data:
+        benches[data.get("meta", {}).get("benchmark", path.stem)] = {"file": path.name, **data}
 
 meta = {
     "what": "benchmarks/gpu_check.sh" + (" --dry-run (CPU plumbing: timings meaningless)" if dry else ""),
@@ -264,7 +345,8 @@ meta = {
     "seconds": seconds,
     "all_ok": all(p["status"] == "ok" for p in parts),
 }
-(summary_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "parts": parts, "benchmarks": benches}, indent=2))
+summary = {"meta": meta, "parts": parts, "benchmarks": benches, "autotune": autotune}
+(summary_dir / f"{stem}.json").write_text(json.dumps(summary, indent=2))
 
 
 def fmt(v):
@@ -290,11 +372,11 @@ console = lines[6 : 8 + len(parts)]
 e2e = benches.get("e2e", {}).get("rows", [])
 if e2e:
     cols = ["model", "variant", "status", "tokens_per_s", "tflops", "mfu_nominal", "peak_mem_GiB", "speedup_vs_base",
-            "mem_vs_base"]
+            "mem_vs_base", "max_abs_loss_diff_vs_ref"]
     console += ["", "e2e: " + " | ".join(cols), *("     " + " | ".join(fmt(r.get(c)) for c in cols) for r in e2e)]
 (run / "console.txt").write_text("\n".join(console) + "\n")
 print(stem)
-EOF
+PYEOF
 )
 SUMMARY_RC=$?
 if [ $SUMMARY_RC -ne 0 ] || [ -z "$STEM" ]; then
@@ -302,10 +384,11 @@ if [ $SUMMARY_RC -ne 0 ] || [ -z "$STEM" ]; then
   STEM=gpu-check-$(date +%F)
 fi
 
+snapshot
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
   cp "$SUMMARY_DIR/$STEM.md" "$SUMMARY_DIR/$STEM.json" "$OUT/" 2> /dev/null
   tar -czf "$OUT/gpu-check-$STEM.tar.gz" -C "$RUN" results logs parts.tsv 2> /dev/null
-  log "copied the summary and gpu-check-$STEM.tar.gz to \$OUT"
+  log "copied the summary, gpu-check/ and gpu-check-$STEM.tar.gz to \$OUT"
 fi
 
 log "summary: $SUMMARY_DIR/$STEM.md (and .json); benchmark results: $SUMMARY_DIR; logs: $LOGS"

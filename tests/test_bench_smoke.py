@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import pytest
 
+from benchmarks.gpu_plan import SMOKE_TESTS
 from mupfast.config import load_config
 from mupfast.model.flops import flops_per_token
 from tests.helpers import ROOT, run_bench_smoke, subprocess_env
@@ -263,8 +264,8 @@ def test_gpu_check_script_is_valid_bash():
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_records_every_part_and_survives_a_timeout(tmp_path):
-    """The CPU dry run's plumbing: pytest -m gpu, a kernel benchmark whose budget is too short (it must be
-    cut, recorded as a timeout, and leave the other parts their time), bench_e2e with one variant; the
+    """The CPU dry run's plumbing: the GPU smoke set, a kernel benchmark whose budget is too short (it must
+    be cut, recorded as a timeout, and leave the other parts their time), bench_e2e with one variant; the
     summary in --out and in $OUT."""
     out, summary = tmp_path / "OUT", tmp_path / "summary"
     out.mkdir()
@@ -285,11 +286,15 @@ def test_gpu_check_dry_run_records_every_part_and_survives_a_timeout(tmp_path):
     assert status == {"setup": "ok", "pytest": "ok", "newton_schulz": "timeout", "e2e": "ok"}
     assert not result["meta"]["all_ok"] and result["meta"]["device"]
     pytest_note = next(p["note"] for p in result["parts"] if p["part"] == "pytest")
-    assert "skipped" in pytest_note and "deselected" in pytest_note  # CPU: every gpu test collected, skipped
+    # CPU: the GPU smoke set collected, every test skipped
+    assert f"{len(SMOKE_TESTS)} skipped" in pytest_note
     (row,) = result["benchmarks"]["e2e"]["rows"]
     assert row["variant"] == "off-eager-none" and row["status"] == "ok" and row["tokens_per_s"] > 0
     assert (summary / json_path.name.replace(".json", ".md")).is_file()
     assert any(summary.glob("*-e2e.json"))  # each benchmark's own results beside the summary
     back = sorted(p.name for p in out.iterdir())
-    assert back == sorted([json_path.name, json_path.stem + ".md", f"gpu-check-{json_path.stem}.tar.gz"])
+    tarball = f"gpu-check-{json_path.stem}.tar.gz"
+    assert back == sorted([json_path.name, json_path.stem + ".md", tarball, "gpu-check"])
+    assert (out / "gpu-check" / "results" / "pytest-junit.xml").is_file()  # copied after each part
+    assert any((out / "gpu-check" / "results").glob("*-e2e.json"))
     assert "e2e: model | variant" in proc.stdout and "| newton_schulz | timeout |" in proc.stdout
