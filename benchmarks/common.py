@@ -190,8 +190,8 @@ class Recorder:
 
 
 def autotune_winners() -> dict[str, dict[str, str]]:
-    """What each of our kernels' Triton autotuners chose so far: kernel -> {autotune key: best config}.
-    Only kernel modules already imported are read (none is imported for this)."""
+    """What each of our kernels' Triton autotuners chose so far: kernel -> {autotune key: best config} (the
+    interpreter's single config where nothing was tuned). Only kernel modules already imported are read."""
     try:
         from triton.runtime.autotuner import Autotuner
     except ImportError:
@@ -201,8 +201,13 @@ def autotune_winners() -> dict[str, dict[str, str]]:
         if not mod_name.startswith("mupfast.kernels.") or mod is None:
             continue
         for attr, obj in vars(mod).items():
-            if isinstance(obj, Autotuner) and getattr(obj, "cache", None):
-                out[f"{mod_name.rpartition('.')[2]}.{attr}"] = {str(k): str(c) for k, c in obj.cache.items()}
+            if not isinstance(obj, Autotuner):
+                continue
+            chosen = {str(k): str(c) for k, c in (getattr(obj, "cache", None) or {}).items()}
+            if not chosen and getattr(obj, "best_config", None) is not None:  # one config: nothing tuned
+                chosen = {"(its only config)": str(obj.best_config)}
+            if chosen:
+                out[f"{mod_name.rpartition('.')[2]}.{attr}"] = chosen
     return out
 
 

@@ -94,6 +94,19 @@ def test_a_recorder_keeps_every_row_on_disk_as_it_is_added(tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
 
 
+def test_the_autotune_winners_of_the_kernels_that_ran_are_written(tmp_path):
+    import torch
+
+    from benchmarks.common import write_autotune
+    from mupfast.kernels.newton_schulz import newton_schulz_triton
+
+    newton_schulz_triton(torch.randn(40, 72))
+    data = json.loads(write_autotune("probe", tmp_path).read_text())
+    assert data["benchmark"] == "probe" and data["device"]
+    (chosen,) = data["winners"]["newton_schulz._syrk_kernel"].values()
+    assert "BLOCK" in chosen and "num_warps" in chosen
+
+
 def _wait_for(predicate, proc, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while not predicate():
