@@ -12,12 +12,12 @@
 #                          shapes (--headline); in each, the compiled peers (torch.compile, FlexAttention) last
 # Each part runs under its own `timeout -s INT` (pytest still prints its failures; a benchmark has written
 # every finished row, since each rewrites its .json/.md after every row). After EVERY part the results, the
-# logs and parts.tsv are copied to $OUT/gpu-check/, and INT/TERM to the script copies what exists, so a call
-# cut at any moment returns everything measured so far. Also kept: the kernels' autotune winners
-# (*-autotune.json per benchmark, and TRITON_PRINT_AUTOTUNING in the logs), `nvidia-smi -q`
-# (results/nvidia-smi-q.txt), the plan (logs/plan.txt). At the end: a summary of all parts,
-# benchmarks/results/<date>-<device>.{md,json}, copied with a tarball of everything to $OUT. Exit status 0
-# when every part passed, 1 otherwise.
+# logs and parts.tsv are packed into $OUT/gpu-check.tar.gz (and parts.tsv copied beside it), and INT/TERM to
+# the script does the same, so a call cut at any moment returns everything measured so far (in 4 files at
+# most: the tool returns 8). Also kept: the kernels' autotune winners (*-autotune.json per benchmark, and
+# TRITON_PRINT_AUTOTUNING in the logs), `nvidia-smi -q` (results/nvidia-smi-q.txt), the plan (logs/plan.txt).
+# At the end: a summary of all parts, benchmarks/results/<date>-<device>.{md,json}, copied to $OUT too.
+# Exit status 0 when every part passed, 1 otherwise.
 #
 # Time plan (seconds; benchmarks/gpu_plan.py holds it and counts each part's Triton compiles on sm_90a):
 #   setup 25, pytest 90, e2e 160, attention 50, cross_entropy 35, clip_adamw 20, newton_schulz 35,
@@ -31,8 +31,8 @@
 #   once, here, in the repo root: bash ../shared/tools/gpu-wheels.sh zstandard
 #       (.whl/: deepspeed, its dependencies the GPU image lacks, and zstandard, which mupfast.data imports)
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
-# then copy the files that come back (files_at) into benchmarks/results/: gpu-check/ has every benchmark's
-# own .md/.json as it stood after the last part that finished. The script installs .whl/*.whl into
+# then copy the files that come back (files_at) into benchmarks/results/ and unpack gpu-check.tar.gz there for
+# each benchmark's own .md/.json (results/) and the logs (logs/). The script installs .whl/*.whl into
 # /tmp/site (PYTHONPATH) first, and links mupfast/kernels -> kernels when the package is not installed (a
 # bare machine has no editable install to map mupfast.kernels onto kernels/).
 #
@@ -126,25 +126,22 @@ timeout_for() {
   if [ "$b" -lt "$left" ]; then echo "$b"; else echo "$left"; fi
 }
 
-# snapshot: the results, logs and parts.tsv as they stand, into $OUT/gpu-check/ (each benchmark file is
-# complete: the benchmarks write them atomically; their temporary dot-files are left out).
+# snapshot: the results, logs and parts.tsv as they stand, into $OUT/gpu-check.tar.gz (written beside and
+# renamed: a reader never sees half of it) and $OUT/parts.tsv. One tarball, since the device tool returns at
+# most 8 files; each benchmark file in it is complete (they are written atomically; temporary dot-files are
+# left out).
 snapshot() {
   [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ] || return 0
-  local dest=$OUT/gpu-check d f
-  mkdir -p "$dest/results" "$dest/logs" 2> /dev/null || return 0
-  for d in results logs; do
-    for f in "$RUN/$d"/*; do
-      [ -f "$f" ] && cp -p "$f" "$dest/$d/" 2> /dev/null
-    done
-  done
-  cp -p "$PARTS_TSV" "$dest/parts.tsv" 2> /dev/null
+  tar -czf "$OUT/.gpu-check.tar.gz.tmp" -C "$RUN" --exclude='.*' results logs parts.tsv 2> /dev/null \
+    && mv -f "$OUT/.gpu-check.tar.gz.tmp" "$OUT/gpu-check.tar.gz"
+  cp -p "$PARTS_TSV" "$OUT/parts.tsv" 2> /dev/null
   return 0
 }
 
 # INT/TERM (the device tool's time limit, a person): stop the running part, record it, copy what exists.
 on_signal() {
   trap - INT TERM
-  log "signal $1: stopping ${CURRENT:-nothing} and copying what exists to \$OUT/gpu-check"
+  log "signal $1: stopping ${CURRENT:-nothing} and copying what exists to \$OUT/gpu-check.tar.gz"
   if [ -n "$CHILD" ]; then
     kill -INT "$CHILD" 2> /dev/null
     for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$CHILD" 2> /dev/null || break; sleep 0.5; done
@@ -387,8 +384,7 @@ fi
 snapshot
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
   cp "$SUMMARY_DIR/$STEM.md" "$SUMMARY_DIR/$STEM.json" "$OUT/" 2> /dev/null
-  tar -czf "$OUT/gpu-check-$STEM.tar.gz" -C "$RUN" results logs parts.tsv 2> /dev/null
-  log "copied the summary, gpu-check/ and gpu-check-$STEM.tar.gz to \$OUT"
+  log "copied the summary ($STEM.md, .json), parts.tsv and gpu-check.tar.gz to \$OUT"
 fi
 
 log "summary: $SUMMARY_DIR/$STEM.md (and .json); benchmark results: $SUMMARY_DIR; logs: $LOGS"

@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from types import SimpleNamespace
 
@@ -123,8 +124,8 @@ def _rows(path) -> list:
 
 
 def test_a_stopped_run_leaves_its_measured_rows_and_logs_in_out(tmp_path):
-    """SIGTERM while the attention benchmark runs, once it has recorded a row: $OUT/gpu-check has that row
-    (the benchmark's partial results), its log and the part marked cut, and the parts after it never start."""
+    """SIGTERM while the attention benchmark runs, once it has recorded a row: $OUT/gpu-check.tar.gz has
+    that row (the benchmark's partial results), its log and the part marked cut; later parts never start."""
     out = tmp_path / "OUT"
     out.mkdir()
     env = subprocess_env() | {"OUT": str(out), "PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
@@ -142,9 +143,14 @@ def test_a_stopped_run_leaves_its_measured_rows_and_logs_in_out(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143, stdout[-3000:]
-    back = out / "gpu-check"
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-check.tar.gz", "parts.tsv"]
+    with tarfile.open(out / "gpu-check.tar.gz") as tar:
+        tar.extractall(tmp_path / "back", filter="data")
+    back = tmp_path / "back"
     (rows,) = [_rows(p) for p in (back / "results").glob("*-attention.json")]
     assert rows and all(r["status"] == "ok" and r["median_ms"] > 0 for r in rows)
     tsv = (back / "parts.tsv").read_text()
+    assert tsv == (out / "parts.tsv").read_text()
     assert "attention\tcut (signal TERM)" in tsv and "moe_dispatch" not in tsv
     assert (back / "logs" / "attention.log").is_file() and "signal TERM" in stdout
+    assert not [p for p in back.rglob(".*")]  # no half-written temporary file
