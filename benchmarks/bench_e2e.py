@@ -191,7 +191,10 @@ def main(argv: list[str] | None = None) -> Path:
     )
     ap.add_argument("--steps", type=int, default=30, help="training steps per variant")
     ap.add_argument(
-        "--ref-steps", type=int, default=None, help=f"steps the reference {REF} runs of the --steps schedule (default all)"
+        "--ref-steps",
+        type=int,
+        default=None,
+        help=f"steps the reference {REF} runs of the --steps schedule (default all)",
     )
     ap.add_argument(
         "--log-every", type=int, default=1, help="steps between logged losses and throughput windows"
