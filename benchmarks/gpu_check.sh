@@ -132,8 +132,9 @@ timeout_for() {
 # left out).
 snapshot() {
   [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ] || return 0
-  tar -czf "$OUT/.gpu-check.tar.gz.tmp" -C "$RUN" --exclude='.*' results logs parts.tsv 2> /dev/null \
-    && mv -f "$OUT/.gpu-check.tar.gz.tmp" "$OUT/gpu-check.tar.gz"
+  tar -czf "$OUT/.gpu-check.tar.gz.tmp" -C "$RUN" --exclude='.*' results logs parts.tsv 2> /dev/null
+  # 1: a file (a log still written by a process of the part) changed while read; the archive is complete
+  [ $? -le 1 ] && mv -f "$OUT/.gpu-check.tar.gz.tmp" "$OUT/gpu-check.tar.gz"
   cp -p "$PARTS_TSV" "$OUT/parts.tsv" 2> /dev/null
   return 0
 }
@@ -254,13 +255,13 @@ if wanted pytest; then
     mapfile -t TESTS < <("$PY" -m benchmarks.gpu_plan --smoke-tests)
   fi
   opts=(-q -p no:cacheprovider -rfE --junitxml="$RES/pytest-junit.xml")
-  if grep -q '^ok xdist' "$SETUP_LOG"; then
+  if "$PY" -c "import xdist" 2> /dev/null; then
     workers=${GPU_CHECK_PYTEST_WORKERS:-8}
     cores=$(nproc 2> /dev/null || echo 1)
     [ "$workers" -gt "$cores" ] && workers=$cores
     opts+=(-n "$workers")
   fi
-  if grep -q '^ok pytest_timeout' "$SETUP_LOG"; then opts+=(--timeout="${GPU_CHECK_TEST_TIMEOUT_S:-90}"); fi
+  if "$PY" -c "import pytest_timeout" 2> /dev/null; then opts+=(--timeout="${GPU_CHECK_TEST_TIMEOUT_S:-90}"); fi
   run_part pytest "$(timeout_for pytest)" "$PY" -m pytest "${opts[@]}" "${TESTS[@]}"
 fi
 
