@@ -44,8 +44,9 @@
 # Options: --dry-run, --out DIR (the summary's folder; default benchmarks/results, a temporary one when dry).
 # Environment: PYTHON (default python3; .venv/bin/python in a dry run where present); GPU_CHECK_PARTS
 # (comma-separated subset of: pytest,e2e,attention,cross_entropy,clip_adamw,newton_schulz,moe_dispatch);
-# GPU_CHECK_SETUP (1; 0 skips the plan, the wheels and the import check); GPU_CHECK_TOTAL_S (the deadline, 465); GPU_CHECK_BUDGET_<PART> (seconds for one part, e.g.
-# GPU_CHECK_BUDGET_PYTEST=200); GPU_CHECK_TESTS (smoke | full), GPU_CHECK_PYTEST_WORKERS (8),
+# GPU_CHECK_SETUP (1; 0 skips the plan, the wheels and the import check: a second call on a warm machine,
+# which keeps /tmp/site); GPU_CHECK_TOTAL_S (the deadline, 465); GPU_CHECK_BUDGET_<PART> (seconds for one
+# part, e.g. GPU_CHECK_BUDGET_PYTEST=200); GPU_CHECK_TESTS (smoke | full), GPU_CHECK_PYTEST_WORKERS (8),
 # GPU_CHECK_TEST_TIMEOUT_S (per test, 90); GPU_CHECK_E2E_VARIANTS (gpu-check), GPU_CHECK_E2E_MODELS (125m),
 # GPU_CHECK_E2E_STEPS (30), GPU_CHECK_E2E_REF_STEPS (10); GPU_CHECK_CLIP_METHODS (the clip_adamw methods;
 # DeepSpeed FusedAdam is left out by default: its JIT build of a CUDA extension alone takes its whole budget).
@@ -203,6 +204,7 @@ SETUP_LOG=$LOGS/setup.log
 : > "$SETUP_LOG"
 if [ "$SETUP" = 0 ]; then
   echo "setup skipped (GPU_CHECK_SETUP=0)" >> "$SETUP_LOG"
+  [ -d /tmp/site ] && export PYTHONPATH=/tmp/site:$PYTHONPATH  # the wheels an earlier call installed
 elif [ "$DRY" = 0 ] && ls .whl/*.whl > /dev/null 2>&1; then
   echo "installing $(ls .whl/*.whl | wc -l) wheels from .whl into /tmp/site" >> "$SETUP_LOG"
   timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
