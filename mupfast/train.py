@@ -34,6 +34,7 @@ from mupfast.distributed.zero_shards import attach as attach_to_zero
 from mupfast.errors import ConfigError, TrainingError
 from mupfast.model import build_model
 from mupfast.model.flops import flops_per_token, throughput_metrics
+from mupfast.ops import dispatch
 from mupfast.optim import build_optimizer
 from mupfast.parametrization import RULES_VERSION
 from mupfast.plugins import TrainerHooks, prepare_model
@@ -428,12 +429,15 @@ def train(cfg: Config) -> TrainResult:
         if saves:
             save_checkpoint(tr.engine, tr.ckpt_dir, step, tr.rank, {"config": cfg.to_dict()})
             last_saved = step
+            if tr.rank == 0:
+                rundir.write_dispatch(tr.run_dir, dispatch.decisions())
         window.paused_s += time.perf_counter() - pause_t0
     progress.close()
     metrics.close()
     result.tokens_per_s = t.tokens_per_step(tr.world) * window.total_steps / max(window.total_s, 1e-9)
     if tr.rank == 0:
         rundir.write_summary(tr.run_dir, _summary(result, last_saved))
+        rundir.write_dispatch(tr.run_dir, dispatch.decisions())
     return result
 
 

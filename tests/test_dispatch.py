@@ -1,0 +1,225 @@
+"""The dispatch layer (mupfast.ops.dispatch): every candidate is checked against a reference before it is
+timed; a wrong or non-finite one is rejected and never cached, a device fault is raised naming its candidate,
+an unavailable one is skipped with its reason, and every decision reaches the run directory.
+
+The mechanism runs on CPU with injected timings; the checks compare real candidates (readout and attention,
+our Triton kernels under the interpreter) with the fp64 reference on fresh random inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from functools import partial
+
+import pytest
+import torch
+
+from mupfast import rundir
+from mupfast.ops import attention_select, dispatch, readout
+from mupfast.ops.dispatch import CandidateFault, Dispatcher, Unavailable
+
+VERSIONS = {"torch": "9.9", "kernel": "abc"}
+
+
+@dataclass(frozen=True)
+class Key:
+    n: int
+
+    def label(self) -> str:
+        return f"n{self.n}"
+
+
+def scaled_sum(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (x * w).sum(dim=-1)
+
+
+#: A small op with one right candidate, one returning NaN and one off by 1e-1 (relative).
+WRONG = {"good": lambda y: y, "nan": lambda y: y * float("nan"), "off": lambda y: y * 1.1}
+
+
+def check_by_running(name: str, key: Key) -> str | None:
+    """A real check: the candidate against the fp64 reference on fresh random inputs."""
+    if name == "absent":
+        raise Unavailable("its package is not installed")
+    x, w = torch.randn(key.n, 8), torch.randn(8)
+    got = {"y": WRONG[name](scaled_sum(x, w))}
+    return dispatch.mismatch(
+        got, {"y": scaled_sum(x.double(), w.double())}, dispatch.tolerance(torch.float32)
+    )
+
+
+class Timer:
+    def __init__(self, ms: dict[str, float]):
+        self.ms, self.calls = ms, []
+
+    def __call__(self, name: str, key) -> float:
+        self.calls.append(name)
+        return self.ms[name]
+
+
+def make(tmp_path, candidates, timer, check=check_by_running) -> Dispatcher:
+    return Dispatcher("toy", candidates, fallback=candidates[0], cache_path=tmp_path / "toy_backends.json",
+                      check=check, timer=timer, device_name="Fake GPU", versions=VERSIONS)  # fmt: skip
+
+
+@pytest.mark.parametrize("wrong", ["nan", "off"])
+def test_a_wrong_candidate_is_never_chosen_even_when_fastest_and_never_cached(tmp_path, caplog, wrong):
+    timer = Timer({"good": 2.0, wrong: 0.5})
+    with caplog.at_level(logging.INFO, logger=dispatch.__name__):
+        assert make(tmp_path, (wrong, "good"), timer).choose(Key(64)) == "good"
+    assert timer.calls == ["good"]  # the wrong one is not even timed
+    text = (tmp_path / "toy_backends.json").read_text()
+    assert wrong not in text and "good" in text
+    (line,) = [r.getMessage() for r in caplog.records if "chose" in r.getMessage()]
+    assert "chose good" in line and f"rejected {wrong}: " in line
+    assert ("non-finite y" if wrong == "nan" else "y off: relative error 1.00e-01") in line
+    # A new process reads the cached choice and never runs the wrong one.
+    again = Timer({})
+    assert make(tmp_path, (wrong, "good"), again, check=None).choose(Key(64)) == "good"
+    assert again.calls == []
+
+
+def test_when_every_candidate_is_wrong_the_fallback_is_used_and_nothing_cached(tmp_path, caplog):
+    d = Dispatcher("toy", ("nan", "off"), fallback="good", cache_path=tmp_path / "t.json",
+                   check=check_by_running, timer=Timer({}), device_name="F", versions=VERSIONS)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger=dispatch.__name__):
+        assert d.choose(Key(8)) == "good"
+    assert "no candidate ran" in caplog.text and "rejected nan: non-finite y" in caplog.text
+    assert not (tmp_path / "t.json").exists()
+
+
+def _cuda_error(msg: str) -> torch.cuda.CudaError:
+    """torch.cuda.CudaError without a CUDA runtime (its constructor asks the runtime for the message)."""
+    e = torch.cuda.CudaError.__new__(torch.cuda.CudaError)
+    RuntimeError.__init__(e, msg)
+    return e
+
+
+FAULTS = [
+    RuntimeError("CUDA error: an illegal memory access was encountered"),
+    RuntimeError("CUDA error: device-side assert triggered\nCompile with TORCH_USE_CUDA_DSA"),
+    _cuda_error("an illegal instruction was encountered"),
+]
+if hasattr(torch, "AcceleratorError"):
+    FAULTS.append(torch.AcceleratorError("unspecified launch failure"))
+
+
+@pytest.mark.parametrize("where", ["check", "timer"])
+@pytest.mark.parametrize("fault", FAULTS, ids=lambda e: type(e).__name__ + str(e)[:12])
+def test_a_device_fault_is_raised_naming_the_candidate(tmp_path, fault, where):
+    def check(name, key):
+        if where == "check" and name == "faulty":
+            raise fault
+
+    def timer(name, key):
+        if where == "timer" and name == "faulty":
+            raise fault
+        return 1.0
+
+    d = make(tmp_path, ("good", "faulty"), timer, check=check)
+    with pytest.raises(CandidateFault, match="toy candidate 'faulty' faulted the device at n16") as err:
+        d.choose(Key(16))
+    assert err.value.candidate == "faulty" and err.value.__cause__ is fault
+    assert not (tmp_path / "toy_backends.json").exists()
+    assert dispatch.decisions()[-1]["fault"] == "faulty"
+
+
+@pytest.mark.parametrize(
+    "error, fault",
+    [
+        (RuntimeError("CUDA error: misaligned address"), True),
+        (RuntimeError("No available kernel. Aborting execution."), False),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), False),
+        (ValueError("head dim 320 is not supported"), False),
+    ],
+)
+def test_what_counts_as_a_device_fault(error, fault):
+    assert dispatch.is_device_fault(error) is fault
+
+
+def test_an_unavailable_or_refusing_candidate_is_skipped_with_its_reason(tmp_path, caplog):
+    def check(name, key):
+        if name == "refuses":
+            raise RuntimeError("No available kernel. Aborting execution.")
+        return check_by_running(name, key)
+
+    timer = Timer({"good": 3.0, "absent": 0.1, "refuses": 0.1})
+    with caplog.at_level(logging.INFO, logger=dispatch.__name__):
+        assert make(tmp_path, ("absent", "refuses", "good"), timer, check=check).choose(Key(4)) == "good"
+    assert (
+        "skipped absent: its package is not installed; refuses: RuntimeError: No available kernel"
+        in caplog.text
+    )
+    record = dispatch.decisions()[-1]
+    assert record["skipped"]["absent"] == "its package is not installed" and record["choice"] == "good"
+
+
+def test_the_decisions_are_written_to_the_run_directory(tmp_path):
+    make(tmp_path, ("nan", "good"), Timer({"good": 1.5, "nan": 0.1})).choose(Key(32))
+    rundir.write_dispatch(tmp_path / "run", dispatch.decisions())
+    written = json.loads((tmp_path / "run" / rundir.DISPATCH).read_text())["decisions"]
+    mine = [d for d in written if d["op"] == "toy" and d["key"] == "n32"][-1]
+    assert (
+        mine["choice"] == "good" and mine["ms"] == {"good": 1.5} and "non-finite" in mine["rejected"]["nan"]
+    )
+    assert mine["source"] == "measured"
+
+
+def test_each_hot_op_lists_its_peers():
+    assert set(attention_select.CANDIDATES) == {"triton", "sdpa_cudnn", "sdpa_flash", "flash_attn"}
+    assert set(attention_select.DOC_CANDIDATES) == {"triton", "flex", "flash_attn_varlen"}
+    assert set(readout.CANDIDATES) == {"triton", "liger", "torch"}
+
+
+# ------------------------------------------------------------------ the real checks, on CPU ----------------
+READOUT_KEY = readout.ReadoutKey(rows=24, hidden=32, vocab=70, dtype="float32", stats=True)
+
+
+def test_the_readout_check_runs_our_kernel_and_torch_against_the_fp64_reference():
+    cpu = torch.device("cpu")
+    assert readout.check_candidate("triton", READOUT_KEY, device=cpu) is None  # under the interpreter
+    assert readout.check_candidate("torch", READOUT_KEY, device=cpu) is None
+    with pytest.raises(Unavailable):
+        readout.check_candidate("liger", readout.ReadoutKey(24, 32, 70, "float32", stats=False), device=cpu)
+
+
+@pytest.mark.parametrize("wrong", ["nan", "off"])
+def test_a_readout_kernel_gone_wrong_is_rejected_and_torch_chosen(tmp_path, monkeypatch, wrong):
+    real = readout.run_readout
+
+    def broken(name, *args, **kw):
+        loss, stats = real(name, *args, **kw)
+        return (WRONG[wrong](loss) if name == "triton" else loss), stats
+
+    monkeypatch.setattr(readout, "run_readout", broken)
+    cpu = torch.device("cpu")
+    assert "loss" in readout.check_candidate("triton", READOUT_KEY, device=cpu)
+    d = readout.ReadoutDispatcher(cache_path=tmp_path / "r.json", timer=Timer({"triton": 0.1, "torch": 9.0}),
+                                  device_name="F", versions=VERSIONS)  # fmt: skip
+    assert d.choose(READOUT_KEY, check=partial(readout.check_candidate, device=cpu), device=cpu) == "torch"
+    assert "triton" not in (tmp_path / "r.json").read_text()
+
+
+def test_liger_is_a_readout_candidate_only_where_statistics_are_not_needed():
+    d = readout.ReadoutDispatcher()
+    assert "liger" not in d.candidates_for(READOUT_KEY)
+    assert "liger" in d.candidates_for(readout.ReadoutKey(24, 32, 70, "bfloat16", stats=False))
+
+
+def test_off_cuda_auto_stays_torch_and_gives_the_statistics():
+    h, w = torch.randn(6, 8), torch.randn(11, 8)
+    assert readout.readout_backend("auto", h, w, stats=False) == "torch"
+    loss, stats = readout.linear_cross_entropy(h, w, torch.randint(0, 11, (6,)), logit_scale=0.5, stats=False)
+    assert torch.isfinite(loss) and set(stats) == {"max_abs_logit", "lse_sq_mean"}
+
+
+@pytest.mark.parametrize("docs", [False, True])
+def test_the_attention_check_runs_our_kernel_against_the_fp64_reference(docs):
+    key = attention_select.ShapeKey(head_dim=16, seq_len=32, causal=True, group=2, dtype="float32", docs=docs)
+    doc_ids = torch.tensor([[0] * 10 + [1] * 15 + [2] * 7, [0] * 32]) if docs else None
+    check = partial(attention_select.check_candidate, device=torch.device("cpu"), doc_ids=doc_ids)
+    assert check("triton", key) is None
+    with pytest.raises(Unavailable):
+        check("flex" if docs else "flash_attn", key)
