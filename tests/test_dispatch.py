@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from mupfast import rundir
-from mupfast.ops import attention_select, dispatch, readout
+from mupfast.ops import attention_select, dispatch, newton_schulz, readout
 from mupfast.ops.dispatch import CandidateFault, Dispatcher, Unavailable
 
 VERSIONS = {"torch": "9.9", "kernel": "abc"}
@@ -171,6 +171,7 @@ def test_each_hot_op_lists_its_peers():
     assert set(attention_select.CANDIDATES) == {"triton", "sdpa_cudnn", "sdpa_flash", "flash_attn"}
     assert set(attention_select.DOC_CANDIDATES) == {"triton", "flex", "flash_attn_varlen"}
     assert set(readout.CANDIDATES) == {"triton", "liger", "torch"}
+    assert set(newton_schulz.CANDIDATES) == {"triton", "torch_compile", "torch"}
 
 
 # ------------------------------------------------------------------ the real checks, on CPU ----------------
@@ -223,3 +224,29 @@ def test_the_attention_check_runs_our_kernel_against_the_fp64_reference(docs):
     assert check("triton", key) is None
     with pytest.raises(Unavailable):
         check("flex" if docs else "flash_attn", key)
+
+
+NS_KEY = newton_schulz.NSKey(shape=(2, 24, 40), dtype="float32", iteration="float32", steps=5)
+
+
+def test_the_newton_schulz_check_runs_our_kernel_and_torch_against_the_fp64_iteration():
+    cpu = torch.device("cpu")
+    assert newton_schulz.check_candidate("torch", NS_KEY, device=cpu) is None
+    assert newton_schulz.check_candidate("triton", NS_KEY, device=cpu) is None  # under the interpreter
+
+
+def test_a_newton_schulz_kernel_gone_wrong_is_rejected(tmp_path, monkeypatch):
+    real = newton_schulz.run_newton_schulz
+    monkeypatch.setattr(
+        newton_schulz, "run_newton_schulz", lambda name, *a: real(name, *a) * (1.1 if name == "triton" else 1)
+    )
+    cpu = torch.device("cpu")
+    d = Dispatcher("newton_schulz", ("triton", "torch"), fallback="torch", cache_path=tmp_path / "n.json",
+                   timer=Timer({"triton": 0.1, "torch": 5.0}), device_name="F", versions=VERSIONS)  # fmt: skip
+    assert d.choose(NS_KEY, check=partial(newton_schulz.check_candidate, device=cpu), device=cpu) == "torch"
+    assert "u off: relative error 1.00e-01" in dispatch.decisions()[-1]["rejected"]["triton"]
+
+
+def test_newton_schulz_auto_off_cuda_is_the_torch_iteration():
+    g = torch.randn(16, 8)
+    assert torch.equal(newton_schulz.newton_schulz_auto(g), newton_schulz.newton_schulz_reference(g))
