@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from mupfast import rundir
-from mupfast.ops import attention_select, dispatch, newton_schulz, readout
+from mupfast.ops import attention_select, clip_adamw, dispatch, newton_schulz, readout
 from mupfast.ops.dispatch import CandidateFault, Dispatcher, Unavailable
 
 VERSIONS = {"torch": "9.9", "kernel": "abc"}
@@ -172,6 +172,8 @@ def test_each_hot_op_lists_its_peers():
     assert set(attention_select.DOC_CANDIDATES) == {"triton", "flex", "flash_attn_varlen"}
     assert set(readout.CANDIDATES) == {"triton", "liger", "torch"}
     assert set(newton_schulz.CANDIDATES) == {"triton", "torch_compile", "torch"}
+    assert set(clip_adamw.STEP_CANDIDATES) == {"triton", "torch_fused", "torch"}
+    assert set(clip_adamw.NORM_CANDIDATES) == {"triton", "torch_foreach", "torch"}
 
 
 # ------------------------------------------------------------------ the real checks, on CPU ----------------
@@ -250,3 +252,55 @@ def test_a_newton_schulz_kernel_gone_wrong_is_rejected(tmp_path, monkeypatch):
 def test_newton_schulz_auto_off_cuda_is_the_torch_iteration():
     g = torch.randn(16, 8)
     assert torch.equal(newton_schulz.newton_schulz_auto(g), newton_schulz.newton_schulz_reference(g))
+
+
+def _optimizer_tensors(dtype=torch.float32):
+    """Parameters (two groups, one tensor larger than the sample), their gradients and fresh moments."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(n, generator=g).to(dtype) for n in (300, 17, 64)]
+    grads = [torch.randn(p.shape, generator=g).to(dtype) for p in params]
+    return params, grads, [0, 1, 1]
+
+
+@pytest.mark.parametrize("name", clip_adamw.NORM_CANDIDATES)
+def test_the_grad_norm_check_runs_each_candidate_against_the_fp64_sum(name):
+    params, grads, groups = _optimizer_tensors()
+    key, layout = clip_adamw._key([grads], groups, 2)
+    assert clip_adamw.check_norms(name, key, layout=layout, device=torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("name", clip_adamw.STEP_CANDIDATES)
+def test_the_clip_adamw_check_runs_each_candidate_against_the_reference(name, monkeypatch):
+    monkeypatch.setattr(clip_adamw, "SAMPLE_ELEMENTS", 200)  # the first tensor cut short: still checked
+    params, grads, groups = _optimizer_tensors()
+    moments = [torch.zeros_like(p) for p in params]
+    key, layout = clip_adamw._key([params, grads, moments, moments], groups, 2)
+    assert key.label() == "n3-E381-float32/float32/float32/float32-G2"
+    assert clip_adamw.check_step(name, key, layout=layout, device=torch.device("cpu")) is None
+
+
+def test_an_adamw_that_ignores_the_skip_flag_or_the_clip_is_rejected_and_the_fused_kernel_used(
+    tmp_path, monkeypatch
+):
+    def no_skip(*args, skip=None, **kw):
+        fused_step(*args, **kw)
+
+    def no_clip(*args, coef, **kw):
+        fused_step(*args, coef=torch.ones_like(coef), **kw)
+
+    fused_step = clip_adamw.STEPS["triton"]
+    monkeypatch.setitem(clip_adamw.STEPS, "torch_fused", no_skip)
+    monkeypatch.setitem(clip_adamw.STEPS, "torch", no_clip)
+    timer = Timer({"triton": 5.0, "torch_fused": 0.1, "torch": 0.2})
+    d = Dispatcher("clip_adamw", clip_adamw.STEP_CANDIDATES, fallback="triton", cache_path=tmp_path / "c.json",
+                   timer=timer, device_name="F", versions=VERSIONS)  # fmt: skip
+    monkeypatch.setattr(clip_adamw, "_STEPS", d)
+    params, grads, groups = _optimizer_tensors()
+    m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    kw = dict(coef=torch.tensor([0.5, 1.0]), lrs=torch.tensor([1e-3, 2e-3]), weight_decays=torch.zeros(2),
+              beta1=0.9, beta2=0.95, eps=1e-8, step=torch.tensor(1.0))  # fmt: skip
+    clip_adamw.clip_adamw_auto(params, grads, m, v, groups, **kw)
+    record = dispatch.decisions()[-1]
+    assert record["op"] == "clip_adamw" and record["choice"] == "triton" and timer.calls == ["triton"]
+    assert "skipped step changed" in record["rejected"]["torch_fused"]
+    assert "dp off" in record["rejected"]["torch"]
