@@ -222,6 +222,8 @@ def setup(cfg: Config) -> Trainer:
     run_dir = Path(t.run_dir)
     if rank == 0:
         rundir.write_config(run_dir, cfg.to_dict())
+        # Every kernel choice of `auto` (and a candidate's device fault) in dispatch.json as it is made.
+        dispatch.on_decision(lambda decisions: rundir.write_dispatch(run_dir, decisions))
     train_sampler, val_sampler, eos_id = _open_data(cfg, rank, world, run_dir)
     ckpt_dir = rundir.checkpoint_dir(run_dir)
     tag = rundir.latest_tag(ckpt_dir) if t.resume else None
@@ -429,15 +431,12 @@ def train(cfg: Config) -> TrainResult:
         if saves:
             save_checkpoint(tr.engine, tr.ckpt_dir, step, tr.rank, {"config": cfg.to_dict()})
             last_saved = step
-            if tr.rank == 0:
-                rundir.write_dispatch(tr.run_dir, dispatch.decisions())
         window.paused_s += time.perf_counter() - pause_t0
     progress.close()
     metrics.close()
     result.tokens_per_s = t.tokens_per_step(tr.world) * window.total_steps / max(window.total_s, 1e-9)
     if tr.rank == 0:
         rundir.write_summary(tr.run_dir, _summary(result, last_saved))
-        rundir.write_dispatch(tr.run_dir, dispatch.decisions())
     return result
 
 

@@ -156,15 +156,48 @@ def test_an_unavailable_or_refusing_candidate_is_skipped_with_its_reason(tmp_pat
     assert record["skipped"]["absent"] == "its package is not installed" and record["choice"] == "good"
 
 
-def test_the_decisions_are_written_to_the_run_directory(tmp_path):
+@pytest.fixture
+def run_dir(tmp_path):
+    """A run directory every decision is written to, as the trainer registers it."""
+    run = tmp_path / "run"
+    dispatch.on_decision(lambda decisions: rundir.write_dispatch(run, decisions))
+    yield run
+    dispatch.on_decision(None)
+
+
+def _written(run) -> list[dict]:
+    return json.loads((run / rundir.DISPATCH).read_text())["decisions"]
+
+
+def test_the_decisions_are_written_to_the_run_directory_as_they_are_made(tmp_path, run_dir):
     make(tmp_path, ("nan", "good"), Timer({"good": 1.5, "nan": 0.1})).choose(Key(32))
-    rundir.write_dispatch(tmp_path / "run", dispatch.decisions())
-    written = json.loads((tmp_path / "run" / rundir.DISPATCH).read_text())["decisions"]
-    mine = [d for d in written if d["op"] == "toy" and d["key"] == "n32"][-1]
-    assert (
-        mine["choice"] == "good" and mine["ms"] == {"good": 1.5} and "non-finite" in mine["rejected"]["nan"]
-    )
+    mine = _written(run_dir)[-1]
+    assert mine["op"] == "toy" and mine["key"] == "n32" and mine["choice"] == "good"
+    assert mine["ms"] == {"good": 1.5} and "non-finite" in mine["rejected"]["nan"]
     assert mine["source"] == "measured"
+
+    def faulting(name, key):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with pytest.raises(CandidateFault):
+        make(tmp_path, ("good",), Timer({}), check=faulting).choose(Key(33))
+    assert _written(run_dir)[-1] == {
+        "op": "toy", "key": "n33", "choice": None, "fault": "good",
+        "error": "CUDA error: an illegal memory access was encountered",
+    }  # fmt: skip
+
+
+def test_the_trainer_records_its_decisions_in_its_run_directory(tmp_path):
+    import mupfast.train as trainer
+    from tests.helpers import tiny_config
+
+    cfg = tiny_config("train.steps=1", "train.eval_every=0", tmp_path=tmp_path)
+    result = trainer.train(cfg)
+    try:
+        make(tmp_path, ("good",), Timer({"good": 1.0})).choose(Key(34))  # CPU decides nothing: one made here
+    finally:
+        dispatch.on_decision(None)
+    assert _written(result.run_dir)[-1]["key"] == "n34"
 
 
 def test_each_hot_op_lists_its_peers():

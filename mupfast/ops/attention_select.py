@@ -4,7 +4,7 @@
 and flash-attn's `flash_attn_varlen_func`.
 
 A key is (head dim, T, causal, GQA group, dtype, documents or not). Each candidate is checked forward and
-backward against the fp32 reference (at batch ≤ 2 and one kv head: the reference holds T×T scores), then timed
+backward against the fp32 reference (at batch 1 and one kv head: the reference holds T×T scores), then timed
 forward+backward at the caller's batch and head count (and document ids). Decisions are cached in
 `$MUPFAST_CACHE_DIR/attention_backends.json` under a fingerprint that includes the cuDNN and flash-attn versions
 and a hash of our kernel's source. Our kernel is returned without deciding when the caller needs what only it
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 CANDIDATES = ("triton", "sdpa_cudnn", "sdpa_flash", "flash_attn")
 DOC_CANDIDATES = ("triton", "flex", "flash_attn_varlen")
 ALL_CANDIDATES = tuple(dict.fromkeys(CANDIDATES + DOC_CANDIDATES))
-CHECK_BATCH = 2  # the check runs at batch ≤ this, one kv head: the fp32 reference holds T×T scores
+CHECK_BATCH = 1  # the check runs at batch ≤ this, one kv head: the fp32 reference holds T×T scores
 _FLEX = None  # FlexAttention, compiled once per process (CUDA only: it has no CPU backward)
 
 

@@ -12,8 +12,8 @@ A candidate that cannot run here (a missing package, a shape it does not take) r
 any other ordinary error and is skipped with its reason. A device fault (a CUDA error: it poisons the context,
 so training could not go on) is raised as :class:`CandidateFault` naming the candidate, never swallowed.
 
-Every decision is one log line and one entry of :func:`decisions`, which the trainer writes to the run
-directory (``dispatch.json``, :func:`mupfast.rundir.write_dispatch`).
+Every decision is one log line and one entry of :func:`decisions`, which the trainer has written to the run
+directory as it is made (``dispatch.json``; :func:`on_decision`, :func:`mupfast.rundir.write_dispatch`).
 """
 
 from __future__ import annotations
@@ -193,6 +193,7 @@ def default_cache_path(op: str) -> Path:
 
 # ------------------------------------------------------------------ the run's record ----------------------
 _DECISIONS: list[dict] = []
+_ON_DECISION: list[Callable[[list[dict]], None]] = []
 
 
 def decisions() -> list[dict]:
@@ -200,8 +201,19 @@ def decisions() -> list[dict]:
     return [dict(d) for d in _DECISIONS]
 
 
+def on_decision(callback: Callable[[list[dict]], None] | None) -> None:
+    """Have ``callback(decisions())`` called after every decision, a fault's included (the trainer writes the
+    run directory's ``dispatch.json`` so); it replaces the one before, None removes it."""
+    _ON_DECISION[:] = [callback] if callback is not None else []
+
+
 def _remember(op: str, key_label: str, **fields) -> None:
     _DECISIONS.append({"op": op, "key": key_label, **fields})
+    for callback in _ON_DECISION:
+        try:
+            callback(decisions())
+        except OSError as e:  # a full disk must not stop training: the decision is still logged
+            log.warning("could not record the %s decision for %s (%s)", op, key_label, e)
 
 
 # ------------------------------------------------------------------ the dispatcher --------------------------
