@@ -88,6 +88,10 @@ def test_when_every_candidate_is_wrong_the_fallback_is_used_and_nothing_cached(t
         assert d.choose(Key(8)) == "good"
     assert "no candidate ran" in caplog.text and "rejected nan: non-finite y" in caplog.text
     assert not (tmp_path / "t.json").exists()
+    # A fallback found wrong itself is not taken: the op's plain torch path is.
+    d = Dispatcher("toy", ("nan", "off"), fallback="nan", cache_path=tmp_path / "t.json",
+                   check=check_by_running, timer=Timer({}), device_name="F", versions=VERSIONS)  # fmt: skip
+    assert d.choose(Key(8)) == "torch" and dispatch.decisions()[-1]["choice"] == "torch"
 
 
 def _cuda_error(msg: str) -> torch.cuda.CudaError:

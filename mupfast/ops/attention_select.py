@@ -309,7 +309,7 @@ def select_backend(q: torch.Tensor, k: torch.Tensor, *, causal: bool, needs_lse:
     """A candidate for attention on q (B,Hq,T,D), k (B,Hkv,T,D) (and ``doc_ids`` (B,T) for packed documents):
     the fastest of those that computed it right on this shape key, or "triton" without deciding when only our
     kernel will do (lse, deterministic backward, also when torch's deterministic algorithms are on) or the
-    tensors are not on CUDA."""
+    tensors are not on CUDA; "torch" (causal_attention's SDPA path) when our kernel, too, computed it wrong."""
     if not q.is_cuda:  # nothing to measure off CUDA; Triton runs there only under the interpreter
         return "triton"
     return _DEFAULT.select(q, k, causal=causal, needs_lse=needs_lse, has_doc_ids=has_doc_ids,

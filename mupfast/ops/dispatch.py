@@ -224,16 +224,18 @@ class Dispatcher:
     ``check(name, key)`` returns None when the candidate computes the op right, else why not; ``timer(name,
     key)`` returns its milliseconds. Both may raise :class:`Unavailable`. The op passes them to :meth:`choose`
     (they need the caller's tensors); tests inject them here. ``versions`` replaces ``versions_fn()`` and
-    ``device_name`` the device's name in the fingerprint; ``fallback`` is taken when no candidate passes.
+    ``device_name`` the device's name in the fingerprint; ``fallback`` is taken when no candidate passes, and
+    ``safe`` (the op's plain torch path) instead where ``fallback`` itself was found wrong.
     """
 
     def __init__(self, op: str, candidates: tuple[str, ...], *, fallback: str,
                  versions_fn: Callable[[], dict] = base_versions, cache_path: Path | None = None,
                  check: Check | None = None, timer: Timer | None = None, device_name: str | None = None,
-                 versions: dict | None = None, logger: logging.Logger | None = None):  # fmt: skip
+                 versions: dict | None = None, logger: logging.Logger | None = None,
+                 safe: str = "torch"):  # fmt: skip
         if not candidates:
             raise ValueError(f"{op}: no candidates")
-        self.op, self.candidates, self.fallback = op, tuple(candidates), fallback
+        self.op, self.candidates, self.fallback, self.safe = op, tuple(candidates), fallback, safe
         self.cache_path = Path(cache_path) if cache_path is not None else None
         self.check, self.timer = check, timer
         self.device_name = device_name
@@ -281,24 +283,26 @@ class Dispatcher:
                     cached = {k: v for k, v in record.items() if k != "rejected"}  # never the wrong ones
                     entries.setdefault(env, {})[key.label()] = cached
                     self._write(entries)
-        self._log(key, choice, source, record)
-        choice = choice or self.fallback
-        self._decisions[(env, key)] = choice
-        return choice
+        final = choice or self._fallback(record)
+        self._log(key, choice, final, source, record)
+        self._decisions[(env, key)] = final
+        return final
 
-    def _log(self, key, choice: str | None, source: str, record: dict) -> None:
+    def _fallback(self, record: dict) -> str:
+        """When no candidate passed: ``fallback`` unless it was found wrong, then ``safe`` (the torch path)."""
+        return self.safe if self.fallback in record.get("rejected", {}) else self.fallback
+
+    def _log(self, key, choice: str | None, final: str, source: str, record: dict) -> None:
         ms = sorted(record["ms"].items(), key=lambda x: x[1])
         skipped, rejected = dict(record.get("skipped", {})), dict(record.get("rejected", {}))
-        _remember(self.op, key.label(), choice=choice or self.fallback, source=source, ms=dict(ms),
+        _remember(self.op, key.label(), choice=final, source=source, ms=dict(ms),
                   skipped=skipped, rejected=rejected)  # fmt: skip
         why = "".join(
             f"; {what} " + "; ".join(f"{n}: {r}" for n, r in d.items())
             for what, d in (("rejected", rejected), ("skipped", skipped)) if d
         )  # fmt: skip
         if choice is None:
-            self.log.warning(
-                "%s %s: no candidate ran (%s); using %s", self.op, key.label(), why[2:], self.fallback
-            )
+            self.log.warning("%s %s: no candidate ran (%s); using %s", self.op, key.label(), why[2:], final)
             return
         timings = ", ".join(f"{n} {t:.3f} ms" for n, t in ms)
         (self.log.warning if rejected else self.log.info)(
