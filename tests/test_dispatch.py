@@ -225,11 +225,13 @@ def test_the_readout_check_runs_our_kernel_and_torch_against_the_fp64_reference(
         readout.check_candidate("liger", readout.ReadoutKey(24, 32, 70, "float32", stats=False), device=cpu)
 
 
-@pytest.mark.parametrize("wrong", ["nan", "off"])
+@pytest.mark.parametrize("wrong", ["nan", "off", "unscaled"])
 def test_a_readout_kernel_gone_wrong_is_rejected_and_torch_chosen(tmp_path, monkeypatch, wrong):
     real = readout.run_readout
 
     def broken(name, *args, **kw):
+        if name == "triton" and wrong == "unscaled":  # a peer that drops the μP logit multiplier
+            return real(name, *args, **{**kw, "logit_scale": 1.0})
         loss, stats = real(name, *args, **kw)
         return (WRONG[wrong](loss) if name == "triton" else loss), stats
 
@@ -341,3 +343,39 @@ def test_an_adamw_that_ignores_the_skip_flag_or_the_clip_is_rejected_and_the_fus
     assert record["op"] == "clip_adamw" and record["choice"] == "triton" and timer.calls == ["triton"]
     assert "skipped step changed" in record["rejected"]["torch_fused"]
     assert "dp off" in record["rejected"]["torch"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_every_hot_op_decides_among_checked_candidates(tmp_path, monkeypatch):
+    """The real checks and timings on CUDA: each op decides, records why, and its choice computes right."""
+    monkeypatch.setenv("MUPFAST_CACHE_DIR", str(tmp_path))
+    for module, name in ((attention_select, "_DEFAULT"), (readout, "_DEFAULT"), (newton_schulz, "_DEFAULT"),
+                         (clip_adamw, "_NORMS"), (clip_adamw, "_STEPS")):  # fmt: skip
+        old = getattr(module, name)
+        fresh = (
+            type(old)()
+            if type(old) is not Dispatcher
+            else Dispatcher(old.op, old.candidates, fallback=old.fallback, versions_fn=old.versions_fn)
+        )
+        monkeypatch.setattr(module, name, fresh)
+    before = len(dispatch.decisions())
+    cuda = torch.device("cuda")
+    q = torch.randn(2, 4, 256, 64, device=cuda, dtype=torch.bfloat16)
+    k = torch.randn(2, 2, 256, 64, device=cuda, dtype=torch.bfloat16)
+    docs = torch.arange(256, device=cuda).div(100, rounding_mode="floor").expand(2, 256).contiguous()
+    for doc_ids in (None, docs):
+        assert (
+            attention_select.select_backend(q, k, causal=True, doc_ids=doc_ids)
+            in attention_select.ALL_CANDIDATES
+        )
+    h, w = torch.randn(512, 128, device=cuda, dtype=torch.bfloat16), torch.randn(1000, 128, device=cuda)
+    for stats in (True, False):
+        assert readout.readout_backend("auto", h, w.bfloat16(), stats) in readout.CANDIDATES
+    newton_schulz.newton_schulz_auto(torch.randn(256, 512, device=cuda))
+    params = [torch.randn(n, device=cuda) for n in (4096, 100)]
+    norms_fn = clip_adamw.dispatched_kernels()[0]
+    norms_fn([torch.randn_like(p) for p in params], [0, 1], 2, device=cuda)
+    made = dispatch.decisions()[before:]
+    assert {d["op"] for d in made} == {"attention", "readout", "newton_schulz", "grad_norms"}
+    assert all(d.get("fault") is None and d["ms"] for d in made), made

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 CANDIDATES = ("triton", "liger", "torch")
 STATS_CANDIDATES = ("triton", "torch")  # the ones that give the statistics
 BACKENDS = ("auto", "torch", "triton", "liger")
+CHECK_SCALE = 0.25  # the μP logit multiplier the checks run at: a candidate must apply it, not assume 1
 
 
 @dataclass(frozen=True)
@@ -107,18 +108,18 @@ def linear_cross_entropy(
 
 # ------------------------------------------------------------------ checking and timing a candidate ---------
 def _inputs(key: ReadoutKey, device: torch.device):
-    """h, W (requiring grad; logits of unit scale at logit_scale 1) and targets with a tenth ignored."""
+    """h, W (requiring grad; logits of unit scale at logit_scale CHECK_SCALE) and targets, a tenth ignored."""
     g = dispatch.generator(device)
     dtype = getattr(torch, key.dtype)
     h = torch.randn(key.rows, key.hidden, generator=g, device=device, dtype=dtype)
-    w = torch.randn(key.vocab, key.hidden, generator=g, device=device) / key.hidden**0.5
+    w = torch.randn(key.vocab, key.hidden, generator=g, device=device) / (CHECK_SCALE * key.hidden**0.5)
     t = torch.randint(0, key.vocab, (key.rows,), generator=g, device=device)
     ignored = torch.rand(key.rows, generator=g, device=device) < 0.1
     return h.requires_grad_(), w.to(dtype).requires_grad_(), t.masked_fill(ignored, -100)
 
 
 def _loss_and_grads(name: str, h, w, t, stats: bool) -> dict[str, torch.Tensor]:
-    loss, st = run_readout(name, h, w, t, logit_scale=1.0, stats=stats)
+    loss, st = run_readout(name, h, w, t, logit_scale=CHECK_SCALE, stats=stats)
     dh, dw = torch.autograd.grad(loss, (h, w))
     return {"loss": loss, "dh": dh, "dW": dw, **(st if stats else {})}
 
