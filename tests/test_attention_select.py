@@ -18,7 +18,14 @@ import pytest
 import torch
 
 import mupfast.ops.attention_select as sel
-from mupfast.ops.attention_select import CANDIDATES, BackendSelector, ShapeKey, run_attention, select_backend
+from mupfast.ops.attention_select import (
+    CANDIDATES,
+    DOC_CANDIDATES,
+    BackendSelector,
+    ShapeKey,
+    run_attention,
+    select_backend,
+)
 from tests.helpers import ROOT
 
 VERSIONS = {"torch": "9.9", "triton": "3.9", "flash_attn": "absent", "mupfast_attention_kernel": "abc"}
@@ -350,3 +357,19 @@ def test_gpu_the_chosen_backend_matches_the_reference(tmp_path, caplog, group):
         assert y.shape == q.shape and y.dtype == q.dtype
         err = ((y.double() - ref).norm() / ref.norm()).item()
         assert err < 1e-2, (name, err)  # bf16 rounding of o is ~4e-3 relative; a wrong mask/scale is > 0.1
+
+
+def test_packed_documents_are_decided_among_the_document_candidates(tmp_path, rng):
+    key = ShapeKey(16, 8, True, 2, "float32", docs=True)
+    table = {key: {"triton": 3.0, "flex": 1.0, "flash_attn_varlen": 2.0}}
+    timer = FakeTimer(table)
+    q, k = _qk(key)
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2]] * q.shape[0])
+    s = make(tmp_path, timer)
+    assert s.select(q, k, causal=True, doc_ids=doc_ids) == "flex"
+    assert sorted(timer.calls) == sorted((n, key) for n in DOC_CANDIDATES)
+    # The same shape without documents is another key, decided among the others.
+    plain = ShapeKey(16, 8, True, 2, "float32")
+    timer.table[plain] = {n: 1.0 + i for i, n in enumerate(CANDIDATES)}
+    assert s.select(q, k, causal=True) == "triton"
+    assert key.label() == plain.label() + "-docs"
