@@ -4,6 +4,7 @@ A run directory holds::
 
     config.yaml            the resolved config the run trained with (written first)
     summary.json           how the run ended: steps, final losses, tokens/s, the rules version
+    dispatch.json          the kernels ``auto`` chose per op and shape: timings, rejected and skipped candidates
     metrics.jsonl          one JSON record per logging step, eval and event (the record tools read)
     tensorboard/           the same scalars for TensorBoard (what people look at)
     tokenizer.json, mupfast_tokenizer.json   the tokenizer the run trained with
@@ -36,6 +37,7 @@ from mupfast.errors import CheckpointError
 CONFIG = "config.yaml"
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
+DISPATCH = "dispatch.json"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,6 +66,14 @@ def read_config(run_dir: str | Path) -> dict[str, Any] | None:
 def write_summary(run_dir: str | Path, summary: dict[str, Any]) -> None:
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     (Path(run_dir) / SUMMARY).write_text(json.dumps(summary, indent=2))
+
+
+def write_dispatch(run_dir: str | Path, decisions: list[dict[str, Any]]) -> None:
+    """The dispatch decisions of this process (:func:`mupfast.ops.dispatch.decisions`), replacing the last
+    written; nothing when there were none (off CUDA, or explicit backends)."""
+    if decisions:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        write_text_atomically(Path(run_dir) / DISPATCH, json.dumps({"decisions": decisions}, indent=1) + "\n")
 
 
 def read_summary(run_dir: str | Path) -> dict[str, Any] | None:

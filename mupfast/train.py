@@ -34,6 +34,7 @@ from mupfast.distributed.zero_shards import attach as attach_to_zero
 from mupfast.errors import ConfigError, TrainingError
 from mupfast.model import build_model
 from mupfast.model.flops import flops_per_token, throughput_metrics
+from mupfast.ops import dispatch
 from mupfast.optim import build_optimizer
 from mupfast.parametrization import RULES_VERSION
 from mupfast.plugins import TrainerHooks, prepare_model
@@ -221,6 +222,8 @@ def setup(cfg: Config) -> Trainer:
     run_dir = Path(t.run_dir)
     if rank == 0:
         rundir.write_config(run_dir, cfg.to_dict())
+        # Every kernel choice of `auto` (and a candidate's device fault) in dispatch.json as it is made.
+        dispatch.on_decision(lambda decisions: rundir.write_dispatch(run_dir, decisions))
     train_sampler, val_sampler, eos_id = _open_data(cfg, rank, world, run_dir)
     ckpt_dir = rundir.checkpoint_dir(run_dir)
     tag = rundir.latest_tag(ckpt_dir) if t.resume else None

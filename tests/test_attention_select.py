@@ -18,7 +18,14 @@ import pytest
 import torch
 
 import mupfast.ops.attention_select as sel
-from mupfast.ops.attention_select import CANDIDATES, BackendSelector, ShapeKey, run_attention, select_backend
+from mupfast.ops.attention_select import (
+    CANDIDATES,
+    DOC_CANDIDATES,
+    BackendSelector,
+    ShapeKey,
+    run_attention,
+    select_backend,
+)
 from tests.helpers import ROOT
 
 VERSIONS = {"torch": "9.9", "triton": "3.9", "flash_attn": "absent", "mupfast_attention_kernel": "abc"}
@@ -39,6 +46,11 @@ class FakeTimer:
         return self.table[key][name]
 
 
+def passing(name: str, key: ShapeKey) -> None:
+    """A check every candidate passes (tests/test_dispatch.py checks the checking)."""
+    return None
+
+
 def random_table(rng: random.Random, keys, winners: dict) -> dict:
     """Random timings where ``winners[key]`` is the fastest by a clear margin."""
     table = {}
@@ -56,6 +68,7 @@ def fastest(ms: dict[str, float], among=CANDIDATES) -> str:
 def make(tmp_path, timer, **kw) -> BackendSelector:
     kw.setdefault("device_name", "Fake GPU 80GB")
     kw.setdefault("versions", VERSIONS)
+    kw.setdefault("check", passing)
     return BackendSelector(cache_path=tmp_path / "attention_backends.json", timer=timer, **kw)
 
 
@@ -72,7 +85,7 @@ def test_picks_the_fastest_measured_candidate_per_shape_key(tmp_path, rng):
     s = make(tmp_path, timer)
     assert s.choose(KEY_A) == fastest(table[KEY_A]) == a
     assert s.choose(KEY_B) == fastest(table[KEY_B]) == b
-    assert set(timer.calls) == {(n, k) for k in (KEY_A, KEY_B) for n in CANDIDATES}
+    assert set(timer.calls) == {(n, k) for k in (KEY_A, KEY_B) for n in CANDIDATES}  # no document candidate
     assert len(timer.calls) == 2 * len(CANDIDATES)
     # A second ask is answered from memory.
     assert s.choose(KEY_A) == a and len(timer.calls) == 2 * len(CANDIDATES)
@@ -171,7 +184,7 @@ def _qk(key: ShapeKey, batch=2, kv_heads=2):
     return q, torch.randn(batch, kv_heads, key.seq_len, key.head_dim, dtype=dtype)
 
 
-@pytest.mark.parametrize("need", ["needs_lse", "has_doc_ids", "deterministic"])
+@pytest.mark.parametrize("need", ["needs_lse", "has_doc_ids", "deterministic"])  # has_doc_ids: ids not given
 def test_needs_only_our_kernel_gives_return_triton_without_measuring(tmp_path, rng, need):
     key = ShapeKey(16, 8, True, 2, "float32")
     # Someone else is fastest, so a measured answer would not be "triton".
@@ -256,7 +269,9 @@ def test_the_log_names_the_choice_and_the_timings_once_per_key(tmp_path, rng, ca
 def test_cache_path_follows_mupfast_cache_dir(monkeypatch, tmp_path, rng):
     monkeypatch.setenv("MUPFAST_CACHE_DIR", str(tmp_path / "elsewhere"))
     table = random_table(rng, [KEY_A], {KEY_A: rng.choice(CANDIDATES)})
-    BackendSelector(timer=FakeTimer(table), device_name="Fake", versions=VERSIONS).choose(KEY_A)
+    BackendSelector(timer=FakeTimer(table), check=passing, device_name="Fake", versions=VERSIONS).choose(
+        KEY_A
+    )
     assert (tmp_path / "elsewhere" / "attention_backends.json").exists()
 
 
@@ -290,7 +305,8 @@ WORKER = textwrap.dedent(
         calls.append(name)
         time.sleep(0.01)
         return float(hash((name, key.seq_len)) % 1000)
-    s = BackendSelector(Path(sys.argv[1]), timer=timer, device_name="Fake", versions={"v": "1"})
+    s = BackendSelector(Path(sys.argv[1]), timer=timer, check=lambda n, k: None, device_name="Fake",
+                        versions={"v": "1"})
     for t in range(8):
         s.choose(ShapeKey(64, 128 * (t + 1), True, 1, "bfloat16"))
     print(len(calls))
@@ -341,3 +357,19 @@ def test_gpu_the_chosen_backend_matches_the_reference(tmp_path, caplog, group):
         assert y.shape == q.shape and y.dtype == q.dtype
         err = ((y.double() - ref).norm() / ref.norm()).item()
         assert err < 1e-2, (name, err)  # bf16 rounding of o is ~4e-3 relative; a wrong mask/scale is > 0.1
+
+
+def test_packed_documents_are_decided_among_the_document_candidates(tmp_path, rng):
+    key = ShapeKey(16, 8, True, 2, "float32", docs=True)
+    table = {key: {"triton": 3.0, "flex": 1.0, "flash_attn_varlen": 2.0}}
+    timer = FakeTimer(table)
+    q, k = _qk(key)
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2]] * q.shape[0])
+    s = make(tmp_path, timer)
+    assert s.select(q, k, causal=True, doc_ids=doc_ids) == "flex"
+    assert sorted(timer.calls) == sorted((n, key) for n in DOC_CANDIDATES)
+    # The same shape without documents is another key, decided among the others.
+    plain = ShapeKey(16, 8, True, 2, "float32")
+    timer.table[plain] = {n: 1.0 + i for i, n in enumerate(CANDIDATES)}
+    assert s.select(q, k, causal=True) == "triton"
+    assert key.label() == plain.label() + "-docs"

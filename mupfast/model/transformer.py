@@ -194,6 +194,7 @@ class Readout(nn.Module):
             self.weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.shared = [shared]  # a list keeps the shared module out of this module's parameters
         self.stats: dict[str, torch.Tensor] = {}  # max |logit|, mean lse², detached, no host sync
+        self.record_stats = True  # off: a backend without them (Liger) may compute the loss, stats then {}
 
     def _weight(self) -> torch.Tensor:
         return self.shared[0].weight if self.shared[0] is not None else self.weight
@@ -204,7 +205,7 @@ class Readout(nn.Module):
     def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         h2, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         loss, stats = linear_cross_entropy(
-            h2, self._weight(), t, logit_scale=self.logit_scale, backend=self.backend
+            h2, self._weight(), t, logit_scale=self.logit_scale, backend=self.backend, stats=self.record_stats
         )
         self.stats = {k: v.detach() for k, v in stats.items()}
         return loss
@@ -308,13 +309,15 @@ class Transformer(nn.Module):
 
     def record_indicators(self, enabled: bool) -> None:
         """Whether the next training forwards compute the blocks' stability indicators: branch RMS,
-        outlier share and (torch backend) the q and k that attention Z is computed from.
+        outlier share, (torch backend) the q and k that attention Z is computed from, and the readout's
+        max |logit| and mean lse² (off, ``auto`` may take a readout that has none).
 
         The trainer turns it on only for the last micro-batch of a step whose metrics it logs, so the
         other steps pay nothing for them and hold no activations past their backward. On by default."""
         for block in self.blocks:
             block.record_stats = enabled
             block.attn.z.record = enabled
+        self.readout.record_stats = enabled
 
     def stability_stats(self) -> dict[str, torch.Tensor]:
         """The indicators of the last forward (:func:`mupfast.model.indicators.stability_stats`)."""

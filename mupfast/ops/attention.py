@@ -2,9 +2,9 @@
 
 ``torch`` is SDPA with scale = α/d (FlexAttention with a document block mask for packed documents on
 CUDA, SDPA with the dense block-diagonal mask elsewhere); ``triton`` is our kernel
-(:mod:`mupfast.kernels.attention`); ``auto`` is torch off CUDA and, on CUDA, the fastest measured per
-shape of our kernel and its peers (:mod:`mupfast.ops.attention_select`), our kernel wherever document
-ids or a deterministic backward need it.
+(:mod:`mupfast.kernels.attention`); ``auto`` is torch off CUDA and, on CUDA, the fastest per shape of our
+kernel and its peers among those checked right against the reference (:mod:`mupfast.ops.attention_select`,
+packed documents included), our kernel wherever a deterministic backward needs it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_FLEX = None  # FlexAttention, compiled once per process (CUDA only: it has no CPU backward)
+from mupfast.ops.attention_select import document_attention, document_mask, run_attention, select_backend
+
+__all__ = ["causal_attention", "attention_backend", "document_attention", "document_mask"]
 
 
 def causal_attention(
@@ -30,10 +32,8 @@ def causal_attention(
         from mupfast.kernels.attention import mup_attention
 
         return mup_attention(q, k, v, scale=scale, causal=True, doc_ids=doc_ids, return_lse=True)
-    if choice != "torch":  # the fastest measured peer for this shape
-        from mupfast.ops.attention_select import run_attention
-
-        return run_attention(choice, q, k, v, scale=scale, causal=True), None
+    if choice != "torch":  # the fastest right peer for this shape
+        return run_attention(choice, q, k, v, scale=scale, causal=True, doc_ids=doc_ids), None
     gqa = k.shape[1] != q.shape[1]
     if doc_ids is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa), None
@@ -41,47 +41,12 @@ def causal_attention(
 
 
 def attention_backend(backend: str, q: torch.Tensor, k: torch.Tensor, doc_ids: torch.Tensor | None) -> str:
-    """torch, triton, or on CUDA under ``auto`` the fastest measured for the shape (our kernel
-    wherever document ids or a deterministic backward are needed)."""
+    """torch, triton, or on CUDA under ``auto`` the fastest of the candidates that compute the shape right
+    (our kernel wherever a deterministic backward is needed)."""
     if backend != "auto":
         return backend
     if not q.is_cuda:
         return "torch"
-    from mupfast.ops.attention_select import select_backend
-
     return select_backend(
-        q,
-        k,
-        causal=True,
-        has_doc_ids=doc_ids is not None,
-        deterministic=torch.are_deterministic_algorithms_enabled(),
+        q, k, causal=True, doc_ids=doc_ids, deterministic=torch.are_deterministic_algorithms_enabled()
     )
-
-
-def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T, T) bool: key s is visible to query t when s ≤ t and both are in one document (doc_ids
-    as the data layer makes them: nondecreasing along a row, a document per value)."""
-    T = doc_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
-    return causal & (doc_ids[:, :, None] == doc_ids[:, None, :])
-
-
-def document_attention(q, k, v, doc_ids: torch.Tensor, scale: float, gqa: bool) -> torch.Tensor:
-    """The torch backend's causal attention within documents: FlexAttention with a document BlockMask
-    on CUDA (the tiles outside a document skipped), SDPA with the dense block-diagonal mask elsewhere
-    (the CPU path and the reference)."""
-    global _FLEX
-    if q.is_cuda:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-        if _FLEX is None:
-            _FLEX = torch.compile(flex_attention, dynamic=False)
-
-        def same_document(b, h, qi, ki):
-            return (doc_ids[b, qi] == doc_ids[b, ki]) & (qi >= ki)
-
-        B, T = doc_ids.shape
-        block_mask = create_block_mask(same_document, B, None, T, T, device=q.device)
-        return _FLEX(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
-    mask = document_mask(doc_ids)[:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

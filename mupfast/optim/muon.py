@@ -19,14 +19,14 @@ from __future__ import annotations
 import torch
 
 from mupfast.kernels.newton_schulz import NS_COEFFS, NS_STEPS, newton_schulz_reference, newton_schulz_triton
+from mupfast.ops.newton_schulz import newton_schulz_auto
 from mupfast.optim.sphere import sphere_step
 
 __all__ = ["NS_COEFFS", "NS_STEPS", "MOMENTUM", "AUTO_NS_BACKEND", "newton_schulz", "muon_sphere_update"]
 
 MOMENTUM = 0.95
-#: The implementation ``backend="auto"`` picks: plain torch matmuls everywhere, until
-#: benchmarks/bench_newton_schulz.py, run on a GPU, shows the symmetric Triton kernel faster on the
-#: hidden-matrix shapes (no GPU measurement has been recorded yet).
+#: The implementation ``backend="auto"`` picks off CUDA; on CUDA it is decided per shape among the Triton
+#: kernel and compiled and eager torch, each checked against the fp64 iteration (mupfast.ops.newton_schulz).
 AUTO_NS_BACKEND = "torch"
 NS_BACKENDS = ("auto", "torch", "triton")
 
@@ -38,9 +38,12 @@ def newton_schulz(
 
     ``dtype`` defaults to bf16 on CUDA and fp32 elsewhere; the result is returned in g's dtype.
     ``backend``: ``torch`` (plain matmuls), ``triton`` (mupfast.kernels.newton_schulz: symmetric
-    matmuls for X·Xᵀ and A·A, a one-line error where Triton cannot run) or ``auto`` (AUTO_NS_BACKEND).
+    matmuls for X·Xᵀ and A·A, a one-line error where Triton cannot run) or ``auto`` (AUTO_NS_BACKEND off
+    CUDA; on CUDA the fastest right one for the shape).
     """
     if backend == "auto":
+        if g.is_cuda:  # the fastest right candidate for the shape (mupfast.ops.newton_schulz)
+            return newton_schulz_auto(g, steps, dtype)
         backend = AUTO_NS_BACKEND
     if backend == "torch":
         return newton_schulz_reference(g, steps, dtype)

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from mupfast.kernels import clip_adamw as fused
+from mupfast.ops.clip_adamw import dispatched_kernels
 from mupfast.optim.muon import MOMENTUM, muon_sphere_update
 from mupfast.optim.muon_sharded import muon_sphere_update_sharded
 from mupfast.optim.sphere import adam_sphere_update
@@ -63,9 +64,11 @@ def group_lr(group: dict) -> float:
 
 
 def clip_adamw_kernels(backend: str, device: torch.device) -> tuple[Callable, Callable]:
-    """(per-group squared norms, clipped AdamW update) for ``device``: Triton on CUDA, else torch."""
-    use_triton = backend == "triton" or (backend == "auto" and device.type == "cuda")
-    if use_triton:
+    """(per-group squared norms, clipped AdamW update) for ``device``: under ``auto`` on CUDA, each decided per
+    tensor list among Triton and torch's peers (mupfast.ops.clip_adamw); else Triton or torch as asked."""
+    if backend == "auto" and device.type == "cuda":
+        return dispatched_kernels()
+    if backend == "triton":
         return fused.group_sq_norms, fused.clip_adamw_step
     return fused.group_sq_norms_reference, fused.clip_adamw_reference
 
