@@ -134,6 +134,83 @@ def test_a_pbt_exploit_copy_resumes_on_another_world_size(tmp_path):
         assert member[step] == pytest.approx(full[step], rel=1e-5), step
 
 
+# HyperP: Muon's momentum on the hidden matrices, AdamH's moments on the readout, every matrix on its
+# sphere; the clip tight enough that the Muon groups' gradients are clipped too.
+HYPERP = ["model.parametrization=hyperp", "clip.max_norm=0.05"]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_hyperp_moves_from_two_ranks_zero2_to_one_rank_with_accumulation(tmp_path):
+    _resume_case(tmp_path, (2, 2), (1, 2), *HYPERP)
+
+
+def _train_here(tmp_path: Path, name: str, stage: int, *extra: str) -> None:
+    cfg = tiny_config(*MUP_GROUPS, *_layout(1, stage), *HYPERP, *extra, tmp_path=tmp_path / "runs")
+    cfg.train.run_dir = str(tmp_path / name)
+    trainer.train(cfg)
+
+
+def test_hyperp_moves_from_zero2_to_zero3_in_one_process(tmp_path):
+    """The Muon momentum partitions through DeepSpeed's universal checkpoint, the radii read again from
+    the weights: the losses after the resume are the uninterrupted run's."""
+    _train_here(tmp_path, "full", 2)
+    _train_here(tmp_path, "cut", 2, "train.stop_at=4")
+    _train_here(tmp_path, "cut", 3)
+    folder = universal_dir(tmp_path / "cut" / "checkpoints", "step00000004")
+    assert (folder / "zero" / "blocks.0.attn.q.weight" / "exp_avg.pt").is_file()  # Muon's momentum
+    full, cut = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
+    for step in range(5, 9):
+        assert cut[step] == pytest.approx(full[step], rel=1e-5), step
+
+
+def _muon_states(x):
+    """Every Muon state in a loaded checkpoint file: a sphere radius and no step (AdamH's has one)."""
+    if isinstance(x, dict):
+        if "radius" in x and "exp_avg" in x and "step" not in x:
+            yield x
+        for v in x.values():
+            yield from _muon_states(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _muon_states(v)
+
+
+def _as_written_before(ckpt: Path) -> int:
+    """Rewrite a HyperP checkpoint as mupfast wrote it before Muon's momentum moved to ``exp_avg``:
+    ``momentum_buffer``, no zero ``exp_avg_sq``, no ``muon_momentum`` in the layout. The states rewritten."""
+    import torch
+
+    n = 0
+    for f in ckpt.glob("*optim_states.pt"):
+        sd = torch.load(f, weights_only=False)
+        for st in list(_muon_states(sd)):
+            assert st["exp_avg_sq"].stride() == (0,)  # the zero costs one element
+            st["momentum_buffer"] = st.pop("exp_avg")
+            del st["exp_avg_sq"]
+            n += 1
+        torch.save(sd, f)
+    layout = json.loads((ckpt / "mupfast_layout.json").read_text())
+    del layout["muon_momentum"]
+    (ckpt / "mupfast_layout.json").write_text(json.dumps(layout))
+    return n
+
+
+def test_a_hyperp_checkpoint_written_before_resumes_on_its_layout_and_is_refused_on_another(tmp_path):
+    _train_here(tmp_path, "full", 2)
+    _train_here(tmp_path, "cut", 2, "train.stop_at=4")
+    ckpt = tmp_path / "cut" / "checkpoints"
+    assert _as_written_before(ckpt / "step00000004") == 6  # q, k, v, o, ffn_in, ffn_out: one flat group each
+    cfg = tiny_config(*MUP_GROUPS, *_layout(2, 3), *HYPERP)
+    with pytest.raises(CheckpointError) as e:
+        plan_resume(cfg, 2, ckpt, "step00000004")
+    assert "before HyperP's Muon momentum was kept where" in str(e.value) and "\n" not in str(e.value)
+    assert "resume on 1 rank(s) at zero.stage=2" in str(e.value)
+    _train_here(tmp_path, "cut", 2)  # the same layout: loaded as it is, the momentum renamed
+    full, cut = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
+    assert [cut[s] for s in range(5, 9)] == [full[s] for s in range(5, 9)]  # bit for bit
+
+
 def _tree_digest(folder: Path) -> dict[str, str]:
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -214,7 +291,6 @@ def test_the_plan_converts_only_when_the_layout_changed(tmp_path, saved, now, un
     [
         ((2, 0), 2, [], "convert between ZeRO stages 1–3 only: resume at zero.stage=0"),
         ((2, 2), 0, [], "convert between ZeRO stages 1–3 only: resume at zero.stage=2"),
-        ((2, 2), 2, ["model.parametrization=hyperp"], "HyperP's Muon momentum"),
     ],
 )
 def test_what_the_universal_format_cannot_carry_is_one_line(tmp_path, saved, stage, overrides, words):
@@ -242,4 +318,9 @@ def test_every_checkpoint_records_the_layout_that_wrote_it(tmp_path):
     layout = json.loads(
         (Path(cfg.train.run_dir) / "checkpoints" / "step00000002" / "mupfast_layout.json").read_text()
     )
-    assert layout == {"world_size": 1, "zero_stage": 1, "sequences_per_step": cfg.train.micro_batch_size}
+    assert layout == {
+        "world_size": 1,
+        "zero_stage": 1,
+        "sequences_per_step": cfg.train.micro_batch_size,
+        "muon_momentum": "exp_avg",  # where HyperP's Muon momentum is: the converter reads it there
+    }
