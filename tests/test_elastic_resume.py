@@ -134,6 +134,59 @@ def test_a_pbt_exploit_copy_resumes_on_another_world_size(tmp_path):
         assert member[step] == pytest.approx(full[step], rel=1e-5), step
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_sweep_trial_whose_worker_died_resumes_on_another_world_size(tmp_path, monkeypatch):
+    """A sweep worker on 2 ranks dies after its trial's checkpoint at step 4 (its heartbeat stops); a
+    worker on one rank fails that trial, takes its retry (the same values), and trains on from the
+    checkpoint through the universal conversion."""
+    import optuna
+
+    import mupfast.tuning.storage as storage_module
+    import mupfast.tuning.sweep.sweep as sweep_module
+    from mupfast.config import with_overrides
+    from mupfast.rundir import launch_paths
+    from mupfast.tuning.space import Range
+    from mupfast.tuning.trial import trial_config
+
+    monkeypatch.setattr(storage_module, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(storage_module, "GRACE_S", 2)  # the first attempt trains for longer than this
+    base = tiny_config(*MUP_GROUPS, *_layout(2, 2), "train.save_every=4", tmp_path=tmp_path / "runs")
+    space = {"lr": Range(1e-3, 1e-2)}
+    spec = sweep_module.SweepSpec(
+        base,
+        study_name="elastic",
+        storage=f"sqlite:///{tmp_path}/sweep.db",
+        n_trials=1,
+        space=space,
+        pruner="none",
+        sweep_dir=tmp_path / "trials",
+        launcher="python",
+        threads=1,
+        progress=False,
+    )
+    # The first worker: trial 0 on 2 ranks, which stops beating after the checkpoint of step 4.
+    study = sweep_module.open_study(spec, space, spec.storage, optuna.pruners.NopPruner())
+    with pytest.warns(UserWarning, match="Heartbeat of storage"):  # ask(), not optimize(): beat by hand
+        trial = study.ask()
+    study._storage.record_heartbeat(trial._trial_id)
+    first = (tmp_path / "trials" / "trial-0000").resolve()
+    cfg = trial_config(base, {"lr": trial.suggest_float("lr", 1e-3, 1e-2, log=True)}, first)
+    proc = train_on_ranks(with_overrides(cfg, {"train.stop_at": 4}), 2, tmp_path / "first.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The second worker, on one rank.
+    study = sweep_module.sweep(spec)
+    dead, retry = study.trials
+    assert (dead.state.name, retry.state.name) == ("FAIL", "COMPLETE")
+    assert retry.params == dead.params and retry.user_attrs["resumed_from"] == f"{first} step 4"
+    log = launch_paths(retry.user_attrs["run_dir"])[1].read_text()
+    assert "written by 2 rank(s) at ZeRO-2, on 1 rank(s) at ZeRO-2 through DeepSpeed's universal" in log
+    assert "global batch changed from 4 to 2 sequences a step" in log  # the same config, half the ranks
+    steps = [r["step"] for r in read_metrics(retry.user_attrs["run_dir"], "train")]
+    assert (steps[0], steps[-1]) == (5, 8)
+    assert not (first / "checkpoints").exists()  # a sweep keeps metrics, not weights
+
+
 # HyperP: Muon's momentum on the hidden matrices, AdamH's moments on the readout, every matrix on its
 # sphere; the clip tight enough that the Muon groups' gradients are clipped too.
 HYPERP = ["model.parametrization=hyperp", "clip.max_norm=0.05"]
