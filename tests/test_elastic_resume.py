@@ -2,8 +2,9 @@
 
 A run cut at step N and resumed on another layout with the same global batch must log the losses of
 the uninterrupted run: the universal conversion carries every parameter's fp32 weights and Adam
-moments, the sampler is a function of (seed, step, global micro-batch index), and only the order of
-the gradient reduction differs (hence 1e-5 relative, not bit equality).
+moments (HyperP's Muon momentum among them, under exp_avg), the sampler is a function of (seed, step,
+global micro-batch index), and only the order of the gradient reduction differs (hence 1e-5
+relative, not bit equality). Also: a PBT exploit copy and a sweep trial's retry on another world size.
 """
 
 from __future__ import annotations
@@ -204,12 +205,15 @@ def _train_here(tmp_path: Path, name: str, stage: int, *extra: str) -> None:
     trainer.train(cfg)
 
 
-def test_hyperp_moves_from_zero2_to_zero3_in_one_process(tmp_path):
+@pytest.mark.parametrize(
+    "src, dst", [(2, 3), pytest.param(3, 1, marks=pytest.mark.slow)], ids=["zero2to3", "zero3to1"]
+)
+def test_hyperp_moves_to_another_zero_stage_in_one_process(tmp_path, src, dst):
     """The Muon momentum partitions through DeepSpeed's universal checkpoint, the radii read again from
     the weights: the losses after the resume are the uninterrupted run's."""
-    _train_here(tmp_path, "full", 2)
-    _train_here(tmp_path, "cut", 2, "train.stop_at=4")
-    _train_here(tmp_path, "cut", 3)
+    _train_here(tmp_path, "full", src)
+    _train_here(tmp_path, "cut", src, "train.stop_at=4")
+    _train_here(tmp_path, "cut", dst)
     folder = universal_dir(tmp_path / "cut" / "checkpoints", "step00000004")
     assert (folder / "zero" / "blocks.0.attn.q.weight" / "exp_avg.pt").is_file()  # Muon's momentum
     full, cut = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
@@ -352,6 +356,16 @@ def test_what_the_universal_format_cannot_carry_is_one_line(tmp_path, saved, sta
     with pytest.raises(CheckpointError) as e:
         plan_resume(cfg, 1, ckpt, "step00000004")
     assert words in str(e.value) and str(ckpt / "step00000004") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_hyperp_checkpoint_converts_once_its_layout_says_where_the_muon_momentum_is(tmp_path):
+    cfg = load_config(None, ["zero.stage=2", "model.parametrization=hyperp"])
+    ckpt = _checkpoint(tmp_path, 2, 2)  # as written before: no "muon_momentum"
+    with pytest.raises(CheckpointError, match="before HyperP's Muon momentum was kept where"):
+        plan_resume(cfg, 1, ckpt, "step00000004")
+    layout = {"world_size": 2, "zero_stage": 2, "sequences_per_step": 4, "muon_momentum": "exp_avg"}
+    write_checkpoint_layout(ckpt, "step00000004", layout)
+    assert plan_resume(cfg, 1, ckpt, "step00000004").universal
 
 
 def test_a_changed_global_batch_is_said(tmp_path, caplog):
