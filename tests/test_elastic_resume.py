@@ -2,8 +2,9 @@
 
 A run cut at step N and resumed on another layout with the same global batch must log the losses of
 the uninterrupted run: the universal conversion carries every parameter's fp32 weights and Adam
-moments, the sampler is a function of (seed, step, global micro-batch index), and only the order of
-the gradient reduction differs (hence 1e-5 relative, not bit equality).
+moments (HyperP's Muon momentum among them, under exp_avg), the sampler is a function of (seed, step,
+global micro-batch index), and only the order of the gradient reduction differs (hence 1e-5
+relative, not bit equality). Also: a PBT exploit copy and a sweep trial's retry on another world size.
 """
 
 from __future__ import annotations
@@ -134,6 +135,139 @@ def test_a_pbt_exploit_copy_resumes_on_another_world_size(tmp_path):
         assert member[step] == pytest.approx(full[step], rel=1e-5), step
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_sweep_trial_whose_worker_died_resumes_on_another_world_size(tmp_path, monkeypatch):
+    """A sweep worker on 2 ranks dies after its trial's checkpoint at step 4 (its heartbeat stops); a
+    worker on one rank fails that trial, takes its retry (the same values), and trains on from the
+    checkpoint through the universal conversion."""
+    import optuna
+
+    import mupfast.tuning.storage as storage_module
+    import mupfast.tuning.sweep.sweep as sweep_module
+    from mupfast.config import with_overrides
+    from mupfast.rundir import launch_paths
+    from mupfast.tuning.space import Range
+    from mupfast.tuning.trial import trial_config
+
+    monkeypatch.setattr(storage_module, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(storage_module, "GRACE_S", 2)  # the first attempt trains for longer than this
+    base = tiny_config(*MUP_GROUPS, *_layout(2, 2), "train.save_every=4", tmp_path=tmp_path / "runs")
+    space = {"lr": Range(1e-3, 1e-2)}
+    spec = sweep_module.SweepSpec(
+        base,
+        study_name="elastic",
+        storage=f"sqlite:///{tmp_path}/sweep.db",
+        n_trials=1,
+        space=space,
+        pruner="none",
+        sweep_dir=tmp_path / "trials",
+        launcher="python",
+        threads=1,
+        progress=False,
+    )
+    # The first worker: trial 0 on 2 ranks, which stops beating after the checkpoint of step 4.
+    study = sweep_module.open_study(spec, space, spec.storage, optuna.pruners.NopPruner())
+    with pytest.warns(UserWarning, match="Heartbeat of storage"):  # ask(), not optimize(): beat by hand
+        trial = study.ask()
+    study._storage.record_heartbeat(trial._trial_id)
+    first = (tmp_path / "trials" / "trial-0000").resolve()
+    cfg = trial_config(base, {"lr": trial.suggest_float("lr", 1e-3, 1e-2, log=True)}, first)
+    proc = train_on_ranks(with_overrides(cfg, {"train.stop_at": 4}), 2, tmp_path / "first.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The second worker, on one rank.
+    study = sweep_module.sweep(spec)
+    dead, retry = study.trials
+    assert (dead.state.name, retry.state.name) == ("FAIL", "COMPLETE")
+    assert retry.params == dead.params and retry.user_attrs["resumed_from"] == f"{first} step 4"
+    log = launch_paths(retry.user_attrs["run_dir"])[1].read_text()
+    assert "written by 2 rank(s) at ZeRO-2, on 1 rank(s) at ZeRO-2 through DeepSpeed's universal" in log
+    assert "global batch changed from 4 to 2 sequences a step" in log  # the same config, half the ranks
+    steps = [r["step"] for r in read_metrics(retry.user_attrs["run_dir"], "train")]
+    assert (steps[0], steps[-1]) == (5, 8)
+    assert not (first / "checkpoints").exists()  # a sweep keeps metrics, not weights
+
+
+# HyperP: Muon's momentum on the hidden matrices, AdamH's moments on the readout, every matrix on its
+# sphere; the clip tight enough that the Muon groups' gradients are clipped too.
+HYPERP = ["model.parametrization=hyperp", "clip.max_norm=0.05"]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_hyperp_moves_from_two_ranks_zero2_to_one_rank_with_accumulation(tmp_path):
+    _resume_case(tmp_path, (2, 2), (1, 2), *HYPERP)
+
+
+def _train_here(tmp_path: Path, name: str, stage: int, *extra: str) -> None:
+    cfg = tiny_config(*MUP_GROUPS, *_layout(1, stage), *HYPERP, *extra, tmp_path=tmp_path / "runs")
+    cfg.train.run_dir = str(tmp_path / name)
+    trainer.train(cfg)
+
+
+@pytest.mark.parametrize(
+    "src, dst", [(2, 3), pytest.param(3, 1, marks=pytest.mark.slow)], ids=["zero2to3", "zero3to1"]
+)
+def test_hyperp_moves_to_another_zero_stage_in_one_process(tmp_path, src, dst):
+    """The Muon momentum partitions through DeepSpeed's universal checkpoint, the radii read again from
+    the weights: the losses after the resume are the uninterrupted run's."""
+    _train_here(tmp_path, "full", src)
+    _train_here(tmp_path, "cut", src, "train.stop_at=4")
+    _train_here(tmp_path, "cut", dst)
+    folder = universal_dir(tmp_path / "cut" / "checkpoints", "step00000004")
+    assert (folder / "zero" / "blocks.0.attn.q.weight" / "exp_avg.pt").is_file()  # Muon's momentum
+    full, cut = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
+    for step in range(5, 9):
+        assert cut[step] == pytest.approx(full[step], rel=1e-5), step
+
+
+def _muon_states(x):
+    """Every Muon state in a loaded checkpoint file: a sphere radius and no step (AdamH's has one)."""
+    if isinstance(x, dict):
+        if "radius" in x and "exp_avg" in x and "step" not in x:
+            yield x
+        for v in x.values():
+            yield from _muon_states(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _muon_states(v)
+
+
+def _as_written_before(ckpt: Path) -> int:
+    """Rewrite a HyperP checkpoint as mupfast wrote it before Muon's momentum moved to ``exp_avg``:
+    ``momentum_buffer``, no zero ``exp_avg_sq``, no ``muon_momentum`` in the layout. The states rewritten."""
+    import torch
+
+    n = 0
+    for f in ckpt.glob("*optim_states.pt"):
+        sd = torch.load(f, weights_only=False)
+        for st in list(_muon_states(sd)):
+            assert st["exp_avg_sq"].stride() == (0,)  # the zero costs one element
+            st["momentum_buffer"] = st.pop("exp_avg")
+            del st["exp_avg_sq"]
+            n += 1
+        torch.save(sd, f)
+    layout = json.loads((ckpt / "mupfast_layout.json").read_text())
+    del layout["muon_momentum"]
+    (ckpt / "mupfast_layout.json").write_text(json.dumps(layout))
+    return n
+
+
+def test_a_hyperp_checkpoint_written_before_resumes_on_its_layout_and_is_refused_on_another(tmp_path):
+    _train_here(tmp_path, "full", 2)
+    _train_here(tmp_path, "cut", 2, "train.stop_at=4")
+    ckpt = tmp_path / "cut" / "checkpoints"
+    assert _as_written_before(ckpt / "step00000004") == 6  # q, k, v, o, ffn_in, ffn_out: one flat group each
+    cfg = tiny_config(*MUP_GROUPS, *_layout(2, 3), *HYPERP)
+    with pytest.raises(CheckpointError) as e:
+        plan_resume(cfg, 2, ckpt, "step00000004")
+    assert "before HyperP's Muon momentum was kept where" in str(e.value) and "\n" not in str(e.value)
+    assert "resume on 1 rank(s) at zero.stage=2" in str(e.value)
+    _train_here(tmp_path, "cut", 2)  # the same layout: loaded as it is, the momentum renamed
+    full, cut = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
+    assert [cut[s] for s in range(5, 9)] == [full[s] for s in range(5, 9)]  # bit for bit
+
+
 def _tree_digest(folder: Path) -> dict[str, str]:
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -214,7 +348,6 @@ def test_the_plan_converts_only_when_the_layout_changed(tmp_path, saved, now, un
     [
         ((2, 0), 2, [], "convert between ZeRO stages 1–3 only: resume at zero.stage=0"),
         ((2, 2), 0, [], "convert between ZeRO stages 1–3 only: resume at zero.stage=2"),
-        ((2, 2), 2, ["model.parametrization=hyperp"], "HyperP's Muon momentum"),
     ],
 )
 def test_what_the_universal_format_cannot_carry_is_one_line(tmp_path, saved, stage, overrides, words):
@@ -223,6 +356,16 @@ def test_what_the_universal_format_cannot_carry_is_one_line(tmp_path, saved, sta
     with pytest.raises(CheckpointError) as e:
         plan_resume(cfg, 1, ckpt, "step00000004")
     assert words in str(e.value) and str(ckpt / "step00000004") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_hyperp_checkpoint_converts_once_its_layout_says_where_the_muon_momentum_is(tmp_path):
+    cfg = load_config(None, ["zero.stage=2", "model.parametrization=hyperp"])
+    ckpt = _checkpoint(tmp_path, 2, 2)  # as written before: no "muon_momentum"
+    with pytest.raises(CheckpointError, match="before HyperP's Muon momentum was kept where"):
+        plan_resume(cfg, 1, ckpt, "step00000004")
+    layout = {"world_size": 2, "zero_stage": 2, "sequences_per_step": 4, "muon_momentum": "exp_avg"}
+    write_checkpoint_layout(ckpt, "step00000004", layout)
+    assert plan_resume(cfg, 1, ckpt, "step00000004").universal
 
 
 def test_a_changed_global_batch_is_said(tmp_path, caplog):
@@ -242,4 +385,9 @@ def test_every_checkpoint_records_the_layout_that_wrote_it(tmp_path):
     layout = json.loads(
         (Path(cfg.train.run_dir) / "checkpoints" / "step00000002" / "mupfast_layout.json").read_text()
     )
-    assert layout == {"world_size": 1, "zero_stage": 1, "sequences_per_step": cfg.train.micro_batch_size}
+    assert layout == {
+        "world_size": 1,
+        "zero_stage": 1,
+        "sequences_per_step": cfg.train.micro_batch_size,
+        "muon_momentum": "exp_avg",  # where HyperP's Muon momentum is: the converter reads it there
+    }

@@ -143,7 +143,7 @@ def test_muon_groups_are_clipped_like_the_others_and_stay_on_their_sphere():
     model(tokens[:, :-1], tokens[:, 1:]).backward()
     opt.step()
     assert opt.last_clip_coefs["q"].item() < 1.0  # the Muon group's grad norm was clipped too
-    assert "momentum_buffer" in opt.state[model.blocks[0].attn.q.weight]
+    assert "exp_avg" in opt.state[model.blocks[0].attn.q.weight]
     for n, p in model.named_parameters():
         if n in radii and ("attn." in n or "mlp." in n):
             assert p.detach().norm().item() == pytest.approx(radii[n], rel=1e-6), n

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from mupfast.errors import CheckpointError
+from mupfast.optim.muon import MOMENTUM_KEY as MUON_MOMENTUM_KEY
 from mupfast.rundir import checkpoint_tag, latest_tag, set_latest, write_checkpoint_layout
 
 
@@ -41,6 +42,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, client_state: 
                 "world_size": engine.dp_world_size,
                 "zero_stage": int(engine.zero_optimization_stage()),
                 "sequences_per_step": engine.train_batch_size(),
+                "muon_momentum": MUON_MOMENTUM_KEY,  # where HyperP's momentum is (elastic: convertible)
             }
             write_checkpoint_layout(ckpt_dir, tag, layout)
         if dist.is_initialized():

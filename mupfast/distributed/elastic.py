@@ -9,8 +9,12 @@ parameter's fp32 weights and Adam moments by name for the new layout. The step, 
 position come along (the sampler is a function of seed, step and global micro-batch index), and the
 μP group hyperparameters are the config's, as on any resume.
 
-What DeepSpeed's converter cannot carry is refused in one line: ZeRO-0 checkpoints (no partitions to
-convert), states other than AdamW's two moments (HyperP's Muon momentum and sphere radii).
+HyperP comes along too: Muon keeps its momentum under Adam's ``exp_avg`` (and its checkpoints a zero
+``exp_avg_sq`` beside it, which the converter also reads), so DeepSpeed re-partitions it like an Adam
+moment; the sphere radii, one number per matrix that the converter has no place for, are read again
+from the restored weights at the first step (the projection holds every ‖W‖ at its radius, to fp32
+rounding). What DeepSpeed's converter cannot carry is refused in one line: ZeRO-0 checkpoints (no
+partitions to convert), and HyperP checkpoints written before Muon's momentum was kept as ``exp_avg``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from pathlib import Path
 
 from mupfast.config import Config
 from mupfast.distributed.checkpoint import load_checkpoint
+from mupfast.distributed.zero_shards import group_partitions
 from mupfast.errors import CheckpointError
+from mupfast.optim.muon import MOMENTUM_KEY as MUON_MOMENTUM_KEY
 from mupfast.rundir import checkpoint_layout, universal_dir
 
 log = logging.getLogger("mupfast")
@@ -63,11 +69,11 @@ def plan_resume(cfg: Config, world: int, ckpt_dir: Path, tag: str) -> ResumePlan
             f"only: resume at zero.stage={saved['zero_stage']} (any number of ranks"
             f"{' at ZeRO-0' if saved['zero_stage'] == 0 else ''}) or on {saved['world_size']} rank(s)"
         )
-    if cfg.model.parametrization == "hyperp":
+    if cfg.model.parametrization == "hyperp" and saved.get("muon_momentum") != MUON_MOMENTUM_KEY:
         raise CheckpointError(
-            f"{ckpt_dir / tag}: {written}; HyperP's Muon momentum and sphere radii do not pass through "
-            f"DeepSpeed's universal checkpoint (AdamW's moments only): resume on {saved['world_size']} "
-            f"rank(s) at zero.stage={saved['zero_stage']}"
+            f"{ckpt_dir / tag}: {written}, before HyperP's Muon momentum was kept where DeepSpeed's "
+            f"universal converter reads it: resume on {saved['world_size']} rank(s) at "
+            f"zero.stage={saved['zero_stage']} until the next checkpoint, which converts"
         )
     return ResumePlan(f"universal/{tag}", True, saved)
 
@@ -122,6 +128,11 @@ def load_resume(engine, optimizer, ckpt_dir: Path, plan: ResumePlan, rank: int) 
         return load_checkpoint(engine, ckpt_dir, plan.tag, rank)
     with keep_group_settings(optimizer):
         client = load_checkpoint(engine, ckpt_dir, plan.tag, rank)
+    optimizer.tidy_muon_state(group_partitions(engine.optimizer) or None)
+    # The converter keeps per-element state only: each sphere radius is ‖W‖ again at the first step
+    # (sphere_step), where the projection held it.
+    for state in optimizer.state.values():
+        state.pop("radius", None)
     load_buffers(engine.module, ckpt_dir / plan.tag)
     return client
 

@@ -165,6 +165,13 @@ def _partitions(zero_optimizer, kind: str) -> list[tuple[int, torch.Tensor, list
     ]
 
 
+def group_partitions(zero_optimizer) -> list[tuple[int, torch.Tensor]]:
+    """(client group index, flat fp32 partition) of every partition this rank holds (none outside ZeRO
+    1–3): at ZeRO-3 the client optimizer's groups list their partitions only during its step."""
+    kind = _kind(zero_optimizer)
+    return [] if kind is None else [(gi, part) for gi, part, _, _ in _partitions(zero_optimizer, kind)]
+
+
 def _check_against_local_weights(part: torch.Tensor, params: list, shards: GroupShards, kind: str) -> None:
     """The fp32 partition must hold exactly the model weights the layout says it holds."""
     for f in shards.local:

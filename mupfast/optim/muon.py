@@ -22,9 +22,20 @@ from mupfast.kernels.newton_schulz import NS_COEFFS, NS_STEPS, newton_schulz_ref
 from mupfast.ops.newton_schulz import newton_schulz_auto
 from mupfast.optim.sphere import sphere_step
 
-__all__ = ["NS_COEFFS", "NS_STEPS", "MOMENTUM", "AUTO_NS_BACKEND", "newton_schulz", "muon_sphere_update"]
+__all__ = [
+    "NS_COEFFS",
+    "NS_STEPS",
+    "MOMENTUM",
+    "MOMENTUM_KEY",
+    "AUTO_NS_BACKEND",
+    "newton_schulz",
+    "muon_sphere_update",
+]
 
 MOMENTUM = 0.95
+#: Where a Muon state keeps its momentum: Adam's first-moment key, which DeepSpeed's universal
+#: checkpoint carries (see ``nesterov_look_ahead``).
+MOMENTUM_KEY = "exp_avg"
 #: The implementation ``backend="auto"`` picks off CUDA; on CUDA it is decided per shape among the Triton
 #: kernel and compiled and eager torch, each checked against the fp64 iteration (mupfast.ops.newton_schulz).
 AUTO_NS_BACKEND = "torch"
@@ -63,7 +74,7 @@ def muon_sphere_update(
     beta: float = MOMENTUM,
     ns_backend: str = "auto",
 ) -> None:
-    """One MuonH step of ``p`` in place; ``state`` holds its momentum buffer and sphere radius.
+    """One MuonH step of ``p`` in place; ``state`` holds its momentum (``exp_avg``) and sphere radius.
 
     ``coef`` is the group's clip coefficient (a device tensor: no host sync). The radius is
     ‖p‖_F at the first call. A matrix with a zero gradient (or zero radius) is left unchanged.
@@ -75,10 +86,14 @@ def muon_sphere_update(
 def nesterov_look_ahead(grad: torch.Tensor, state: dict, *, coef, beta: float) -> torch.Tensor:
     """M ← β·M + (1−β)·G for the clipped gradient G (M kept in ``state``); returns (1−β)·G + β·M.
 
-    Elementwise, so it serves a whole matrix and a ZeRO slice of one alike."""
+    Elementwise, so it serves a whole matrix and a ZeRO slice of one alike. M is an exponential
+    average of the gradients, as Adam's first moment is, and is kept under Adam's name ``exp_avg``:
+    DeepSpeed's universal checkpoint re-partitions that key by parameter, so the momentum goes along
+    when a run resumes on another number of ranks or ZeRO stage (``mupfast.distributed.elastic``).
+    Checkpoints written before kept it as ``momentum_buffer`` (``ClipAdamW.load_state_dict`` renames)."""
     g = grad.float() * coef
-    if "momentum_buffer" not in state:
-        state["momentum_buffer"] = torch.zeros_like(g)
-    buf = state["momentum_buffer"]
+    if MOMENTUM_KEY not in state:
+        state[MOMENTUM_KEY] = torch.zeros_like(g)
+    buf = state[MOMENTUM_KEY]
     buf.lerp_(g, 1 - beta)
     return g.lerp(buf, beta)

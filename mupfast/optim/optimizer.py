@@ -17,6 +17,7 @@ from torch import nn
 from mupfast.config import Config
 from mupfast.kernels import clip_adamw as fused
 from mupfast.optim.groups import base_lr, build_param_groups
+from mupfast.optim.muon import MOMENTUM_KEY
 from mupfast.optim.schedules import GroupLR, build_schedule
 from mupfast.optim.updates import AdamWSphereUpdate, AdamWUpdate, MuonSphereUpdate, StepInputs, Update
 from mupfast.parametrization import SPHERE_OPTIMIZERS
@@ -156,12 +157,45 @@ class ClipAdamW(torch.optim.Optimizer):
         sq_all = torch.zeros(len(self._slot), dtype=torch.float32, device=device).index_copy_(0, slots, sq)
         return sq_all, [g["name"] for g in groups if g["params"]]
 
+    def state_dict(self) -> dict:
+        """torch's state dict, each Muon state with a zero ``exp_avg_sq`` beside its momentum
+        (``exp_avg``): DeepSpeed's universal converter reads both of Adam's moments from every group.
+        The zero is one element expanded (stride 0): nothing in memory or in the checkpoint file."""
+        sd = super().state_dict()
+        for group in sd["param_groups"]:
+            if group["optimizer"] != "muon_sphere":
+                continue
+            for i in group["params"]:
+                st = sd["state"].get(i)
+                if st and MOMENTUM_KEY in st:  # a copy: sd["state"] holds the live state's dicts
+                    m = st[MOMENTUM_KEY]
+                    sd["state"][i] = {**st, "exp_avg_sq": m.new_zeros(()).expand(m.shape)}
+        return sd
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load (the saved state and groups), then the configured hyperparameters over the
         saved ones, so a resumed run (a PBT member after explore) trains with the config it was given.
         The lrs are the GroupLR's to recompute (``lr_schedule.load_state_dict``)."""
         super().load_state_dict(state_dict)
+        self.tidy_muon_state()
         apply_hyperparameters(self, self.configured)
+
+    def tidy_muon_state(self, partitions: list[tuple[int, torch.Tensor]] | None = None) -> None:
+        """Each Muon state as its update keeps it, whatever loaded it: the momentum under ``exp_avg``
+        (checkpoints written before kept it as ``momentum_buffer``), without the zero ``exp_avg_sq``
+        (:meth:`state_dict`) or the step that DeepSpeed's universal loaders give every parameter.
+
+        ``partitions``: (group index, parameter) pairs, for when the groups list no parameters (ZeRO-3
+        fills them only for its step; ``mupfast.distributed.zero_shards.group_partitions``)."""
+        if partitions is None:
+            partitions = [(gi, p) for gi, g in enumerate(self.param_groups) for p in g["params"]]
+        for gi, p in partitions:
+            st = self.state.get(p)
+            if self.param_groups[gi]["optimizer"] == "muon_sphere" and st:
+                if "momentum_buffer" in st:
+                    st[MOMENTUM_KEY] = st.pop("momentum_buffer")
+                st.pop("exp_avg_sq", None)
+                st.pop("step", None)
 
     def _device(self, groups) -> torch.device:
         for g in groups:

@@ -3,9 +3,10 @@
 Storage is a real database through Optuna's ``RDBStorage``: a SQLite file by default
 (``sqlite:///runs/sweeps/<study>.db``; fine for one worker, a few on one host), or a PostgreSQL URL
 for workers on several nodes. Heartbeats are on for workers, so a trial whose worker died is marked
-FAIL by the next worker that starts a trial. The first worker of a study stores its proxy config,
-space and seed as study attributes; a later worker must agree with them (paths and cosmetics
-aside), so one study never mixes two different sweeps.
+FAIL by the next worker that starts a trial, and queued again with its values (resumed from its
+last checkpoint where it left one: mupfast.tuning.trial). The first worker of a study stores its
+proxy config, space and seed as study attributes; a later worker must agree with them (paths and
+cosmetics aside), so one study never mixes two different sweeps.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ _WORKER_LOCAL_KEYS = {
     ("data", "dir"),
 }
 HEARTBEAT_S, GRACE_S = 30, 120
+#: How many times a trial whose worker died is queued again (mupfast.tuning.trial resumes it).
+MAX_RETRIES = 3
 
 
 def default_storage(study: str) -> str:
@@ -81,12 +84,17 @@ def open_storage(url: str, *, heartbeat: bool = False, must_exist: bool = False)
 
     url, engine_kwargs = engine_url(url, must_exist=must_exist)
     kwargs: dict[str, Any] = {"engine_kwargs": engine_kwargs} if engine_kwargs else {}
-    if heartbeat:
-        kwargs.update(heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
     for attempt in range(6):
         try:
             with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna; used as documented
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                if heartbeat:  # a trial whose worker stopped beating: FAIL, and queued again with its values
+                    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
+                    kwargs.update(
+                        heartbeat_interval=HEARTBEAT_S,
+                        grace_period=GRACE_S,
+                        heartbeat_stale_trial_callback=retry,
+                    )
                 return optuna.storages.RDBStorage(url, **kwargs)
         except Exception as e:  # noqa: BLE001 - SQLAlchemy/driver errors: the user needs one line
             # Workers started together on a fresh database race to create Optuna's tables; the

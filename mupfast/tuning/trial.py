@@ -7,6 +7,12 @@ that exits non-zero (a Python error, a signal), times out, or ends without a fin
 raises :class:`TrialFailed` with the reason in its ``error`` user attribute. Each trial stores its
 ``run_dir``, ``worker`` and the stability metrics of :mod:`mupfast.tuning.stability` as user
 attributes.
+
+A trial whose worker died (a node lost: no heartbeat for the grace period) is failed by the next
+worker and queued again with the same values; the retry resumes from the newest checkpoint the dead
+attempt left (with ``train.save_every`` set), copied into its own run directory, on the GPUs of
+whichever worker takes it: another number of ranks goes through the elastic resume
+(:mod:`mupfast.distributed.elastic`), as a PBT member's exploit copy does.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from pathlib import Path
 
 from mupfast import rundir
 from mupfast.config import Config, with_overrides
-from mupfast.errors import ConfigError
+from mupfast.errors import CheckpointError, ConfigError
 from mupfast.tuning.launch import ChildRun, Launch, run_child
 from mupfast.tuning.space import Range, space_key
 
@@ -31,17 +37,45 @@ class TrialFailed(RuntimeError):
 
 
 def trial_config(
-    base: Config, params: dict[str, float], run_dir: str | Path, *, keep_checkpoint: bool = False
+    base: Config,
+    params: dict[str, float],
+    run_dir: str | Path,
+    *,
+    keep_checkpoint: bool = False,
+    resume: bool = False,
 ) -> Config:
-    """The proxy config with the trial's values, writing to ``run_dir``, starting fresh.
+    """The proxy config with the trial's values, writing to ``run_dir``, starting fresh (``resume``: from
+    the checkpoint put there, :func:`earlier_checkpoint`).
 
     Without ``keep_checkpoint`` the trial writes no final checkpoint: a sweep keeps metrics, not weights.
     """
     values = {space_key(name, base): float(value) for name, value in params.items()}
-    values.update({"train.run_dir": str(run_dir), "train.progress": False, "train.resume": False})
+    values.update({"train.run_dir": str(run_dir), "train.progress": False, "train.resume": resume})
     if not keep_checkpoint:
         values["train.save_final"] = False
     return with_overrides(base, values)
+
+
+def earlier_attempts(trial, sweep_dir: Path) -> list[Path]:
+    """The run directories of the trials this one retries, newest first: a trial whose worker died
+    (no heartbeat for the grace period) is queued again with its values by Optuna's
+    ``RetryHeartbeatStaleTrialCallback`` (mupfast.tuning.storage), which records them in
+    ``retry_history``."""
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    history = frozen.system_attrs.get("retry_history", [])
+    return [(sweep_dir / f"trial-{n:04d}").resolve() for n in reversed(history)]
+
+
+def earlier_checkpoint(attempts: list[Path]) -> tuple[Path, int] | None:
+    """(run directory, step) of the newest checkpoint an earlier attempt left (``train.save_every``)."""
+    for run in attempts:
+        try:
+            tag = rundir.latest_tag(rundir.checkpoint_dir(run))
+        except CheckpointError:  # ``latest`` names a tag that is gone: look further back
+            continue
+        if tag is not None:
+            return run, int(tag.removeprefix("step"))
+    return None
 
 
 @dataclass
@@ -104,14 +138,21 @@ class Worker:
         run_dir = (self.sweep_dir / f"trial-{trial.number:04d}").resolve()
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        attempts = earlier_attempts(trial, self.sweep_dir)
+        earlier = earlier_checkpoint(attempts)
         try:
-            cfg = trial_config(self.base, params, run_dir, keep_checkpoint=self.keep_checkpoints)
+            cfg = trial_config(
+                self.base, params, run_dir, keep_checkpoint=self.keep_checkpoints, resume=earlier is not None
+            )
         except ConfigError as e:
             trial.set_user_attr("error", str(e))
             raise TrialFailed(str(e)) from None
         if run_dir.exists():  # left over from a deleted study of the same name
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
+        if earlier is not None:  # on from where the dead worker's run got, on this worker's GPUs
+            rundir.copy_checkpoint(earlier[0], run_dir, earlier[1])
+            trial.set_user_attr("resumed_from", f"{earlier[0]} step {earlier[1]}")
         pruning = _Pruning(trial, cfg.train.steps, self.on_progress)
         config_path, log = rundir.launch_paths(run_dir)
         child = run_child(
@@ -123,7 +164,7 @@ class Worker:
             timeout_s=self.trial_timeout_s,
             poll_s=self.poll_s,
         )
-        records = self._record(trial, run_dir, child)
+        records = self._record(trial, [run_dir, *attempts], child)
         if pruning.pruned_at is not None:
             step, val = pruning.pruned_at
             raise optuna.TrialPruned(f"pruned at step {step} (val loss {val:.4f})")
@@ -133,10 +174,12 @@ class Worker:
         trial.set_user_attr("error", reason)
         raise TrialFailed(reason)
 
-    def _record(self, trial, run_dir: Path, child: ChildRun) -> list[dict]:
-        """Store the run's stability, time and exit code with the trial; its metrics records."""
+    def _record(self, trial, runs: list[Path], child: ChildRun) -> list[dict]:
+        """Store the run's stability, time and exit code with the trial; its metrics records. ``runs``:
+        the trial's run directory, then those of the attempts it resumed (their checkpoints go too)."""
         from mupfast.tuning.stability import run_stability
 
+        run_dir = runs[0]
         try:
             records = rundir.read_metrics(run_dir)
         except ValueError:  # an unreadable metrics file: judged as a run without a final val loss
@@ -145,5 +188,6 @@ class Worker:
         trial.set_user_attr("elapsed_s", round(child.elapsed_s, 1))
         trial.set_user_attr("returncode", child.returncode)
         if not self.keep_checkpoints:
-            shutil.rmtree(rundir.checkpoint_dir(run_dir), ignore_errors=True)
+            for run in runs:
+                shutil.rmtree(rundir.checkpoint_dir(run), ignore_errors=True)
         return records

@@ -15,7 +15,8 @@ A failed trial is marked FAIL with the reason in its ``error`` user attribute; t
 where they exist). ``--trials N`` is the study's budget, not one worker's: every worker takes
 trials until the study holds N (running ones included), so a killed sweep is continued by running
 the same command again and several workers split the budget (two workers starting a trial at the
-same instant can overshoot it by one each).
+same instant can overshoot it by one each). A dead worker's trial is queued again in its own place
+in the budget, and resumed (:mod:`~mupfast.tuning.trial`).
 
 Sampling: ``random`` draws trial k's values from a seed derived from (study seed, k), so the
 points do not depend on which worker ran them and two workers never draw the same sequence;
@@ -31,6 +32,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,9 +93,14 @@ def make_pruner(kind: str):
 
 
 def study_counts(study) -> dict[str, int]:
+    """Trials by state; a FAIL whose worker died and that was queued again counts as RETRIED: its
+    retry (Optuna's ``retry_history`` names it) takes its place in the budget."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     counts: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
-        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    for t in trials:
+        state = "RETRIED" if t.state.name == "FAIL" and t.number in retried else t.state.name
+        counts[state] = counts.get(state, 0) + 1
     return counts
 
 
@@ -198,6 +205,8 @@ class _Lines:
 
 def _take_trials(study, worker: Worker, n_trials: int, after_trial) -> None:
     """Take trials until the study holds ``n_trials``; a SIGTERM stops the running one (marked FAIL)."""
+    import optuna
+    from optuna.storages import fail_stale_trials
 
     def on_sigterm(signum, frame):  # a batch system's SIGTERM: stop the trial's run, mark it FAIL
         raise KeyboardInterrupt
@@ -207,7 +216,12 @@ def _take_trials(study, worker: Worker, n_trials: int, after_trial) -> None:
     if in_main_thread:
         signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        while _started(study_counts(study)) < n_trials:
+        while True:
+            with warnings.catch_warnings():  # Optuna calls its heartbeat API experimental; used as documented
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                fail_stale_trials(study)  # a dead worker's trial: queued again before the budget is counted
+            if _started(study_counts(study)) >= n_trials:
+                break
             study.optimize(worker.objective, n_trials=1, catch=(TrialFailed,), callbacks=[after_trial])
     finally:
         if in_main_thread:
