@@ -18,11 +18,11 @@ STAMP      := $(VENV)/.installed
 LATEST_VENV ?= .venv-latest
 # The GPU machine's image: Triton 3.6.0 and torch 2.11.0, where everything else is compiled and traced with
 # this venv's versions. Side-installed into $(PREFLIGHT) (git-ignored) and put first on PYTHONPATH for the
-# checks that need them (keep PREFLIGHT_TRITON in step with GPU_IMAGE_TRITON in tests/test_kernel_targets.py).
+# checks that need them (tests/test_kernel_targets.py looks there: keep GPU_IMAGE_TRITON = PREFLIGHT_TRITON).
 # PyPI's torch for Linux is the CUDA build with its NVIDIA libraries (~4.6 GB installed, it imports without a
 # GPU); where download.pytorch.org is reachable, PREFLIGHT_TORCH_INDEX=https://download.pytorch.org/whl/cpu
 # fetches the ~200 MB CPU build instead.
-PREFLIGHT        ?= .preflight
+PREFLIGHT        := .preflight
 PREFLIGHT_TRITON ?= 3.6.0
 PREFLIGHT_TORCH  ?= 2.11.0
 PREFLIGHT_TORCH_INDEX ?=
