@@ -16,8 +16,21 @@ CONSTRAINTS ?= constraints.txt
 PIN         = $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 STAMP      := $(VENV)/.installed
 LATEST_VENV ?= .venv-latest
+# The GPU machine's image: Triton 3.6.0 and torch 2.11.0, where everything else is compiled and traced with
+# this venv's versions. Side-installed into $(PREFLIGHT) (git-ignored) and put first on PYTHONPATH for the
+# checks that need them (tests/test_kernel_targets.py looks there: keep GPU_IMAGE_TRITON = PREFLIGHT_TRITON).
+# PyPI's torch for Linux is the CUDA build with its NVIDIA libraries (~4.6 GB installed, it imports without a
+# GPU); where download.pytorch.org is reachable, PREFLIGHT_TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# fetches the ~200 MB CPU build instead.
+PREFLIGHT        := .preflight
+PREFLIGHT_TRITON ?= 3.6.0
+PREFLIGHT_TORCH  ?= 2.11.0
+PREFLIGHT_TORCH_INDEX ?=
+SIDE_TRITON      := $(PREFLIGHT)/triton-$(PREFLIGHT_TRITON)
+SIDE_TORCH       := $(PREFLIGHT)/torch-$(PREFLIGHT_TORCH)
 
-.PHONY: install demo test test-fast test-latest constraints bench gpu-check lint format clean
+.PHONY: install demo test test-fast test-latest constraints bench gpu-check lint format clean \
+	preflight preflight-triton preflight-torch
 
 # DeepSpeed's build imports torch: without --no-build-isolation pip would fetch a second (CUDA) torch.
 define make_venv
@@ -33,12 +46,47 @@ $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 
 install: $(STAMP)
 
+# A side install: pip --target into a fresh folder, marked complete only when pip succeeded (a half-written
+# folder is never used). Few retries and a short timeout: `make test` goes on without it when offline.
+define side_install
+	rm -rf $(1)
+	$(PY) -m pip install -q --retries 1 --timeout 30 --target $(1) $(2)
+	touch $(1)/.installed
+endef
+
+$(SIDE_TRITON)/.installed: | $(STAMP)
+	$(call side_install,$(SIDE_TRITON),--no-deps "triton==$(PREFLIGHT_TRITON)")
+
+# numpy < 2.4: Triton 3.6's interpreter converts 1-element arrays with int(), which numpy 2.4 refuses.
+$(SIDE_TORCH)/.installed: | $(STAMP)
+	$(call side_install,$(SIDE_TORCH),$(if $(PREFLIGHT_TORCH_INDEX),--index-url $(PREFLIGHT_TORCH_INDEX)) \
+		"torch==$(PREFLIGHT_TORCH)" "numpy<2.4")
+
+preflight-triton: $(SIDE_TRITON)/.installed  ## side-install the GPU image's Triton (PREFLIGHT_TRITON) in .preflight/
+
+preflight-torch: $(SIDE_TORCH)/.installed  ## side-install the GPU image's torch (PREFLIGHT_TORCH, its Triton with it)
+
 demo: $(STAMP)  ## train the tiny μP model on CPU on the embedded corpus
 	$(VENV)/bin/mupfast train --config configs/tiny.yaml
 
+# The GPU image's Triton first (the compile-target test compiles the sampled kernel configs with it too); never
+# fatal: without PyPI that test is skipped and says why.
 test: $(STAMP)  ## the whole test suite (CPU; Triton kernels run under the interpreter)
+	@$(MAKE) --no-print-directory preflight-triton \
+		|| echo "warning: could not side-install triton==$(PREFLIGHT_TRITON); its compile test will be skipped" >&2
 	# --durations: the slowest tests in every CI log, the ones to sample or move under `slow`
 	$(PY) -m pytest -q -ra --durations=25
+
+# The GPU image's versions, on CPU: every sampled kernel config compiles for sm_80 and sm_90a with this venv's
+# Triton and with PREFLIGHT_TRITON (tests/test_kernel_targets.py); then, under PREFLIGHT_TORCH (and the Triton
+# it pins), the kernels' operators: registration (opcheck), fake implementations, autograd, dynamo and
+# AOTAutograd tracing, triton_op bodies traced to kernel nodes, under that Triton's interpreter.
+preflight: $(STAMP) preflight-triton preflight-torch  ## kernel compiles and operator tracing under the GPU image's Triton and torch (CPU)
+	$(PY) -m pytest -q -ra -p no:cacheprovider tests/test_kernel_targets.py
+	PYTHONPATH=$(abspath $(SIDE_TORCH)) $(PY) -c 'import torch, triton; print("torch", torch.__version__, "triton", \
+		triton.__version__); assert torch.__version__.split("+")[0] == "$(PREFLIGHT_TORCH)"'
+	PYTHONPATH=$(abspath $(SIDE_TORCH)) $(PY) -m pytest -q -ra -p no:cacheprovider \
+		-W "ignore:Conversion of an array with ndim:DeprecationWarning" tests/test_kernel_ops.py
 
 test-latest:  ## the suite with the newest versions pyproject allows, in .venv-latest (not in CI)
 	$(call make_venv,$(LATEST_VENV),--upgrade --upgrade-strategy eager)
@@ -77,4 +125,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format mupfast kernels tests benchmarks experiments
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) runs data .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) $(PREFLIGHT) runs data .pytest_cache

@@ -82,4 +82,9 @@ def kernel_op(name: str):
 
 # Inside a kernel_op, launch kernels as wrap_triton(kernel)[grid](...): traceable under triton_op, the plain
 # kernel in eager mode and under the interpreter (and before torch 2.6, where custom_op is used anyway).
-wrap_triton = getattr(torch.library, "wrap_triton", lambda kernel: kernel)
+# Under the interpreter the ops are opaque custom_ops, never traced, so the kernel is returned as is: torch
+# before 2.13 (e.g. the GPU image's 2.11) wraps an autotuned interpreted kernel in its tracing wrapper, which
+# then fails for want of JIT metadata ('function' object has no attribute 'fn'), and refuses a plain one.
+wrap_triton = (
+    (lambda kernel: kernel) if INTERPRET else getattr(torch.library, "wrap_triton", lambda kernel: kernel)
+)

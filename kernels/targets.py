@@ -13,6 +13,10 @@ compiles here is what a GPU would compile. ``TRITON_INTERPRET`` must be unset: u
 ``@triton.jit`` returns interpreter objects that cannot be compiled (the test runs this in a subprocess).
 Each configuration compiles in a worker process; ``TRITON_CACHE_DIR`` should point at an empty folder, or
 cached kernels skip ptxas and report no spills (``always_compile`` is forced anyway).
+
+Another Triton compiles the same jobs when its package comes first on ``PYTHONPATH`` (this venv's torch is
+only used for meta tensors): ``make preflight`` installs the GPU image's Triton into ``.preflight/`` and
+runs the sample under it too; each result records the version that compiled it. Checked with 3.6 and 3.8.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class Result:
     error: str = ""
     kept: int = 0  # how many configs the pruner kept for this variant
     extra: dict = field(default_factory=dict)
+    triton: str = ""  # the version that compiled it (another one first on PYTHONPATH: make preflight)
 
 
 def _meta(dtype, *shape) -> torch.Tensor:
@@ -270,7 +275,7 @@ def _compile(job: tuple) -> Result:
     res = Result(
         name, target_name, variant, str(cfg) if cfg else _plain(kwargs), sixteen, smem_limit=target.smem
     )
-    res.kept, res.extra = len(launch.configs), dict(launch.note)
+    res.kept, res.extra, res.triton = len(launch.configs), dict(launch.note), triton.__version__
     gpu = GPUTarget("cuda", target.capability, 32)
     backend = make_backend(gpu)
     fn = launch.fn

@@ -6,6 +6,8 @@ dtypes; the readout's row kernel; Newton–Schulz; clip + AdamW) with Triton's b
 without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` gives objects that cannot be compiled).
 A build fails here on a compile error, on a kept config that needs more shared memory than the target has
 (the pruners must drop those, so that every variant launches), and on register spills in 16-bit configs.
+The sample compiles twice: with this environment's Triton and with the GPU image's (``GPU_IMAGE_TRITON``,
+side-installed into ``.preflight/`` by ``make test`` and ``make preflight``; skipped, saying so, without it).
 
 The default run compiles the corners (``QUICK`` in mupfast.kernels.targets: 25 compiles, ~35 s on 2 cores) and
 lists the whole matrix without compiling it (does every variant keep a config?); compiling the whole matrix
@@ -23,11 +25,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import ROOT
+
 triton = pytest.importorskip("triton")
 
 # 16-bit configs may spill at most this much (bytes of spill stores per thread): "a few bytes" of an
 # occasional spilled index; more is a config that should have fewer tiles per warp.
 SPILL_SLACK = 8
+# The GPU machine's image has Triton 3.6.0 (and torch 2.11): its compiler must take every kernel too. The
+# Makefile's PREFLIGHT_TRITON installs it into .preflight/triton-<version> (keep the two in step).
+GPU_IMAGE_TRITON = "3.6.0"
+SIDE_TRITON = ROOT / ".preflight" / f"triton-{GPU_IMAGE_TRITON}"
 # The readout's vocabulary blocks are 4096 wide: with the row stride padded and whole blocks unmasked, each
 # pass loads them with 128-bit accesses (two per thread per block at 8 warps, 16-bit logits).
 VOCAB = 50257
@@ -41,17 +49,20 @@ def _ptxas_available() -> bool:
 pytestmark = pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (ptxas) is missing")
 
 
-def _env(tmp: Path) -> dict:
+def _env(tmp: Path, first: Path | None = None) -> dict:
+    """The compile tool's environment; ``first``: a folder put first on PYTHONPATH (another Triton)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp / "triton-cache")  # empty: every kernel goes through ptxas
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # clip_adamw launches without the option: no warning
+    if first is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(first), *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 
-def _compile(sample: str, tmp: Path, timeout: int) -> list[dict]:
+def _compile(sample: str, tmp: Path, timeout: int, first: Path | None = None) -> list[dict]:
     out = tmp / "results.json"
     cmd = [sys.executable, "-m", "mupfast.kernels.targets", "--sample", sample, "--json", str(out)]
-    proc = subprocess.run(cmd, env=_env(tmp), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=_env(tmp, first), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -136,9 +147,34 @@ def test_sample_sixteen_bit_configs_do_not_spill(quick):
     assert not _spills(quick), "\n".join(_spills(quick))
 
 
+def _readout_rows_not_vectorised(results):
+    rows = [r for r in results if r["kernel"] == "cross_entropy_rows" and r["variant"]["V"] == VOCAB]
+    if not rows:
+        return [f"no cross_entropy_rows result at V = {VOCAB}"]
+    return [_label(r) for r in rows if r["vector_loads"] < 4 or r["vector_stores"] < 1]
+
+
 def test_readout_rows_load_and_store_with_vector_accesses(quick):
-    rows = [r for r in quick if r["kernel"] == "cross_entropy_rows" and r["variant"]["V"] == VOCAB]
-    assert rows and all(r["vector_loads"] >= 4 and r["vector_stores"] >= 1 for r in rows), rows
+    assert not _readout_rows_not_vectorised(quick), _readout_rows_not_vectorised(quick)
+
+
+# ------------------------------------------------------------------ the GPU image's Triton (quick)
+@pytest.mark.skipif(
+    not (SIDE_TRITON / ".installed").exists(),
+    reason=f"Triton {GPU_IMAGE_TRITON} (the GPU image's) is not side-installed in "
+    f"{SIDE_TRITON.relative_to(ROOT)}/: `make preflight-triton` installs it from PyPI (`make test` tries to, "
+    "and goes on without it when PyPI is unreachable)",
+)
+def test_sample_compiles_fits_and_does_not_spill_under_the_gpu_images_triton(tmp_path):
+    """The same corners, compiled by the GPU image's Triton (its package first on PYTHONPATH, with this
+    venv's torch for the meta tensors): no errors, the kept configs fit, 16-bit ones do not spill."""
+    from mupfast.kernels.targets import QUICK
+
+    results = _compile("quick", tmp_path, timeout=600, first=SIDE_TRITON)
+    assert {r["triton"] for r in results} == {GPU_IMAGE_TRITON}
+    assert {r["kernel"] for r in results} == {name for name, _, _ in QUICK}
+    _check_all(results)
+    assert not _readout_rows_not_vectorised(results), _readout_rows_not_vectorised(results)
 
 
 # ---------------------------------------------------------------------------------------- full
