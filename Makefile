@@ -80,13 +80,14 @@ test: $(STAMP)  ## the whole test suite (CPU; Triton kernels run under the inter
 # The GPU image's versions, on CPU: every sampled kernel config compiles for sm_80 and sm_90a with this venv's
 # Triton and with PREFLIGHT_TRITON (tests/test_kernel_targets.py); then, under PREFLIGHT_TORCH (and the Triton
 # it pins), the kernels' operators: registration (opcheck), fake implementations, autograd, dynamo and
-# AOTAutograd tracing, triton_op bodies traced to kernel nodes, under that Triton's interpreter.
+# AOTAutograd tracing, triton_op bodies traced to kernel nodes, under that Triton's interpreter; and the model's
+# compile tests (one graph for every block, with and without activation checkpointing).
 preflight: $(STAMP) preflight-triton preflight-torch  ## kernel compiles and operator tracing under the GPU image's Triton and torch (CPU)
 	$(PY) -m pytest -q -ra -p no:cacheprovider tests/test_kernel_targets.py
 	PYTHONPATH=$(abspath $(SIDE_TORCH)) $(PY) -c 'import torch, triton; print("torch", torch.__version__, "triton", \
 		triton.__version__); assert torch.__version__.split("+")[0] == "$(PREFLIGHT_TORCH)"'
 	PYTHONPATH=$(abspath $(SIDE_TORCH)) $(PY) -m pytest -q -ra -p no:cacheprovider \
-		-W "ignore:Conversion of an array with ndim:DeprecationWarning" tests/test_kernel_ops.py
+		-W "ignore:Conversion of an array with ndim:DeprecationWarning" tests/test_kernel_ops.py tests/test_compile.py
 
 test-latest:  ## the suite with the newest versions pyproject allows, in .venv-latest (not in CI)
 	$(call make_venv,$(LATEST_VENV),--upgrade --upgrade-strategy eager)

@@ -257,7 +257,10 @@ class Transformer(nn.Module):
             x = x + self.pos_emb(pos)
         x = x * self.embedding_scale
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i, doc_ids, position_ids)
+            # The layer index only addresses the KV cache: without one every block gets 0, so torch.compile
+            # traces one graph for all blocks (torch 2.11 specialises an int passed through checkpoint and
+            # recompiled the checkpointed block for layer 1).
+            x = block(x, cache, i if cache is not None else 0, doc_ids, position_ids)
         if cache is not None:
             cache.length = start + T
         return self.final_norm(x)
