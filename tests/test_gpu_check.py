@@ -24,17 +24,18 @@ def _compiled_env() -> dict[str, str]:
     return {k: v for k, v in subprocess_env().items() if k != "TRITON_INTERPRET"}
 
 
-def test_the_plan_fits_eight_minutes_and_lists_every_part_with_budget_and_compiles():
+def _plan(flag: str, env: dict[str, str]) -> str:
+    """What ``python -m benchmarks.gpu_plan FLAG`` prints (the script calls it so)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_plan", "--json"],
-        cwd=ROOT,
-        env=_compiled_env(),
-        capture_output=True,
-        text=True,
+        [sys.executable, "-m", "benchmarks.gpu_plan", flag], cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=120,
-    )
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    plan = json.loads(proc.stdout)
+    return proc.stdout
+
+
+def test_the_plan_fits_eight_minutes_and_lists_every_part_with_budget_and_compiles():
+    plan = json.loads(_plan("--json", _compiled_env()))
     assert plan["total_s"] == sum(p["budget_s"] for p in plan["parts"]) <= 480 and plan["fits"]
     parts = {p["name"]: p for p in plan["parts"]}
     script = GPU_CHECK.read_text()
@@ -49,16 +50,7 @@ def test_the_plan_fits_eight_minutes_and_lists_every_part_with_budget_and_compil
 
 
 def test_the_budgets_the_script_reads_are_the_plans():
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_plan", "--budgets"],
-        cwd=ROOT,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    budgets = dict(line.split() for line in proc.stdout.splitlines())
+    budgets = dict(line.split() for line in _plan("--budgets", subprocess_env()).splitlines())
     assert budgets == {p.name: str(p.budget_s) for p in gpu_plan.PARTS}
 
 
