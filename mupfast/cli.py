@@ -174,6 +174,11 @@ def program(argv: list[str] | None = None) -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if code == 0:
+            # Every rank done before any leaves (rank 0 hosts the rendezvous store): under load a rank
+            # aborted at exit as above once while rank 0 had already finished. A failed verb skips the
+            # barrier: the launcher stops the other ranks.
+            dist.barrier()
         dist.destroy_process_group()
     sys.exit(code)
 
