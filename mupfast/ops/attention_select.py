@@ -37,9 +37,9 @@ __all__ = [
     "document_mask",
 ]
 
-#: The candidates for plain causal (or full) attention, and for packed documents.
 log = logging.getLogger(__name__)
 
+#: The candidates for plain causal (or full) attention, and for packed documents.
 CANDIDATES = ("triton", "sdpa_cudnn", "sdpa_flash", "flash_attn")
 DOC_CANDIDATES = ("triton", "flex", "flash_attn_varlen")
 ALL_CANDIDATES = tuple(dict.fromkeys(CANDIDATES + DOC_CANDIDATES))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
@@ -106,13 +105,7 @@ def clip_adamw_auto(params, grads, exp_avgs, exp_avg_sqs, group_ids, **kw) -> No
 
 def _decide(d: Dispatcher, key: ListKey, layout, check, timer) -> str:
     device = layout[0][0].device
-    choice = d.hits.get((key, device))
-    if choice is None:
-        on = dict(layout=layout, device=device)
-        choice = d.decide(
-            (key, device), key, check=partial(check, **on), timer=partial(timer, **on), device=device
-        )
-    return choice
+    return d.pick((key, device), lambda: key, check, timer, device, layout=layout)
 
 
 def _key(lists, group_ids, num_groups) -> tuple[ListKey, list]:

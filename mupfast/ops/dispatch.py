@@ -30,6 +30,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -246,6 +247,20 @@ class Dispatcher:
         #: The ops' hit path: their own fast keys (plain Python on shapes, which torch.compile traces into
         #: guards without a graph break) -> candidate.
         self.hits: dict[tuple, str] = {}
+
+    def pick(
+        self, fast: tuple, key_of: Callable[[], object], check, timer, device: torch.device, **ctx
+    ) -> str:
+        """An op's call: the candidate remembered under its fast key ``fast`` (plain Python on shapes, which
+        torch.compile traces into guards without a graph break), else :meth:`decide` for ``key_of()`` with the
+        op's ``check(name, key, device=, **ctx)`` and ``timer`` (same arguments)."""
+        hit = self.hits.get(fast)
+        if hit is not None:
+            return hit
+        on = dict(device=device, **ctx)
+        return self.decide(
+            fast, key_of(), check=partial(check, **on), timer=partial(timer, **on), device=device
+        )
 
     @torch.compiler.disable
     def decide(self, fast: tuple, key, *, check: Check, timer: Timer, device: torch.device) -> str:

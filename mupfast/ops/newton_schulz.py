@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
@@ -57,12 +56,11 @@ def newton_schulz_auto(
         return newton_schulz_reference(g, steps, dtype)
     it = dtype or torch.bfloat16
     fast = (g.shape, g.dtype, it, steps, g.device)
-    choice = _DEFAULT.hits.get(fast)
-    if choice is None:
-        key = NSKey(tuple(g.shape), dispatch.dtype_name(g.dtype), dispatch.dtype_name(it), steps)
-        on = dict(device=g.device)
-        choice = _DEFAULT.decide(fast, key, check=partial(check_candidate, **on),
-                                 timer=partial(time_candidate, **on), device=g.device)  # fmt: skip
+
+    def key() -> NSKey:
+        return NSKey(tuple(g.shape), dispatch.dtype_name(g.dtype), dispatch.dtype_name(it), steps)
+
+    choice = _DEFAULT.pick(fast, key, check_candidate, time_candidate, g.device)
     return run_newton_schulz(choice, g, steps, it)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
@@ -82,13 +81,11 @@ def readout_backend(
     if weight is None:
         return "triton"
     fast = (h.shape, weight.shape[0], h.dtype, h.device, bool(stats))
-    hit = _DEFAULT.hits.get(fast)
-    if hit is not None:
-        return hit
-    key = ReadoutKey(h.shape[0], h.shape[1], weight.shape[0], dispatch.dtype_name(h.dtype), bool(stats))
-    on = dict(device=h.device)
-    return _DEFAULT.decide(fast, key, check=partial(check_candidate, **on), timer=partial(time_candidate, **on),
-                           device=h.device)  # fmt: skip
+
+    def key() -> ReadoutKey:
+        return ReadoutKey(h.shape[0], h.shape[1], weight.shape[0], dispatch.dtype_name(h.dtype), bool(stats))
+
+    return _DEFAULT.pick(fast, key, check_candidate, time_candidate, h.device)
 
 
 def linear_cross_entropy(
