@@ -79,7 +79,8 @@ class AdamWUpdate:
     on the device: one fused launch per distinct (betas, eps) among the groups (usually one)."""
 
     backend: str = "auto"
-    """auto | torch | triton: the kernels of ``mupfast.kernels.clip_adamw`` (auto: Triton on CUDA)."""
+    """auto | torch | triton: the kernels of ``mupfast.kernels.clip_adamw`` (auto: on CUDA decided per tensor list
+    among Triton and torch's peers, mupfast.ops.clip_adamw; torch elsewhere)."""
 
     def kernels(self, device: torch.device) -> tuple[Callable, Callable]:
         return clip_adamw_kernels(self.backend, device)

@@ -33,6 +33,12 @@ HEARTBEAT_S, GRACE_S = 30, 120
 MAX_RETRIES = 3
 
 
+def retry_history(trial) -> list[int]:
+    """The numbers of the trials ``trial`` (a frozen trial) retries, oldest first: Optuna's
+    ``RetryHeartbeatStaleTrialCallback`` records them when it queues a dead worker's trial again."""
+    return list(trial.system_attrs.get("retry_history", []))
+
+
 def default_storage(study: str) -> str:
     return f"sqlite:///runs/sweeps/{study}.db"
 

@@ -30,6 +30,7 @@ from mupfast.config import Config, with_overrides
 from mupfast.errors import CheckpointError, ConfigError
 from mupfast.tuning.launch import ChildRun, Launch, run_child
 from mupfast.tuning.space import Range, space_key
+from mupfast.tuning.storage import retry_history
 
 
 class TrialFailed(RuntimeError):
@@ -56,14 +57,18 @@ def trial_config(
     return with_overrides(base, values)
 
 
+def trial_dir(sweep_dir: Path, number: int) -> Path:
+    """Trial ``number``'s run directory under the sweep's folder."""
+    return (Path(sweep_dir) / f"trial-{number:04d}").resolve()
+
+
 def earlier_attempts(trial, sweep_dir: Path) -> list[Path]:
     """The run directories of the trials this one retries, newest first: a trial whose worker died
     (no heartbeat for the grace period) is queued again with its values by Optuna's
     ``RetryHeartbeatStaleTrialCallback`` (mupfast.tuning.storage), which records them in
     ``retry_history``."""
     frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
-    history = frozen.system_attrs.get("retry_history", [])
-    return [(sweep_dir / f"trial-{n:04d}").resolve() for n in reversed(history)]
+    return [trial_dir(sweep_dir, n) for n in reversed(retry_history(frozen))]
 
 
 def earlier_checkpoint(attempts: list[Path]) -> tuple[Path, int] | None:
@@ -135,7 +140,7 @@ class Worker:
         import optuna
 
         params = {name: trial.suggest_float(name, r.low, r.high, log=r.log) for name, r in self.space.items()}
-        run_dir = (self.sweep_dir / f"trial-{trial.number:04d}").resolve()
+        run_dir = trial_dir(self.sweep_dir, trial.number)
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         attempts = earlier_attempts(trial, self.sweep_dir)

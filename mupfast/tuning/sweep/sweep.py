@@ -40,7 +40,14 @@ from typing import Any
 from mupfast.config import Config, load_config
 from mupfast.errors import ConfigError
 from mupfast.tuning.space import Range, load_space, space_dict
-from mupfast.tuning.storage import claim_study_attr, default_storage, load_study, open_storage, redact
+from mupfast.tuning.storage import (
+    claim_study_attr,
+    default_storage,
+    load_study,
+    open_storage,
+    redact,
+    retry_history,
+)
 from mupfast.tuning.sweep.report import add_study_arguments, thresholds_from
 from mupfast.tuning.trial import TrialFailed, Worker
 
@@ -96,7 +103,7 @@ def study_counts(study) -> dict[str, int]:
     """Trials by state; a FAIL whose worker died and that was queued again counts as RETRIED: its
     retry (Optuna's ``retry_history`` names it) takes its place in the budget."""
     trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    retried = {n for t in trials for n in retry_history(t)}
     counts: dict[str, int] = {}
     for t in trials:
         state = "RETRIED" if t.state.name == "FAIL" and t.number in retried else t.state.name
