@@ -17,7 +17,15 @@ from pathlib import Path
 import torch
 
 from benchmarks.ceiling import copy_bandwidth_gbs
-from benchmarks.common import Recorder, bench_device, bench_parser, device_name, measure, peak_memory_mb
+from benchmarks.common import (
+    Recorder,
+    bench_device,
+    bench_parser,
+    device_name,
+    error_line,
+    measure,
+    peak_memory_mb,
+)
 
 COMPONENTS = ["emb", "q", "k", "v", "o", "ffn_gate", "ffn_up", "ffn_down", "norm_attn", "norm_ffn"]
 LR_MULT = {"emb": 1.0, "norm_attn": 1.0, "norm_ffn": 1.0}  # hidden matrices get 1/m (μP-like)
@@ -189,7 +197,7 @@ def main(argv: list[str] | None = None) -> Path:
                 run = build(pb)
                 t = measure(run, warmup=warmup, reps=reps)
             except Exception as e:  # noqa: BLE001 - a peer that cannot build or run is skipped
-                rec.add({**row, "status": f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}"})
+                rec.add({**row, "status": f"skipped: {error_line(e)}"})
                 continue
             gbs = BYTES_PER_PARAM * pb.numel / (t["median_ms"] * 1e-3) / 1e9
             if build is ours:

@@ -20,7 +20,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import Recorder, bench_device, bench_parser, device_name, measure, peak_memory_mb
+from benchmarks.common import (
+    Recorder,
+    bench_device,
+    bench_parser,
+    device_name,
+    error_line,
+    measure,
+    peak_memory_mb,
+)
 
 OURS = "mupfast fused (Triton)"
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -126,7 +134,7 @@ def measure_method(name: str, args, inputs, warmup: int, reps: int, base: dict) 
         tm = measure(run, warmup=warmup, reps=reps)
         mem = peak_memory_mb(run)
     except Exception as e:  # noqa: BLE001 - a peer that cannot build, run or fit is skipped
-        return {**row, "status": f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+        return {**row, "status": f"skipped: {error_line(e)}"}
     tflops = 6 * N * d * V / (tm["median_ms"] * 1e-3) / 1e12
     row.update(median_ms=tm["median_ms"], min_ms=tm["min_ms"], max_ms=tm["max_ms"], gemm_TFLOPs=tflops)
     row["peak_extra_MB"] = mem

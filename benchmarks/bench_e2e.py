@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.ceiling import probe
-from benchmarks.common import Recorder
+from benchmarks.common import Recorder, error_line
 from mupfast.config import load_config
 from mupfast.model.flops import flops_per_token, peak_bf16_tflops, throughput_metrics
 from mupfast.rundir import read_metrics
@@ -178,8 +178,7 @@ def run_row(name: str, v: str, overrides: list[str], work: Path) -> dict:
         row["status"] = "ok"
     except Exception as e:  # noqa: BLE001 - one variant failing must not lose the others
         traceback.print_exc()
-        first = str(e).splitlines()[0][:160] if str(e) else ""
-        row["status"] = f"failed: {type(e).__name__}: {first}"
+        row["status"] = f"failed: {error_line(e, 160)}"
     return row
 
 

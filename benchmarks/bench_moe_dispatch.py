@@ -19,7 +19,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import Recorder, bench_device, bench_parser, device_name, measure, peak_memory_mb
+from benchmarks.common import (
+    Recorder,
+    bench_device,
+    bench_parser,
+    device_name,
+    error_line,
+    measure,
+    peak_memory_mb,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/moe-125m.yaml"
@@ -91,7 +99,7 @@ def main(argv: list[str] | None = None) -> Path:
             t = measure(step, warmup=warmup, reps=reps)
             mem = peak_memory_mb(step)
         except Exception as e:  # noqa: BLE001 - a dispatch that cannot run here is recorded, not fatal
-            rec.add({**row, "status": f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}"})
+            rec.add({**row, "status": f"skipped: {error_line(e)}"})
             continue
         base_ms = t["median_ms"] if dispatch == "loop" else base_ms
         row.update(median_ms=t["median_ms"], min_ms=t["min_ms"], max_ms=t["max_ms"], peak_extra_MB=mem)

@@ -26,7 +26,15 @@ from pathlib import Path
 import torch
 
 from benchmarks.ceiling import matmul_tflops
-from benchmarks.common import Recorder, bench_device, bench_parser, device_name, measure, peak_memory_mb
+from benchmarks.common import (
+    Recorder,
+    bench_device,
+    bench_parser,
+    device_name,
+    error_line,
+    measure,
+    peak_memory_mb,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"125M": "configs/125m.yaml", "350M": "configs/350m.yaml", "1.3B": "configs/1.3b.yaml"}
@@ -85,7 +93,7 @@ def measure_method(name: str, case: dict, warmup: int, reps: int, ceiling: float
     try:
         out, t, mem = time_method(methods()[name](), case["g"], warmup, reps)
     except Exception as e:  # noqa: BLE001 - a method that cannot build or run is skipped
-        return {**row, "status": f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+        return {**row, "status": f"skipped: {error_line(e)}"}
     tflops = torch_flops(tuple(case["g"].shape)) / (t["median_ms"] * 1e-3) / 1e12
     if name == TORCH:
         case["base_ms"] = t["median_ms"]

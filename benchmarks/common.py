@@ -91,6 +91,13 @@ def measure(fn: Callable[[], object], *, warmup: int = 3, reps: int = 10) -> dic
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps}
 
 
+def error_line(e: BaseException, width: int = 120) -> str:
+    """``Type: first line of the message`` for a row's status (cut at ``width``; an empty message, as a bare
+    ``AssertionError()`` has, gives the type alone)."""
+    first = str(e).splitlines()[0][:width] if str(e) else ""
+    return f"{type(e).__name__}: {first}"
+
+
 def peak_memory_mb(fn: Callable[[], object]) -> float | None:
     """Peak CUDA memory allocated while ``fn`` runs, above what was allocated before (MiB)."""
     if not torch.cuda.is_available():

@@ -19,10 +19,9 @@
 # At the end: a summary of all parts, benchmarks/results/<date>-<device>.{md,json}, copied to $OUT too.
 # Exit status 0 when every part passed, 1 otherwise.
 #
-# Time plan (seconds; benchmarks/gpu_plan.py holds it and counts each part's Triton compiles on sm_90a):
-#   setup 25, pytest 90, e2e 160, attention 50, cross_entropy 35, clip_adamw 20, newton_schulz 35,
-#   moe_dispatch 15, summary 10: 440 of the 480 allowed (the deadline, GPU_CHECK_TOTAL_S, is 465 s: a
-#   part's timeout may take 15 s more to kill it). Compile counts and costs: `python -m benchmarks.gpu_plan`.
+# Time plan: benchmarks/gpu_plan.py holds each part's budget (within the 480 s allowed) and counts its Triton
+#   compiles on sm_90a; `python -m benchmarks.gpu_plan` prints it. The deadline, GPU_CHECK_TOTAL_S, is 465 s:
+#   a part's timeout may take 15 s more to kill it.
 # A part gets its budget or what is left before the deadline, whichever is less. The compiled peers and the
 # e2e variants after the first four are the likeliest to be cut; a second call with GPU_CHECK_PARTS=e2e
 # GPU_CHECK_E2E_VARIANTS=<the missing ones> completes them.
@@ -96,7 +95,6 @@ fi
 
 TOTAL=${GPU_CHECK_TOTAL_S:-$([ "$DRY" = 1 ] && echo 900 || echo 465)}
 DEADLINE=$((T0 + TOTAL))
-SUMMARY_RESERVE=10
 ALL_PARTS="pytest e2e attention cross_entropy clip_adamw newton_schulz moe_dispatch"
 PARTS=$(echo "${GPU_CHECK_PARTS:-$ALL_PARTS}" | tr ',' ' ')
 CHILD=""     # the running part's `timeout` process
@@ -111,6 +109,7 @@ declare -A PLAN_BUDGET=()
 while read -r part secs; do
   [ -n "${part:-}" ] && PLAN_BUDGET[$part]=$secs
 done < <("$PY" -m benchmarks.gpu_plan --budgets 2> "$LOGS/plan-budgets.err")
+SUMMARY_RESERVE=${PLAN_BUDGET[summary]:-10}
 
 budget_of() {  # the part's own budget: GPU_CHECK_BUDGET_<PART>, else the plan's (dry runs get 3x)
   local var="GPU_CHECK_BUDGET_$(echo "$1" | tr '[:lower:]' '[:upper:]')"
