@@ -39,6 +39,12 @@ def subprocess_env() -> dict[str, str]:
     return {**env, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
 
 
+def compiled_env() -> dict[str, str]:
+    """``subprocess_env`` without the Triton interpreter: kernels compile, and autotuners keep every config
+    their pruner keeps for a GPU."""
+    return {k: v for k, v in subprocess_env().items() if k != "TRITON_INTERPRET"}
+
+
 def write_config(cfg: Config, path) -> str:
     """Write a resolved config as YAML for a child process; returns the path as a string."""
     import yaml

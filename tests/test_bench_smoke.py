@@ -21,7 +21,7 @@ import pytest
 from benchmarks.gpu_plan import SMOKE_TESTS
 from mupfast.config import load_config
 from mupfast.model.flops import flops_per_token
-from tests.helpers import ROOT, run_bench_smoke, subprocess_env
+from tests.helpers import ROOT, compiled_env, run_bench_smoke
 
 
 class Bench(NamedTuple):
@@ -237,7 +237,7 @@ def test_smoke_benchmark_writes_results(case: Bench, tmp_path):
 
 
 def test_benchmark_suite_runs_once_per_benchmark(tmp_path):
-    env = {k: v for k, v in subprocess_env().items() if k != "TRITON_INTERPRET"}
+    env = compiled_env()
     cmd = [
         sys.executable,
         "-m",
@@ -270,7 +270,7 @@ def test_gpu_check_dry_run_records_every_part_and_survives_a_timeout(tmp_path):
     summary in --out and in $OUT."""
     out, summary = tmp_path / "OUT", tmp_path / "summary"
     out.mkdir()
-    env = {k: v for k, v in subprocess_env().items() if k != "TRITON_INTERPRET"}
+    env = compiled_env()
     env |= {
         "OUT": str(out),
         "GPU_CHECK_PARTS": "pytest,newton_schulz,e2e",

@@ -14,14 +14,9 @@ from types import SimpleNamespace
 
 from benchmarks import gpu_plan
 from benchmarks.common import Recorder
-from tests.helpers import ROOT, subprocess_env
+from tests.helpers import ROOT, compiled_env, subprocess_env
 
 GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
-
-
-def _compiled_env() -> dict[str, str]:
-    """Without the interpreter: the autotuners keep all their configs, as on a GPU."""
-    return {k: v for k, v in subprocess_env().items() if k != "TRITON_INTERPRET"}
 
 
 def _plan(flag: str, env: dict[str, str]) -> str:
@@ -35,7 +30,7 @@ def _plan(flag: str, env: dict[str, str]) -> str:
 
 
 def test_the_plan_fits_eight_minutes_and_lists_every_part_with_budget_and_compiles():
-    plan = json.loads(_plan("--json", _compiled_env()))
+    plan = json.loads(_plan("--json", compiled_env()))
     assert plan["total_s"] == sum(p["budget_s"] for p in plan["parts"]) <= 480 and plan["fits"]
     parts = {p["name"]: p for p in plan["parts"]}
     script = GPU_CHECK.read_text()
