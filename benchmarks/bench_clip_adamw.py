@@ -25,6 +25,7 @@ from benchmarks.common import (
     error_line,
     measure,
     peak_memory_mb,
+    selected_methods,
 )
 
 COMPONENTS = ["emb", "q", "k", "v", "o", "ffn_gate", "ffn_up", "ffn_down", "norm_attn", "norm_ffn"]
@@ -188,9 +189,8 @@ def main(argv: list[str] | None = None) -> Path:
     rec = Recorder("clip_adamw", args, notes=notes)
     for model in models:
         base_ms = None
-        for name, build in METHODS.items():
-            if args.methods and not any(s.strip() in name for s in args.methods.split(",")):
-                continue
+        for name in selected_methods(METHODS, args.methods):
+            build = METHODS[name]
             pb = Problem(model, device)
             row = {"model": model, "params_M": round(pb.numel / 1e6, 3), "method": name}
             try:

@@ -25,9 +25,11 @@ from benchmarks.common import (
     bench_device,
     bench_parser,
     device_name,
+    eager_then_compiled,
     error_line,
     measure,
     peak_memory_mb,
+    selected_methods,
 )
 
 OURS = "mupfast fused (Triton)"
@@ -114,15 +116,6 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def selected(args, smoke: bool) -> list[str]:
-    return [
-        name
-        for name in METHODS
-        if not (smoke and name not in SMOKE_METHODS)
-        and not (args.methods and not any(s.strip() in name for s in args.methods.split(",")))
-    ]
-
-
 def measure_method(name: str, args, inputs, warmup: int, reps: int, base: dict) -> dict:
     """One method's row at one shape; ``base`` holds ours (time, memory, outputs) once it is measured."""
     h, W, t = inputs
@@ -179,11 +172,11 @@ def main(argv: list[str] | None = None) -> Path:
         "Liger gets h·scale as input (no logit multiplier of its own)"
     )
     rec = Recorder("cross_entropy", args, notes=notes, smoke="tiny fp32 shapes, Triton interpreter")
-    names = selected(args, args.smoke)
+    names = selected_methods(METHODS, args.methods, SMOKE_METHODS if args.smoke else None)
     bases: dict[tuple, dict] = {shape: {} for shape in shapes}
     # Every shape's eager methods first, then the compiled peer: a time limit cuts the compiles first.
-    for phase in ([n for n in names if n not in COMPILED], [n for n in names if n in COMPILED]):
-        for N, d, V in shapes if phase else []:
+    for phase in eager_then_compiled(names, COMPILED):
+        for N, d, V in shapes:
             inputs = make_inputs(N, d, V, dtype, device, args.ignore_frac)
             for name in phase:
                 rec.add(measure_method(name, args, inputs, warmup, reps, bases[(N, d, V)]))

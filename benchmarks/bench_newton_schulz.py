@@ -31,9 +31,11 @@ from benchmarks.common import (
     bench_device,
     bench_parser,
     device_name,
+    eager_then_compiled,
     error_line,
     measure,
     peak_memory_mb,
+    selected_methods,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,12 +141,7 @@ def main(argv: list[str] | None = None) -> Path:
         "against the same iteration in float64"
     )
     rec = Recorder("newton_schulz", args, notes=notes, smoke="tiny fp32 shapes, Triton interpreter")
-    names = [
-        n
-        for n in methods()
-        if not (args.smoke and n not in SMOKE_METHODS)
-        and not (args.methods and not any(s.strip() in n for s in args.methods.split(",")))
-    ]
+    names = selected_methods(methods(), args.methods, SMOKE_METHODS if args.smoke else None)
     cases = []
     for model, (d, f) in dims.items():
         for what, shape in shapes_for(d, f):
@@ -152,8 +149,8 @@ def main(argv: list[str] | None = None) -> Path:
             ref = methods()[TORCH]()(g.double(), STEPS, torch.float64)
             cases.append({"model": model, "what": what, "g": g, "ref": ref, "iter_dtype": iter_dtype})
     # Every shape's eager methods first, then the compiled one: a time limit cuts the compiles first.
-    for phase in ([n for n in names if n != COMPILED], [n for n in names if n == COMPILED]):
-        for case in cases if phase else []:
+    for phase in eager_then_compiled(names, (COMPILED,)):
+        for case in cases:
             for name in phase:
                 rec.add(measure_method(name, case, warmup, reps, ceiling))
             if gpu:

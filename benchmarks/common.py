@@ -91,6 +91,20 @@ def measure(fn: Callable[[], object], *, warmup: int = 3, reps: int = 10) -> dic
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps}
 
 
+def selected_methods(names, spec: str = "", keep=None) -> list[str]:
+    """``names`` in order: only those in ``keep`` when it is given, and with ``spec`` (``--methods``: comma-
+    separated parts of names) only those containing one of its parts."""
+    parts = [s.strip() for s in spec.split(",")] if spec else []
+    return [n for n in names if (keep is None or n in keep) and (not parts or any(s in n for s in parts))]
+
+
+def eager_then_compiled(names: list[str], compiled) -> list[list[str]]:
+    """``names`` in two phases, those not in ``compiled`` first: a time limit then cuts the compiles first. An
+    empty phase is left out."""
+    phases = ([n for n in names if n not in compiled], [n for n in names if n in compiled])
+    return [phase for phase in phases if phase]
+
+
 def error_line(e: BaseException, width: int = 120) -> str:
     """``Type: first line of the message`` for a row's status (cut at ``width``; an empty message, as a bare
     ``AssertionError()`` has, gives the type alone)."""
